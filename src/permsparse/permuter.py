@@ -1,0 +1,194 @@
+"""The learnable permuter of one site, and the permuted pruning operator.
+
+One :class:`LearnablePermuter` holds the cost ``C`` of shape ``(G, k, k)`` for one
+permutation site. Its forward gives the straight-through permutation matrices
+``P_st = P_hard + (P_soft - P_soft.detach())``: hard in value, soft in gradient.
+
+:func:`permuted_prune` computes ``W_eff = (W P ⊙ M) Pᵀ`` for every weight of the site.
+With a hard ``P`` it equals ``W ⊙ M[:, π⁻¹]`` exactly, so the forward pass stays in
+original coordinates while gradients reach ``C`` through both ``P``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .nm import NMPattern, nm_mask
+from .permutation import Permutation
+from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
+
+__all__ = ["LearnablePermuter", "permuted_prune", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
+
+INITS = ("noise", "identity", "permutation")
+
+
+class LearnablePermuter(nn.Module):
+    """Learnable group-wise permutation of ``d_in`` channels for one site.
+
+    Args:
+        d_in: channels permuted (the site's input width).
+        groups: ``G``; the permutation moves channels only within ``G`` contiguous groups.
+        init: ``"noise"`` (zero cost plus noise: uniform soft permutation),
+            ``"identity"`` (identity-biased), or ``"permutation"`` (warm start from ``warm_start``).
+        margin: how much cheaper the initial assignment is than any other, in cost units.
+            With Adam the hard permutation cannot move before about ``margin / lr`` steps,
+            so keep the two in proportion.
+        noise: standard deviation of the initial noise (breaks ties).
+        warm_start: the permutation to start from when ``init="permutation"``.
+        generator: for reproducible noise.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        groups: int = 4,
+        init: str = "identity",
+        margin: float = 0.5,
+        noise: float = 0.01,
+        warm_start: Permutation | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if groups < 1 or d_in % groups:
+            raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: use one of {INITS}")
+        self.d_in, self.groups = d_in, groups
+        k = d_in // groups
+        cost = noise * torch.randn(groups, k, k, generator=generator)
+        if init == "identity":
+            warm_start = Permutation.identity(d_in, groups)
+        if init in ("identity", "permutation"):
+            if warm_start is None:
+                raise ValueError("init='permutation' needs warm_start")
+            if warm_start.d_in != d_in or warm_start.groups != groups:
+                raise ValueError(
+                    f"warm start has d_in={warm_start.d_in}, groups={warm_start.groups}; "
+                    f"expected d_in={d_in}, groups={groups}"
+                )
+            cost = cost - margin * warm_start.to_matrices()
+        self.cost = nn.Parameter(cost)  # (G, k, k)
+
+    @property
+    def group_size(self) -> int:
+        return self.d_in // self.groups
+
+    def soft(self, tau: float, n_iters: int = 20) -> torch.Tensor:
+        """Soft (doubly stochastic) permutation matrices ``(G, k, k)``."""
+        return sinkhorn(self.cost, tau, n_iters)
+
+    def hard(self) -> Permutation:
+        """The hard permutation: linear assignment on ``-C``, batched over groups."""
+        return Permutation.from_local(hard_assignment(self.cost))
+
+    def forward(self, tau: float, n_iters: int = 20) -> tuple[torch.Tensor, Permutation, torch.Tensor]:
+        """Straight-through matrices, their hard permutation and the soft entropy.
+
+        Returns ``(P_st, hard, entropy)`` with ``P_st`` of shape ``(G, k, k)``: the value of
+        the hard permutation and the gradient of the soft one.
+        """
+        soft = self.soft(tau, n_iters)
+        hard = self.hard()
+        p_hard = hard.to_matrices(soft.dtype).to(soft.device)
+        p_st = p_hard + (soft - soft.detach())  # exactly p_hard in value
+        return p_st, hard, permutation_entropy(soft.detach())
+
+
+def permute_columns(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``W P`` for group-wise matrices ``p`` of shape ``(G, k, k)``; weight ``(d_out, G*k)``."""
+    g, k, _ = p.shape
+    w = weight.reshape(weight.shape[0], g, k)  # (O, G, k)
+    return torch.einsum("ogi,gij->ogj", w, p.to(weight.dtype)).reshape(weight.shape)
+
+
+def unpermute_columns(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``W Pᵀ``: back to original coordinates."""
+    g, k, _ = p.shape
+    w = weight.reshape(weight.shape[0], g, k)  # (O, G, k)
+    return torch.einsum("ogj,gij->ogi", w, p.to(weight.dtype)).reshape(weight.shape)
+
+
+def permuted_prune(
+    weights: Sequence[torch.Tensor],
+    scores: Sequence[torch.Tensor],
+    p: torch.Tensor,
+    pattern: "NMPattern | str",
+) -> list[torch.Tensor]:
+    """``W_eff = (W P ⊙ M) Pᵀ`` for each weight of one site.
+
+    ``scores`` are in original coordinates (same shapes as ``weights``); the mask of each
+    weight is ``nm_mask(S P)``, built without gradient. The weights are constants (the
+    backbone is frozen); gradient flows to ``p`` through both of its uses.
+    """
+    pattern = NMPattern.parse(pattern)
+    if len(weights) != len(scores):
+        raise ValueError(f"{len(weights)} weights but {len(scores)} scores")
+    out = []
+    for w, s in zip(weights, scores):
+        if w.shape != s.shape:
+            raise ValueError(f"weight {tuple(w.shape)} and score {tuple(s.shape)} differ in shape")
+        with torch.no_grad():
+            mask = nm_mask(permute_columns(s.float(), p.detach().float()), pattern)
+        w_p = permute_columns(w, p)
+        out.append(unpermute_columns(w_p * mask.to(w_p.dtype), p))
+    return out
+
+
+def fit_to_score(
+    score: torch.Tensor,
+    pattern: "NMPattern | str",
+    groups: int = 4,
+    steps: int = 200,
+    lr: float = 0.05,
+    tau_start: float = 1.0,
+    tau_end: float = 0.01,
+    n_iters: int = 20,
+    init: str = "noise",
+    warm_start: Permutation | None = None,
+    straight_through: bool = False,
+    seed: int = 0,
+) -> tuple[Permutation, list[float]]:
+    """Learn one layer's permutation by gradient descent on its retained score alone.
+
+    A layer-level check of the learnable machinery (the trainer learns from the model's
+    loss instead). The loss is ``-Σ (S P ⊙ M)`` with the mask of the current permuted
+    score and ``P`` soft (or straight-through); the hard permutation with the highest
+    retained score seen is returned (the warm start counts as seen), with the history of
+    retained fractions per step.
+    """
+    from .metrics import kept_score  # local: metrics is a sibling leaf, avoid a cycle at import
+    from .sinkhorn import TemperatureSchedule
+
+    pattern = NMPattern.parse(pattern)
+    pattern.check_width(score.shape[1], groups)
+    gen = torch.Generator().manual_seed(seed)
+    permuter = LearnablePermuter(score.shape[1], groups, init=init, warm_start=warm_start, generator=gen)
+    opt = torch.optim.Adam(permuter.parameters(), lr=lr)
+    schedule = TemperatureSchedule(tau_start, tau_end, steps)
+    s = score.detach().float()
+    s_norm = s / s.mean().clamp_min(1e-12)  # scale-free: lr means the same for every layer
+    total = float(s.sum(dtype=torch.float64))
+    best = warm_start if warm_start is not None else Permutation.identity(s.shape[1], groups)
+    best_kept = kept_score(s, pattern, best)
+    history = []
+    for step in range(steps):
+        tau = schedule(step)
+        if straight_through:
+            p, hard, _ = permuter(tau, n_iters)
+        else:
+            p, hard = permuter.soft(tau, n_iters), permuter.hard()
+        sp = permute_columns(s_norm, p)
+        with torch.no_grad():
+            mask = nm_mask(sp, pattern)
+        loss = -(sp * mask).sum() / s.shape[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kept = kept_score(s, pattern, hard)
+        history.append(kept / total)
+        if kept > best_kept:
+            best, best_kept = hard, kept
+    return best, history

@@ -1,0 +1,210 @@
+"""Pruning scores (magnitude, Wanda, RIA) and a SparseGPT pruner.
+
+A score has the weight's shape ``(d_out, d_in)``; higher means more important. Scores
+move with the weight under a column permutation, so they are computed once in original
+coordinates. Activation statistics come as per-input-channel sums of squares
+``Σ_t x_tj²`` accumulated over calibration tokens (see :class:`ColumnStats`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .nm import NMPattern, check_finite
+from .permutation import Permutation
+
+__all__ = [
+    "SCORES",
+    "ColumnStats",
+    "magnitude",
+    "wanda",
+    "ria",
+    "compute_score",
+    "SparseGPT",
+]
+
+log = logging.getLogger(__name__)
+
+SCORES = ("magnitude", "wanda", "ria", "sparsegpt")
+
+
+@dataclass
+class ColumnStats:
+    """Accumulates per-input-channel statistics of a linear layer's input, batch by batch.
+
+    ``sq_sum[j] = Σ_t x_tj²`` (Wanda, RIA) and, when ``hessian=True``, ``H = 2/n Σ_t x_t x_tᵀ``
+    (SparseGPT). Accumulated in float64 so long calibration runs do not lose precision.
+    """
+
+    d_in: int
+    hessian: bool = False
+    n_tokens: int = 0
+    sq_sum: torch.Tensor = field(init=False)
+    xxt: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.sq_sum = torch.zeros(self.d_in, dtype=torch.float64)
+        if self.hessian:
+            self.xxt = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape ``(..., d_in)``."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
+        x = x.detach().reshape(-1, self.d_in).to("cpu", torch.float64)  # (T, d_in)
+        self.n_tokens += x.shape[0]
+        self.sq_sum += (x * x).sum(0)
+        if self.xxt is not None:
+            self.xxt += x.T @ x
+
+    def merge(self, other: "ColumnStats") -> None:
+        """Add another accumulator's statistics (for sharded calibration)."""
+        self.n_tokens += other.n_tokens
+        self.sq_sum += other.sq_sum
+        if self.xxt is not None and other.xxt is not None:
+            self.xxt += other.xxt
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        """``||X_j||_2`` per input channel (float32)."""
+        return self.sq_sum.sqrt().float()
+
+    @property
+    def H(self) -> torch.Tensor:
+        """SparseGPT's Hessian ``2/n X Xᵀ`` (float32)."""
+        if self.xxt is None:
+            raise ValueError("these statistics were collected without the Hessian (hessian=False)")
+        return (2.0 / max(self.n_tokens, 1) * self.xxt).float()
+
+
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|``."""
+    return weight.detach().abs().float()
+
+
+def wanda(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda: ``|W_ij| * ||X_j||_2``."""
+    _check_norm(weight, col_norm)
+    return weight.detach().abs().float() * col_norm.float().to(weight.device).unsqueeze(0)
+
+
+def ria(weight: torch.Tensor, col_norm: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """RIA: relative importance ``|W|/Σ_row|W| + |W|/Σ_col|W|`` times ``||X_j||_2 ** alpha``."""
+    _check_norm(weight, col_norm)
+    a = weight.detach().abs().float()
+    rel = a / a.sum(dim=1, keepdim=True).clamp_min(1e-12) + a / a.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    return rel * col_norm.float().to(weight.device).pow(alpha).unsqueeze(0)
+
+
+def compute_score(name: str, weight: torch.Tensor, stats: ColumnStats | None = None) -> torch.Tensor:
+    """Score by name. ``sparsegpt`` uses Wanda's score to choose permutations (its mask is
+    chosen inside :class:`SparseGPT`, which also updates the kept weights)."""
+    if name == "magnitude":
+        score = magnitude(weight)
+    elif name in ("wanda", "ria", "sparsegpt"):
+        if stats is None:
+            raise ValueError(f"score {name!r} needs calibration statistics")
+        score = ria(weight, stats.col_norm) if name == "ria" else wanda(weight, stats.col_norm)
+    else:
+        raise ValueError(f"unknown score {name!r}: use one of {SCORES}")
+    check_finite(score, f"{name} score")
+    return score
+
+
+def _check_norm(weight: torch.Tensor, col_norm: torch.Tensor) -> None:
+    if col_norm.shape != (weight.shape[1],):
+        raise ValueError(
+            f"activation norms of shape {tuple(col_norm.shape)} do not match the weight's "
+            f"{weight.shape[1]} input channels"
+        )
+
+
+class SparseGPT:
+    """OBS pruning with the inverse Hessian, N:M aware; updates the kept weights.
+
+    Lifecycle as in the reference implementation: accumulate ``H`` (via
+    :class:`ColumnStats` with ``hessian=True``), call :meth:`prune` once. With a
+    permutation, pruning happens in permuted coordinates (so the N:M blocks are those of
+    the deployed layout) and the result is returned in original coordinates.
+    """
+
+    def __init__(self, hessian: torch.Tensor, percdamp: float = 0.01, blocksize: int = 128) -> None:
+        if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+            raise ValueError(f"Hessian must be square, got {tuple(hessian.shape)}")
+        self.H = hessian.detach().double()
+        self.percdamp, self.blocksize = percdamp, blocksize
+
+    @torch.no_grad()
+    def prune(
+        self,
+        weight: torch.Tensor,
+        pattern: "NMPattern | str | None",
+        perm: Permutation | None = None,
+        sparsity: float = 0.5,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(new_weight, kept_mask)`` in original coordinates.
+
+        ``pattern=None`` prunes ``sparsity`` unstructured (per block of columns, as the
+        reference does); otherwise N:M along the (permuted) input dimension.
+        """
+        d_out, d_in = weight.shape
+        if self.H.shape[0] != d_in:
+            raise ValueError(f"Hessian is {self.H.shape[0]}x{self.H.shape[0]}, weight has {d_in} inputs")
+        pat = NMPattern.parse(pattern) if pattern is not None else None
+        if pat is not None:
+            pat.check_width(d_in)
+        blocksize = self.blocksize
+        if pat is not None and blocksize % pat.m:
+            blocksize = max(pat.m, blocksize - blocksize % pat.m)
+
+        W = weight.detach().to("cpu", torch.float64).clone()
+        H = self.H.clone()
+        if perm is not None:
+            W = perm.apply_to_columns(W)
+            H = H[perm.indices][:, perm.indices]
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        damp = self.percdamp * torch.mean(torch.diag(H))
+        H += damp * torch.eye(d_in, dtype=H.dtype)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+        pruned = torch.zeros_like(W, dtype=torch.bool)
+        for i1 in range(0, d_in, blocksize):
+            i2 = min(i1 + blocksize, d_in)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            dinv = torch.diag(Hinv1)
+            if pat is None:
+                err = W1**2 / dinv.unsqueeze(0) ** 2
+                thresh = torch.sort(err.flatten()).values[int(err.numel() * sparsity)]
+                mask1 = err <= thresh
+            else:
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            for i in range(i2 - i1):
+                if pat is not None and i % pat.m == 0:
+                    err = W1[:, i : i + pat.m] ** 2 / dinv[i : i + pat.m].unsqueeze(0) ** 2
+                    n_pruned = pat.m - pat.n_kept
+                    drop = torch.topk(err, n_pruned, dim=1, largest=False).indices
+                    mask1.scatter_(1, i + drop, True)
+                w = W1[:, i]
+                q = w.clone()
+                q[mask1[:, i]] = 0.0
+                Q1[:, i] = q
+                e = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= e.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = e
+            W[:, i1:i2] = Q1
+            pruned[:, i1:i2] = mask1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        kept = ~pruned
+        if perm is not None:
+            inv = perm.inverse()
+            W, kept = inv.apply_to_columns(W), inv.apply_to_columns(kept)
+        return W.to(weight.dtype).to(weight.device), kept.to(weight.device)
