@@ -1,0 +1,139 @@
+"""Apply a plan to a model: per-site permutation + score + pattern → masks → ``W_eff`` in place.
+
+The weights are written in original coordinates (``W ⊙ M[:, π⁻¹]``, or SparseGPT's updated
+weights), so the model keeps its exact layout and any stock loader runs it; the
+permutations that make the masks hardware-aligned travel beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .heuristics import swap_search, zigzag_permutation
+from .metrics import kept_score, unstructured_kept
+from .nm import NMPattern, nm_mask, unstructured_mask
+from .permutation import Permutation
+from .scores import ColumnStats, SparseGPT, compute_score
+from .sites import Site, get_module
+
+__all__ = ["UNSTRUCTURED", "SiteReport", "site_scores", "heuristic_permutation", "prune_site_", "parse_pattern"]
+
+log = logging.getLogger(__name__)
+
+UNSTRUCTURED = "unstructured50"  # per-row 50%: the ceiling no N:M mask reaches
+
+
+def parse_pattern(pattern: "str | NMPattern | None") -> NMPattern | None:
+    """``"2:4"`` → ``NMPattern``; ``"unstructured50"`` or ``None`` → ``None`` (per-row 50%)."""
+    if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == UNSTRUCTURED):
+        return None
+    return NMPattern.parse(pattern)
+
+
+@dataclass
+class SiteReport:
+    """What pruning one site kept: total score and the fraction kept with and without π."""
+
+    site: str
+    retained_plain: float
+    retained: float
+    retained_ceiling: float
+
+    def to_json(self) -> dict:
+        return {
+            "site": self.site,
+            "retained_plain": self.retained_plain,
+            "retained": self.retained,
+            "retained_ceiling": self.retained_ceiling,
+        }
+
+
+def site_scores(
+    model: nn.Module, site: Site, score: str, stats: Mapping[str, ColumnStats] | None
+) -> list[torch.Tensor]:
+    """The score of every consumer of ``site``, in original coordinates."""
+    out = []
+    for name in site.consumers:
+        st = stats.get(name) if stats is not None else None
+        if score != "magnitude" and st is None:
+            raise ValueError(f"{name}: score {score!r} needs calibration statistics for this layer")
+        out.append(compute_score(score, get_module(model, name).weight.detach(), st))
+    return out
+
+
+def heuristic_permutation(
+    site: Site,
+    scores: list[torch.Tensor],
+    pattern: NMPattern,
+    groups: int,
+    method: str = "zigzag",
+    time_budget: float = 2.0,
+    seed: int = 0,
+) -> Permutation:
+    """Search the site's permutation maximising the kept score of all its consumers.
+
+    ``method``: ``"zigzag"`` (RIA-style, one linear-assignment round) or
+    ``"zigzag+swap"`` (then greedy channel swaps for ``time_budget`` seconds).
+    Respects the site's head ties.
+    """
+    g, _ = site.structure(groups, pattern)
+    free_g = site.free_groups(groups)
+    stacked = site.tied_score(torch.cat([s.float() for s in scores], dim=0), groups)
+    stacked = stacked / stacked.mean().clamp_min(1e-30)  # consumers weigh by their share of the score
+    free = zigzag_permutation(stacked, pattern, free_g)
+    if method == "zigzag+swap":
+        free = swap_search(stacked, pattern, free_g, start=free, time_budget=time_budget, seed=seed)
+    elif method != "zigzag":
+        raise ValueError(f"unknown heuristic {method!r}: use 'zigzag' or 'zigzag+swap'")
+    return site.expand(free, groups) if site.head_tied else free
+
+
+@torch.no_grad()
+def prune_site_(
+    model: nn.Module,
+    site: Site,
+    pattern: "NMPattern | None",
+    score: str,
+    stats: Mapping[str, ColumnStats] | None,
+    perm: Permutation | None = None,
+    scores: list[torch.Tensor] | None = None,
+) -> SiteReport:
+    """Prune every consumer of ``site`` in place; ``pattern=None`` is per-row 50% unstructured."""
+    if scores is None:
+        scores = site_scores(model, site, score, stats)
+    if pattern is not None:
+        pattern.check_width(site.d_in, 1, site.name)
+    if perm is not None and perm.d_in != site.d_in:
+        raise ValueError(f"site {site.name}: permutation has {perm.d_in} channels, the site reads {site.d_in}")
+    total = plain = kept = ceiling = 0.0
+    for name, s in zip(site.consumers, scores):
+        lin = get_module(model, name)
+        w = lin.weight
+        total += float(s.sum(dtype=torch.float64))
+        if pattern is not None:
+            plain += kept_score(s, pattern)
+            kept += kept_score(s, pattern, perm)
+            ceiling += unstructured_kept(s, pattern)
+        if score == "sparsegpt":
+            st = stats.get(name) if stats is not None else None
+            if st is None or st.xxt is None:
+                raise ValueError(f"{name}: SparseGPT needs the Hessian (calibrate with hessian=True)")
+            new_w, _ = SparseGPT(st.H).prune(w, pattern, perm)
+            w.copy_(new_w)
+            continue
+        if pattern is None:
+            mask = unstructured_mask(s, 0.5)
+        elif perm is None or perm.is_identity():
+            mask = nm_mask(s, pattern)
+        else:
+            mask = perm.inverse().apply_to_columns(nm_mask(perm.apply_to_columns(s), pattern))
+        w.mul_(mask.to(w.dtype))
+    total = max(total, 1e-30)
+    if pattern is None:
+        return SiteReport(site.name, float("nan"), float("nan"), float("nan"))
+    return SiteReport(site.name, plain / total, kept / total, ceiling / total)

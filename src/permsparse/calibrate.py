@@ -1,0 +1,184 @@
+"""Calibration: stream batches through the model with hooks and collect per-layer statistics.
+
+Two modes, as in Wanda's and SparseGPT's reference code:
+
+* one-shot (:func:`collect_stats`): every statistic from the dense model in one pass;
+* sequential (:func:`run_blocks`): block by block, each block fed by the outputs of the
+  already-processed (pruned) blocks before it; the caller's callback prunes a block
+  between its statistics pass and the pass that produces the next block's inputs.
+
+Memory holds one block's cached inputs plus the statistics, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .scores import ColumnStats
+from .sites import get_module
+
+__all__ = [
+    "collect_stats",
+    "BlockInputs",
+    "capture_block_inputs",
+    "run_blocks",
+    "block_output",
+    "stat_hooks",
+    "with_hidden",
+    "hidden_of",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_inputs(batch: "torch.Tensor | dict", device: torch.device) -> dict:
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {"input_ids": batch.to(device)}
+
+
+class stat_hooks:
+    """Context manager: forward pre-hooks on ``layers`` that feed :class:`ColumnStats`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], hessian: bool = False,
+                 stats: dict[str, ColumnStats] | None = None) -> None:
+        self.model, self.layers, self.hessian = model, list(layers), hessian
+        self.stats = stats if stats is not None else {}
+        self.handles: list = []
+
+    def __enter__(self) -> dict[str, ColumnStats]:
+        for name in self.layers:
+            lin = get_module(self.model, name)
+            st = self.stats.setdefault(name, ColumnStats(lin.weight.shape[1], hessian=self.hessian))
+
+            def hook(module: nn.Module, args: tuple, st: ColumnStats = st) -> None:
+                st.add_batch(args[0])
+
+            self.handles.append(lin.register_forward_pre_hook(hook))
+        return self.stats
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable["torch.Tensor | dict"],
+    layers: Sequence[str],
+    hessian: bool = False,
+    progress: bool = True,
+) -> dict[str, ColumnStats]:
+    """One-shot statistics of the inputs of ``layers`` over the calibration ``batches``."""
+    device = _device(model)
+    batches = list(batches)
+    with stat_hooks(model, layers, hessian) as stats:
+        for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+            model(**_as_inputs(batch, device))
+    return stats
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword arguments one block received, per calibration batch."""
+
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+
+def _detach(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Iterable["torch.Tensor | dict"], progress: bool = True
+) -> BlockInputs:
+    """Run the model once per batch and keep what ``block`` receives (hidden states,
+    masks, position embeddings); the cache object is dropped (no KV caching needed)."""
+    device = _device(model)
+    got = BlockInputs([], [])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        got.args.append(_detach(args))
+        got.kwargs.append(_detach(kw))
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+        for batch in tqdm(list(batches), desc="capture inputs", disable=not progress, leave=False):
+            model(**_as_inputs(batch, device), **extra)
+    finally:
+        handle.remove()
+    return got
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states a block returns (blocks return a tensor or a tuple led by it)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same block call with new hidden states (first positional or ``hidden_states=``)."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def run_blocks(
+    model: nn.Module,
+    blocks: Sequence[tuple[str, nn.Module]],
+    batches: Iterable["torch.Tensor | dict"],
+    layers_of_block: Callable[[str], Sequence[str]],
+    on_block: Callable[[str, nn.Module, dict[str, ColumnStats], BlockInputs], None],
+    hessian: bool = False,
+    progress: bool = True,
+) -> None:
+    """Sequential calibration over a chain of blocks.
+
+    For each block: collect the statistics of its layers on its cached inputs, call
+    ``on_block(name, block, stats, inputs)`` (which prunes it, or learns its permutations),
+    then run the (now pruned) block to produce the next block's inputs.
+    """
+    if not blocks:
+        return
+    inputs = capture_block_inputs(model, blocks[0][1], batches, progress)
+    bar = tqdm(blocks, desc="blocks", disable=not progress)
+    for name, block in bar:
+        bar.set_postfix_str(name)
+        with torch.no_grad(), stat_hooks(model, layers_of_block(name), hessian) as stats:
+            for args, kwargs in zip(inputs.args, inputs.kwargs):
+                block(*args, **kwargs)
+        on_block(name, block, stats, inputs)
+        with torch.no_grad():
+            outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+        calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
+        inputs = BlockInputs([a for a, _ in calls], [k for _, k in calls])
