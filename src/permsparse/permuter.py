@@ -20,9 +20,41 @@ from .nm import NMPattern, nm_mask
 from .permutation import Permutation
 from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
 
-__all__ = ["LearnablePermuter", "permuted_prune", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
+__all__ = [
+    "init_cost",
+    "LearnablePermuter", "permuted_prune", "hard_permuted_prune", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
 
 INITS = ("noise", "identity", "permutation")
+
+
+def init_cost(
+    d_in: int,
+    groups: int,
+    init: str = "identity",
+    margin: float = 0.5,
+    noise: float = 0.01,
+    warm_start: Permutation | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Initial cost ``(G, k, k)``: noise, minus ``margin`` on the starting permutation."""
+    if groups < 1 or d_in % groups:
+        raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use one of {INITS}")
+    k = d_in // groups
+    cost = noise * torch.randn(groups, k, k, generator=generator)
+    if init == "identity":
+        warm_start = Permutation.identity(d_in, groups)
+    if init in ("identity", "permutation"):
+        if warm_start is None:
+            raise ValueError("init='permutation' needs warm_start")
+        if warm_start.d_in != d_in or warm_start.groups != groups:
+            raise ValueError(
+                f"warm start has d_in={warm_start.d_in}, groups={warm_start.groups}; "
+                f"expected d_in={d_in}, groups={groups}"
+            )
+        cost = cost - margin * warm_start.to_matrices()
+    return cost
 
 
 class LearnablePermuter(nn.Module):
@@ -52,24 +84,8 @@ class LearnablePermuter(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if groups < 1 or d_in % groups:
-            raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}: use one of {INITS}")
         self.d_in, self.groups = d_in, groups
-        k = d_in // groups
-        cost = noise * torch.randn(groups, k, k, generator=generator)
-        if init == "identity":
-            warm_start = Permutation.identity(d_in, groups)
-        if init in ("identity", "permutation"):
-            if warm_start is None:
-                raise ValueError("init='permutation' needs warm_start")
-            if warm_start.d_in != d_in or warm_start.groups != groups:
-                raise ValueError(
-                    f"warm start has d_in={warm_start.d_in}, groups={warm_start.groups}; "
-                    f"expected d_in={d_in}, groups={groups}"
-                )
-            cost = cost - margin * warm_start.to_matrices()
+        cost = init_cost(d_in, groups, init, margin, noise, warm_start, generator)
         self.cost = nn.Parameter(cost)  # (G, k, k)
 
     @property
@@ -192,3 +208,43 @@ def fit_to_score(
         if kept > best_kept:
             best, best_kept = hard, kept
     return best, history
+
+
+class _HardPermutedPrune(torch.autograd.Function):
+    """``W_eff = (W P ⊙ M) Pᵀ`` at a hard ``P``: gathers forward, analytic gradient for ``P``.
+
+    Same value and same gradient as :func:`permuted_prune` with a straight-through ``P``
+    (whose value is the hard matrix), without the four dense ``(d_out, d_in, k)`` products.
+    With ``A = W P``, ``B = A ⊙ M`` and upstream gradient ``Γ``:
+    ``∂L/∂P = Wᵀ ((Γ P) ⊙ M) + Γᵀ B``, per group, where ``Γ P`` and ``W P`` are gathers.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, idx, mask_p)
+        ctx.groups = p.shape[0]
+        b = weight.index_select(1, idx) * mask_p  # (O, d) permuted, pruned
+        return b.index_select(1, torch.argsort(idx))  # back to original coordinates
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, idx, mask_p = ctx.saved_tensors
+        o, d = weight.shape
+        g, k = ctx.groups, d // ctx.groups
+        grad = grad.to(weight.dtype)
+        gp = grad.index_select(1, idx) * mask_p  # (Γ P) ⊙ M
+        b = weight.index_select(1, idx) * mask_p
+        grad_p = torch.einsum("ogi,ogj->gij", weight.view(o, g, k), gp.view(o, g, k))
+        grad_p = grad_p + torch.einsum("ogi,ogj->gij", grad.view(o, g, k), b.view(o, g, k))
+        return grad_p, None, None, None
+
+
+def hard_permuted_prune(
+    weight: torch.Tensor, score: torch.Tensor, perm: Permutation, p_st: torch.Tensor, pattern: "NMPattern | str"
+) -> torch.Tensor:
+    """``W_eff`` of one weight at the hard permutation ``perm`` with the straight-through
+    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost."""
+    idx = perm.indices.to(weight.device)
+    with torch.no_grad():
+        mask_p = nm_mask(score.index_select(1, idx.to(score.device)), pattern).to(weight.device, weight.dtype)
+    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p)

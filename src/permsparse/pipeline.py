@@ -1,0 +1,231 @@
+"""One call from a dense model to a pruned one: ``permsparse.prune(model, tokenizer, config)``.
+
+calibrate → score → permutation per site (none | heuristic | learned) → masks → ``W_eff``
+written in place (original coordinates). The result carries the sites, the hard
+permutations, per-site retained scores, the training history and which plan the guard
+kept. Exporting, evaluating and reporting are separate steps (``io``, ``evaluate``,
+``report``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .apply import SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
+from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
+from .learn import LearnConfig, StepLog, block_loss, evaluate_plan, train_block, train_end_to_end, _batches
+from .nm import NMPattern
+from .permutation import Permutation
+from .scores import SCORES
+from .sites import Site, find_sites, get_module
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "PERMUTATIONS"]
+
+log = logging.getLogger(__name__)
+
+PERMUTATIONS = ("none", "heuristic", "learned")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. ``pattern`` keeps N of every M (``"2:4"``) or is
+    ``"unstructured50"`` (per-row 50%, the reference ceiling)."""
+
+    pattern: str = "2:4"
+    score: str = "wanda"
+    permutation: str = "learned"
+    groups: int = 4
+    heuristic: str = "zigzag"  # or "zigzag+swap"
+    swap_seconds: float = 1.0  # per site, for "zigzag+swap"
+    sequential: bool = False  # statistics block by block from the already-pruned blocks
+    sync: bool = True  # one permutation per site of layers reading the same input
+    attn_out: str = "fold"
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.pattern)
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}: use one of {SCORES}")
+        if self.permutation not in PERMUTATIONS:
+            raise ValueError(f"unknown permutation {self.permutation!r}: use one of {PERMUTATIONS}")
+        if self.groups < 1:
+            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        if isinstance(self.learn, dict):
+            self.learn = LearnConfig(**self.learn)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PruneResult:
+    sites: list[Site]
+    perms: dict[str, Permutation]
+    reports: list[SiteReport]
+    history: list[StepLog] = field(default_factory=list)
+    kept_plan: str = "none"
+    guard: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def retained(self) -> dict[str, float]:
+        """Mean retained score fraction over sites, plain N:M vs with the permutations."""
+        ok = [r for r in self.reports if r.retained == r.retained]  # drop NaN (unstructured)
+        if not ok:
+            return {}
+        return {
+            "retained_plain": sum(r.retained_plain for r in ok) / len(ok),
+            "retained": sum(r.retained for r in ok) / len(ok),
+            "retained_ceiling": sum(r.retained_ceiling for r in ok) / len(ok),
+        }
+
+
+def _identity_perms(sites: Sequence[Site], groups: int) -> dict[str, Permutation]:
+    return {s.name: Permutation.identity(s.d_in, s.structure(groups)[0]) for s in sites}
+
+
+def prune(
+    model: nn.Module,
+    tokenizer=None,
+    config: PruneConfig | None = None,
+    calib: "torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None" = None,
+    metrics_path: "str | Path | None" = None,
+) -> PruneResult:
+    """Prune ``model`` in place to ``config.pattern`` and return what was done.
+
+    ``calib``: calibration windows ``(n, T)`` of token ids, or a list of batch dicts
+    (e.g. ``pixel_values`` and ``labels`` for a classifier). Only magnitude pruning
+    without learning needs none. ``tokenizer`` is accepted for API symmetry with
+    transformers (it is not needed once ``calib`` is tokenized).
+    """
+    cfg = config or PruneConfig()
+    t0 = time.perf_counter()
+    pattern = parse_pattern(cfg.pattern)
+    needs_data = cfg.score != "magnitude" or cfg.permutation == "learned"
+    if needs_data and calib is None:
+        raise ValueError(f"score {cfg.score!r} with permutation {cfg.permutation!r} needs calibration data")
+    batches = _batches(calib, cfg.learn.batch_size) if calib is not None else []
+    example = {k: v for k, v in batches[0].items() if k != "labels"} if batches else None
+    sites = find_sites(model, sync=cfg.sync, attn_out=cfg.attn_out, example_inputs=example)
+    if pattern is not None:
+        for s in sites:
+            s.structure(cfg.groups, pattern)  # fail early, naming the site, before any work
+    permutation = cfg.permutation if pattern is not None else "none"
+    model.requires_grad_(False)
+    if cfg.sequential or (permutation == "learned" and cfg.learn.objective == "blockwise"):
+        result = _prune_blockwise(model, sites, pattern, cfg, permutation, batches)
+    else:
+        result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path)
+    result.seconds = time.perf_counter() - t0
+    log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
+    return result
+
+
+def _scores_and_heuristic(
+    model: nn.Module, sites: Sequence[Site], pattern: NMPattern | None, cfg: PruneConfig, stats, want_heuristic: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Permutation]]:
+    scores: dict[str, torch.Tensor] = {}
+    heur: dict[str, Permutation] = {}
+    for site in tqdm(sites, desc="scores", disable=not cfg.progress or len(sites) < 8, leave=False):
+        sc = site_scores(model, site, cfg.score, stats)
+        scores.update(zip(site.consumers, sc))
+        if want_heuristic and pattern is not None:
+            heur[site.name] = heuristic_permutation(site, sc, pattern, cfg.groups, cfg.heuristic, cfg.swap_seconds)
+    return scores, heur
+
+
+def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path) -> PruneResult:
+    layers = [c for s in sites for c in s.consumers]
+    hessian = cfg.score == "sparsegpt"
+    stats = collect_stats(model, batches, layers, hessian, cfg.progress) if cfg.score != "magnitude" else None
+    want_heur = permutation == "heuristic" or (permutation == "learned" and cfg.learn.init == "heuristic")
+    scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, want_heur or permutation == "learned")
+    history: list[StepLog] = []
+    guard: dict[str, float] = {}
+    plan = "none"
+    perms: dict[str, Permutation] = {}
+    if permutation == "heuristic":
+        perms, plan = heur, "heuristic"
+    elif permutation == "learned":
+        learned, history = train_end_to_end(
+            model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
+            start=heur, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
+        )
+        candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": heur, "learned": learned}
+        guard_batches = batches[: cfg.learn.guard_batches]
+        for name, cand in candidates.items():
+            guard[name] = evaluate_plan(
+                model, sites, cand, _weights(model, sites), scores, pattern, guard_batches, cfg.learn.alpha, cfg.learn.bf16
+            )
+        plan = min(guard, key=lambda k: (guard[k], k != "learned"))
+        perms = candidates[plan]
+        log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
+    reports = [
+        prune_site_(model, s, pattern, cfg.score, stats, perms.get(s.name), [scores[c] for c in s.consumers])
+        for s in sites
+    ]
+    return PruneResult(sites, perms, reports, history, plan, guard)
+
+
+def _weights(model: nn.Module, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
+    return {c: get_module(model, c).weight.detach() for s in sites for c in s.consumers}
+
+
+def _prune_blockwise(model, sites, pattern, cfg, permutation, batches) -> PruneResult:
+    """Block by block: statistics from the already-pruned blocks; learned permutations use
+    the block-wise objective against each block's dense output."""
+    by_block: dict[str, list[Site]] = {}
+    for s in sites:
+        by_block.setdefault(s.block, []).append(s)
+    order = [n for n, _ in model.named_modules() if n in by_block]
+    chain = [(n, get_module(model, n)) for n in order]
+    perms: dict[str, Permutation] = {}
+    reports: list[SiteReport] = []
+    history: list[StepLog] = []
+    guard: dict[str, float] = {}
+    kept: dict[str, int] = {"none": 0, "heuristic": 0, "learned": 0}
+    hessian = cfg.score == "sparsegpt"
+
+    def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
+        bsites = by_block[name]
+        want_heur = permutation in ("heuristic", "learned")
+        scores, heur = _scores_and_heuristic(model, bsites, pattern, cfg, stats, want_heur)
+        chosen: dict[str, Permutation] = {}
+        if permutation == "heuristic":
+            chosen = heur
+        elif permutation == "learned":
+            calls = list(zip(inputs.args, inputs.kwargs))
+            with torch.no_grad():
+                targets = [block_output(block(*a, **k)).detach() for a, k in calls]
+            learned, hist = train_block(block, name, bsites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
+                                        start=heur if cfg.learn.init == "heuristic" else None)
+            history.extend(hist)
+            candidates = {"none": _identity_perms(bsites, cfg.groups), "heuristic": heur, "learned": learned}
+            losses = {k: block_loss(block, name, bsites, c, scores, pattern, calls, targets, cfg.learn.bf16)
+                      for k, c in candidates.items()}
+            best = min(losses, key=lambda k: (losses[k], k != "learned"))
+            kept[best] += 1
+            for k, v in losses.items():
+                guard[f"{name}:{k}"] = v
+            chosen = candidates[best]
+        perms.update(chosen)
+        for s in bsites:
+            reports.append(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
+                                       [scores[c] for c in s.consumers]))
+
+    run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block, hessian,
+               cfg.progress)
+    if permutation == "learned":
+        plan = ", ".join(f"{k} {v}/{len(chain)}" for k, v in kept.items() if v)
+        log.info("block-wise guard kept: %s", plan)
+    else:
+        plan = permutation
+    return PruneResult(sites, perms, reports, history, plan, guard)
