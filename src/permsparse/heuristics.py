@@ -43,7 +43,10 @@ def zigzag_permutation(
     refine_rounds: int = 1,
     chunk: int = 64,
 ) -> Permutation:
-    """RIA-style zig-zag allocation plus ``refine_rounds`` rounds of linear assignment."""
+    """RIA-style zig-zag allocation plus ``refine_rounds`` rounds of linear assignment.
+
+    Per group, the result never keeps less score than the identity (it falls back to it).
+    """
     s, pattern = _prepare(score, pattern, groups)
     d_out, d_in = s.shape
     k, m = d_in // groups, pattern.m
@@ -60,8 +63,20 @@ def zigzag_permutation(
         for _ in range(refine_rounds):
             for slot in range(m):
                 layout = _reassign_slot(sg, layout, slot, pattern, chunk)
+        # The zig-zag deal is a heuristic and can lose to the identity (mostly on small or
+        # structured scores); the refinement never lowers the score, so keep the better.
+        identity = torch.arange(k)
+        if _layout_kept(sg, layout, pattern) < _layout_kept(sg, identity, pattern):
+            layout = identity
         local.append(layout)
     return Permutation.from_local(torch.stack(local))
+
+
+def _layout_kept(sg: torch.Tensor, layout: torch.Tensor, pattern: NMPattern) -> float:
+    """Score kept by the N:M mask of one group ``sg`` ``(O, k)`` laid out as ``layout``."""
+    d_out, k = sg.shape
+    blocks = sg[:, layout].view(d_out, k // pattern.m, pattern.m)  # (O, B, M)
+    return float(torch.topk(blocks, pattern.n_kept, dim=-1).values.sum(dtype=torch.float64))
 
 
 def _reassign_slot(sg: torch.Tensor, layout: torch.Tensor, slot: int, pattern: NMPattern, chunk: int) -> torch.Tensor:
@@ -121,6 +136,13 @@ def swap_search(
     perm = start if start is not None else Permutation.identity(d_in, groups)
     if perm.d_in != d_in:
         raise ValueError(f"start permutation has {perm.d_in} channels, score has {d_in}")
+    if start is not None:
+        # Swaps stay inside groups, so a start that crosses them cannot give a valid result:
+        # fail now rather than after the whole time budget.
+        try:
+            Permutation(start.indices, groups)
+        except ValueError as err:
+            raise ValueError(f"start permutation does not respect groups={groups}: {err}") from err
     layout = perm.indices.clone()  # position -> channel
     gen = torch.Generator().manual_seed(seed)
     st = s.T.contiguous()  # (d_in, O): rows of st are channels

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .nm import NMPattern
 from .permutation import Permutation
-from .permuter import hard_permuted_prune, init_cost
+from .permuter import hard_permuted_prune, init_cost, permuted_mask
 from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn
 from .sites import Site
 
@@ -167,14 +167,27 @@ def sparse_weights(
     scores: Mapping[str, torch.Tensor],
     pattern: NMPattern,
     prefix_strip: str = "",
+    mask_cache: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{"<consumer>.weight": W_eff}`` for every consumer, names relative to ``prefix_strip``."""
+    """``{"<consumer>.weight": W_eff}`` for every consumer, names relative to ``prefix_strip``.
+
+    ``mask_cache`` (a dict kept across steps) reuses each mask while its site's hard
+    permutation is unchanged, which late in training is most sites at most steps.
+    """
     params = {}
     for site in sites:
         p_st, perm = bank_out[site.name]
         for name in site.consumers:
             rel = name[len(prefix_strip) :] if prefix_strip and name.startswith(prefix_strip) else name
-            params[f"{rel}.weight"] = hard_permuted_prune(weights[name], scores[name], perm, p_st, pattern)
+            mask = None
+            if mask_cache is not None:
+                hit = mask_cache.get(name)
+                if hit is not None and hit[0] == perm:
+                    mask = hit[1]
+                else:
+                    mask = permuted_mask(scores[name], perm, pattern)
+                    mask_cache[name] = (perm, mask)
+            params[f"{rel}.weight"] = hard_permuted_prune(weights[name], scores[name], perm, p_st, pattern, mask)
     return params
 
 
@@ -285,6 +298,7 @@ def train_end_to_end(
     good = copy.deepcopy(bank.state_dict())
     metrics_file = open(metrics_path, "a") if metrics_path else None
     order: list[int] = []
+    masks: dict = {}
     bar = tqdm(range(steps), desc="learn permutations", disable=not progress)
     try:
         for step in bar:
@@ -294,7 +308,7 @@ def train_end_to_end(
             batch = {k: v.to(device) for k, v in batches[order.pop()].items()}
             tau = schedule(step)
             out, ent = bank(tau, cfg.sinkhorn_iters)
-            params = sparse_weights(out, sites, weights, scores, pattern)
+            params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks)
             with _autocast(cfg.bf16, device):
                 with torch.no_grad():
                     teacher = model(**_model_inputs(batch)).logits if cfg.alpha > 0 else None
@@ -357,13 +371,14 @@ def train_block(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
     prev = None
+    masks: dict = {}
     for step in tqdm(range(cfg.steps_per_block), desc=f"learn {block_name}", disable=not progress, leave=False):
         t0 = time.perf_counter()
         i = int(torch.randint(len(inputs), (1,), generator=gen))
         args, kwargs = inputs[i]
         tau = schedule(step)
         out, ent = bank(tau, cfg.sinkhorn_iters)
-        params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix)
+        params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks)
         with _autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
         target = targets[i].float()

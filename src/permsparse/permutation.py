@@ -12,6 +12,7 @@ Folding into a producer whose output feeds the permuted input: ``W_prod[π, :]``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +98,13 @@ class Permutation:
     def compose(self, then: "Permutation") -> "Permutation":
         """The permutation that applies ``self`` first and ``then`` second.
 
-        ``x[self][then] == x[self.compose(then)]``. Groups: the coarser of the two
-        (a permutation inside fine groups also lies inside coarse ones).
+        ``x[self][then] == x[self.compose(then)]``. Groups: ``gcd`` of the two counts, the
+        finest grouping whose groups contain the groups of both (for nested groupings,
+        such as 4 and 1, that is the coarser of the two).
         """
         if then.d_in != self.d_in:
             raise ValueError(f"cannot compose permutations of {self.d_in} and {then.d_in} channels")
-        return Permutation(self.indices[then.indices], min(self.groups, then.groups))
+        return Permutation(self.indices[then.indices], math.gcd(self.groups, then.groups))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Permutation) and torch.equal(self.indices, other.indices)

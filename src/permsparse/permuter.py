@@ -22,7 +22,8 @@ from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
 
 __all__ = [
     "init_cost",
-    "LearnablePermuter", "permuted_prune", "hard_permuted_prune", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
+    "LearnablePermuter", "permuted_prune", "hard_permuted_prune",
+    "permuted_mask", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
 
 INITS = ("noise", "identity", "permutation")
 
@@ -239,12 +240,24 @@ class _HardPermutedPrune(torch.autograd.Function):
         return grad_p, None, None, None
 
 
+def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
+    """The N:M mask of ``S[:, π]``, in permuted coordinates."""
+    with torch.no_grad():
+        return nm_mask(score.index_select(1, perm.indices.to(score.device)), pattern)
+
+
 def hard_permuted_prune(
-    weight: torch.Tensor, score: torch.Tensor, perm: Permutation, p_st: torch.Tensor, pattern: "NMPattern | str"
+    weight: torch.Tensor,
+    score: torch.Tensor,
+    perm: Permutation,
+    p_st: torch.Tensor,
+    pattern: "NMPattern | str",
+    mask_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W_eff`` of one weight at the hard permutation ``perm`` with the straight-through
-    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost."""
+    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask_p`` may
+    be given when already known (it only changes when ``perm`` does)."""
     idx = perm.indices.to(weight.device)
-    with torch.no_grad():
-        mask_p = nm_mask(score.index_select(1, idx.to(score.device)), pattern).to(weight.device, weight.dtype)
-    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p)
+    if mask_p is None:
+        mask_p = permuted_mask(score, perm, pattern)
+    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p.to(weight.device, weight.dtype))

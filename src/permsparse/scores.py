@@ -62,6 +62,13 @@ class ColumnStats:
 
     def merge(self, other: "ColumnStats") -> None:
         """Add another accumulator's statistics (for sharded calibration)."""
+        if other.d_in != self.d_in:
+            raise ValueError(f"cannot merge statistics of {other.d_in} input channels into {self.d_in}")
+        if self.xxt is not None and other.xxt is None:
+            raise ValueError(
+                "cannot merge statistics collected without the Hessian (hessian=False) into ones "
+                "with it: the merged Hessian would miss those tokens"
+            )
         self.n_tokens += other.n_tokens
         self.sq_sum += other.sq_sum
         if self.xxt is not None and other.xxt is not None:

@@ -1,0 +1,144 @@
+"""Heuristic permutation search: validity, groups, never worse than where it starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from permsparse.heuristics import swap_search, zigzag_permutation
+from permsparse.metrics import efficacy, kept_score
+from permsparse.nm import NMPattern
+from permsparse.permutation import Permutation
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def problem(draw):
+    m = draw(st.sampled_from([2, 4, 8]))
+    n_kept = draw(st.integers(1, m - 1))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    n_blocks = draw(st.integers(1, 4))  # blocks per group
+    d_out = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = _gen(seed)
+    d_in = groups * n_blocks * m
+    kind = draw(st.sampled_from(["uniform", "heavy", "lognormal_cols", "ties"]))
+    if kind == "uniform":
+        score = torch.rand(d_out, d_in, generator=g)
+    elif kind == "heavy":
+        score = torch.rand(d_out, d_in, generator=g) ** 4
+    elif kind == "lognormal_cols":
+        score = (torch.randn(d_out, d_in, generator=g) * torch.exp(torch.randn(d_in, generator=g))).abs()
+    else:
+        score = torch.randint(0, 3, (d_out, d_in), generator=g).float()
+    return score, NMPattern(n_kept, m), groups, seed
+
+
+def _assert_valid(p: Permutation, d_in: int, groups: int) -> None:
+    assert isinstance(p, Permutation) and p.d_in == d_in and p.groups == groups
+    k = d_in // groups
+    assert torch.equal(torch.sort(p.indices).values, torch.arange(d_in))
+    assert torch.equal(p.indices // k, torch.arange(d_in) // k)
+
+
+def _tol(score: torch.Tensor) -> float:
+    return 1e-5 * float(score.sum()) + 1e-6
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(problem())
+def test_zigzag_valid_and_never_below_identity(args):
+    score, pattern, groups, _ = args
+    p = zigzag_permutation(score, pattern, groups)
+    _assert_valid(p, score.shape[1], groups)
+    assert kept_score(score, pattern, p) >= kept_score(score, pattern) - _tol(score)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(problem())
+def test_swap_search_valid_and_never_below_identity_or_start(args):
+    score, pattern, groups, seed = args
+    d_in = score.shape[1]
+    p = swap_search(score, pattern, groups, time_budget=2.0, candidates=256, patience=3, seed=seed)
+    _assert_valid(p, d_in, groups)
+    assert kept_score(score, pattern, p) >= kept_score(score, pattern) - _tol(score)
+    start = Permutation.random(d_in, groups, _gen(seed + 1))
+    q = swap_search(score, pattern, groups, start=start, time_budget=2.0, candidates=256, patience=3, seed=seed)
+    _assert_valid(q, d_in, groups)
+    assert kept_score(score, pattern, q) >= kept_score(score, pattern, start) - _tol(score)
+
+
+def test_zigzag_regression_identity_was_better():
+    """A case where the zig-zag deal plus refinement lost to the identity (before the fix)."""
+    score = torch.rand(4, 8, generator=_gen(39))
+    p = zigzag_permutation(score, "1:2", groups=2)
+    assert kept_score(score, "1:2", p) >= kept_score(score, "1:2")
+
+
+def test_zigzag_refinement_rounds_never_hurt():
+    score = (torch.randn(64, 128, generator=_gen(0)) * torch.exp(torch.randn(128, generator=_gen(1)))).abs()
+    kept = [kept_score(score, "2:4", zigzag_permutation(score, "2:4", 2, refine_rounds=r)) for r in (0, 1, 3)]
+    assert kept[0] <= kept[1] + 1e-3 and kept[1] <= kept[2] + 1e-3
+
+
+def test_zigzag_one_row_is_optimal():
+    """With one row the zig-zag deal alone keeps the row's top half: the unstructured ceiling."""
+    score = torch.rand(1, 32, generator=_gen(2))
+    p = zigzag_permutation(score, "2:4", refine_rounds=0)
+    assert kept_score(score, "2:4", p) == pytest.approx(float(score.topk(16).values.sum()), rel=1e-6)
+
+
+def test_heuristics_gain_on_lognormal_columns():
+    g = _gen(3)
+    score = (torch.randn(64, 128, generator=g) * torch.exp(torch.randn(128, generator=g))).abs()
+    zz = zigzag_permutation(score, "2:4", 1)
+    sw = swap_search(score, "2:4", 1, start=zz, time_budget=1.0, seed=0)
+    assert efficacy(score, "2:4", zz) > 0.3
+    assert efficacy(score, "2:4", sw) >= efficacy(score, "2:4", zz) - 1e-9
+
+
+def test_swap_search_is_seeded_and_respects_max_swaps():
+    score = torch.rand(16, 64, generator=_gen(4))
+    a = swap_search(score, "2:4", 2, seed=5, max_swaps=10, time_budget=30.0)
+    b = swap_search(score, "2:4", 2, seed=5, max_swaps=10, time_budget=30.0)
+    assert a == b
+    moved = int((a.indices != torch.arange(64)).sum())
+    assert 0 < moved <= 2 * 10
+    assert swap_search(score, "2:4", 2, max_swaps=0) == Permutation.identity(64, 2)
+
+
+def test_swap_search_time_budget():
+    score = torch.rand(128, 512, generator=_gen(5))
+    t0 = time.perf_counter()
+    p = swap_search(score, "2:4", 1, time_budget=0.5, patience=10**9)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5 + 2.0  # one round may overrun the budget; loosely
+    _assert_valid(p, 512, 1)
+
+
+def test_heuristics_bad_input():
+    score = torch.rand(4, 16)
+    with pytest.raises(ValueError, match=r"groups\*M = 3\*4"):
+        zigzag_permutation(score, "2:4", groups=3)
+    with pytest.raises(ValueError, match=r"width 16 .*groups\*M = 8\*4"):
+        swap_search(score, "2:4", groups=8)
+    with pytest.raises(ValueError, match="2-D"):
+        zigzag_permutation(score[0], "2:4")
+    with pytest.raises(ValueError, match="invalid N:M pattern"):
+        swap_search(score, "2:2")
+    bad = score.clone()
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        zigzag_permutation(bad, "2:4")
+    with pytest.raises(ValueError, match="start permutation has 8 channels, score has 16"):
+        swap_search(score, "2:4", start=Permutation.identity(8))
+    crossing = Permutation(torch.tensor([8, *range(1, 8), 0, *range(9, 16)]), 1)
+    with pytest.raises(ValueError, match="start permutation does not respect groups=2"):
+        swap_search(score, "2:4", groups=2, start=crossing, time_budget=30.0)
