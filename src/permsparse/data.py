@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mwparserfromhell
 import torch
+from mwparserfromhell.nodes import Argument, Comment, ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink
 
 __all__ = [
     "TextWindows",
@@ -101,6 +103,7 @@ _DROP_TAGS = frozenset(
 _NON_TEXT_NAMESPACES = frozenset({"file", "image", "media", "category"})
 # Interlanguage links such as [[de:Anarchismus]] or [[zh-yue:...]].
 _INTERLANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)*$")
+# Sister-project prefixes: an unlabelled [[wikt:word]] contributes just "word".
 _SISTER = frozenset({"wikt", "wiktionary", "w", "s", "q", "b", "n", "v", "d", "voy", "commons", "species"})
 # Trailing sections that are lists of citations/links rather than prose.
 _SKIP_SECTIONS = frozenset(
@@ -172,18 +175,6 @@ def _walk(code: Any, out: list[str]) -> None:
     ``<ref>`` citations and of image captions/interlanguage links, which would pollute the
     corpus; removing those nodes first with ``Wikicode.remove`` is ~7x slower.
     """
-    from mwparserfromhell.nodes import (
-        Argument,
-        Comment,
-        ExternalLink,
-        Heading,
-        HTMLEntity,
-        Tag,
-        Template,
-        Text,
-        Wikilink,
-    )
-
     for node in code.nodes:
         if isinstance(node, Text):
             out.append(node.value)
@@ -301,8 +292,6 @@ def clean_wikitext(wikitext: str) -> str:
     Templates, citations, tables, images, categories, interlanguage links and trailing
     reference sections are dropped; headings become their own paragraphs.
     """
-    import mwparserfromhell
-
     out: list[str] = []
     _walk(mwparserfromhell.parse(_drop_sections(wikitext)), out)
     return _tidy("".join(out))
@@ -482,6 +471,8 @@ def split_token_stream(
     recipe). When the stream is too short for ``eval_tokens`` plus one calibration window,
     evaluation shrinks to half of the whole windows and a warning says so.
     """
+    if eval_tokens is None:
+        raise ValueError("split_token_stream needs an eval_tokens count")
     _check_sizes(window, n_calib, eval_tokens)
     ids = ids.reshape(-1).to(torch.long)
     n = int(ids.numel())

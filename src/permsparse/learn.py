@@ -36,8 +36,19 @@ from .permuter import hard_permuted_prune, init_cost, permuted_mask
 from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn
 from .sites import Site
 
-__all__ = ["LearnConfig", "PermutationBank", "NonFiniteLossError", "StepLog", "train_end_to_end", "train_block",
-           "sparse_weights", "task_loss"]
+__all__ = [
+    "LearnConfig",
+    "PermutationBank",
+    "NonFiniteLossError",
+    "StepLog",
+    "train_end_to_end",
+    "train_block",
+    "block_loss",
+    "evaluate_plan",
+    "teacher_logits",
+    "sparse_weights",
+    "task_loss",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,8 @@ class LearnConfig:
     alpha: float = 1.0  # weight of the distillation KL
     bf16: bool = True  # autocast the model's forward and backward (CPU and CUDA)
     steps_per_block: int = 24  # block-wise objective
-    guard_batches: int = 4
+    guard_batches: int = 2
+    time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -230,6 +242,16 @@ def _batches(windows: "torch.Tensor | Sequence[Mapping]", batch_size: int) -> li
     return list(windows)
 
 
+def teacher_logits(model: nn.Module, batches: Sequence[dict], bf16: bool) -> list[torch.Tensor | None]:
+    """The dense model's logits for ``batches`` (computed once, reused by every plan)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad(), _autocast(bf16, device):
+        for batch in batches:
+            out.append(model(**_model_inputs({k: v.to(device) for k, v in batch.items()})).logits)
+    return out
+
+
 def evaluate_plan(
     model: nn.Module,
     sites: Sequence[Site],
@@ -240,9 +262,12 @@ def evaluate_plan(
     batches: Sequence[dict],
     alpha: float,
     bf16: bool,
+    teachers: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """Calibration loss of the model pruned with hard ``perms`` (no gradient)."""
     device = next(model.parameters()).device
+    if teachers is None:
+        teachers = teacher_logits(model, batches, bf16) if alpha > 0 else [None] * len(batches)
     total = 0.0
     with torch.no_grad():
         params = {}
@@ -251,10 +276,9 @@ def evaluate_plan(
             eye = perm.to_matrices().to(device)
             for name in site.consumers:
                 params[f"{name}.weight"] = hard_permuted_prune(weights[name], scores[name], perm, eye, pattern)
-        for batch in batches:
+        for batch, teacher in zip(batches, teachers):
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(bf16, device):
-                teacher = model(**_model_inputs(batch)).logits if alpha > 0 else None
                 logits = functional_call(model, params, (), _model_inputs(batch), strict=False).logits
             loss, _, _ = task_loss(logits, batch, teacher, alpha)
             total += float(loss)
@@ -300,13 +324,21 @@ def train_end_to_end(
     order: list[int] = []
     masks: dict = {}
     bar = tqdm(range(steps), desc="learn permutations", disable=not progress)
+    t_start = time.perf_counter()
     try:
         for step in bar:
             t0 = time.perf_counter()
+            progress_frac = step / max(steps - 1, 1)
+            if cfg.time_budget:
+                elapsed = t0 - t_start
+                if elapsed >= cfg.time_budget:
+                    log.info("time budget of %.0fs reached after %d steps", cfg.time_budget, step)
+                    break
+                progress_frac = max(progress_frac, elapsed / cfg.time_budget)
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
             batch = {k: v.to(device) for k, v in batches[order.pop()].items()}
-            tau = schedule(step)
+            tau = schedule.at(progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
             params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks)
             with _autocast(cfg.bf16, device):

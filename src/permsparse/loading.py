@@ -175,6 +175,14 @@ def _auto_classes(task: str) -> tuple[Any, Any]:
     return model_cls, pre_cls
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained`` keyword for the dtype: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def _drop_gguf_quantizer(model: Any) -> None:
     """Forget the GGUF "quantizer" transformers attaches to a dequantized GGUF model.
 
@@ -246,7 +254,7 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
 
     start = time.perf_counter()
     try:
-        model = model_cls.from_pretrained(resolved.location, dtype=dtype, **kwargs)
+        model = model_cls.from_pretrained(resolved.location, **{_dtype_kwarg(): dtype}, **kwargs)
         pre_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
         preprocessor = pre_cls.from_pretrained(resolved.location, **pre_kwargs)
     except (OSError, ValueError) as exc:

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from .apply import SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
 from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
-from .learn import LearnConfig, StepLog, block_loss, evaluate_plan, train_block, train_end_to_end, _batches
+from .learn import (
+    LearnConfig,
+    StepLog,
+    _batches,
+    block_loss,
+    evaluate_plan,
+    teacher_logits,
+    train_block,
+    train_end_to_end,
+)
 from .nm import NMPattern
 from .permutation import Permutation
 from .scores import SCORES
@@ -161,10 +170,11 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
         )
         candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": heur, "learned": learned}
         guard_batches = batches[: cfg.learn.guard_batches]
+        teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
+        weights = _weights(model, sites)
         for name, cand in candidates.items():
-            guard[name] = evaluate_plan(
-                model, sites, cand, _weights(model, sites), scores, pattern, guard_batches, cfg.learn.alpha, cfg.learn.bf16
-            )
+            guard[name] = evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
+                                        cfg.learn.alpha, cfg.learn.bf16, teachers)
         plan = min(guard, key=lambda k: (guard[k], k != "learned"))
         perms = candidates[plan]
         log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)

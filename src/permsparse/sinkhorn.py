@@ -110,7 +110,13 @@ class TemperatureSchedule:
     def __call__(self, step: int) -> float:
         if self.kind == "constant" or self.steps <= 1:
             return self.start
-        t = min(max(step / (self.steps - 1), 0.0), 1.0)
+        return self.at(step / (self.steps - 1))
+
+    def at(self, t: float) -> float:
+        """Temperature at fraction ``t`` in ``[0, 1]`` of the run."""
+        if self.kind == "constant":
+            return self.start
+        t = min(max(t, 0.0), 1.0)
         if self.kind == "exponential":
             return self.start * (self.end / self.start) ** t
         if self.kind == "linear":

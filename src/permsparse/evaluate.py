@@ -1,0 +1,243 @@
+"""Model evaluation: language-model perplexity on fixed token windows, and zero-shot
+accuracy through lm-evaluation-harness (optional ``eval`` extra)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["perplexity", "lm_eval_accuracy"]
+
+logger = logging.getLogger(__name__)
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def perplexity(
+    model: Any,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity ``exp(mean token NLL)`` of a causal LM over token windows.
+
+    Each window of ``windows`` (``(n, T)`` int64) is scored independently, without
+    context from its neighbours: the model predicts tokens ``1..T-1`` from the ones
+    before, so every window contributes ``T-1`` tokens. With equal-length windows this
+    equals the SparseGPT/Wanda formula (mean of per-window losses).
+
+    Args:
+        model: any Hugging Face causal LM (returns ``.logits``); its mode is left unchanged.
+        windows: ``(n, T)`` token ids.
+        batch_size: windows per forward pass.
+        device: where to run; default the device of the model's parameters.
+        progress: show a tqdm progress bar.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise ValueError(f"windows must be (n >= 1, T >= 2) token ids, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    total_nll = 0.0
+    total_tokens = 0
+    with torch.inference_mode():
+        for begin in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
+            batch = windows[begin : begin + batch_size].to(device=device, dtype=torch.long)
+            # use_cache=False: no KV cache is needed for one full pass, and it saves memory.
+            logits = model(input_ids=batch, use_cache=False).logits
+            # Float32 log-softmax: a bf16/fp16 one loses precision over a 50k vocabulary.
+            shift_logits = logits[:, :-1, :].float()
+            targets = batch[:, 1:]
+            nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += targets.numel()
+    mean_nll = total_nll / total_tokens
+    if not math.isfinite(mean_nll):
+        logger.warning("perplexity: mean NLL is %s (non-finite logits?)", mean_nll)
+    ppl = math.exp(mean_nll) if not mean_nll > 700 else math.inf  # exp overflows past ~709; NaN stays NaN
+    logger.info("perplexity %.3f over %d windows x %d tokens", ppl, windows.shape[0], windows.shape[1])
+    return ppl
+
+
+# ---------------------------------------------------------------------------------------
+# lm-evaluation-harness (optional extra: pip install 'permsparse[eval]')
+# ---------------------------------------------------------------------------------------
+
+_LM_EVAL_HINT = "lm_eval_accuracy needs lm-evaluation-harness: pip install 'permsparse[eval]' (or: pip install lm-eval)"
+
+
+def _import_lm_eval() -> tuple[Any, Any, Any]:
+    """``(simple_evaluate, HFLM, TaskManager)``, imported lazily (lm-eval is an optional extra)."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError(f"{_LM_EVAL_HINT} ({err})") from err
+    return simple_evaluate, HFLM, TaskManager
+
+
+def _is_task_file(name: str) -> bool:
+    from pathlib import Path
+
+    return name.endswith((".yaml", ".yml")) and Path(name).is_file()
+
+
+def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) -> Any:
+    """A TaskManager that knows every name in ``tasks`` (a name may also be a task YAML file).
+
+    Scanning lm-eval's ~15k built-in task configs takes ~10 s, so when ``include_path`` is
+    given and holds every requested task, the built-ins are skipped.
+
+    Raises:
+        ValueError: a task name that is neither registered nor a task YAML file.
+    """
+    import difflib
+
+    names = [t for t in tasks if not _is_task_file(t)]
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in names):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, manager.all_tasks, n=3)
+            hints.append(f"{t!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        where = f"lm-eval's built-in tasks or {include_path!r}" if include_path else "lm-eval's built-in tasks"
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(hints)}: not found in {where}")
+    return manager
+
+
+def lm_eval_accuracy(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 4,
+    num_fewshot: int = 0,
+) -> dict[str, float]:
+    """Accuracy of an in-memory Hugging Face causal LM on lm-evaluation-harness tasks.
+
+    The model is wrapped in ``lm_eval.models.huggingface.HFLM`` as is (on its current
+    device and dtype) and scored with ``lm_eval.simple_evaluate``. Log-likelihood
+    (``multiple_choice``) tasks are the intended use, e.g. ``hellaswag``, ``piqa``,
+    ``arc_easy``, ``winogrande``, or a local task YAML found under ``include_path``.
+
+    Accuracy reported per task: ``acc_norm,none`` (choice log-likelihood normalised by the
+    choice's length in bytes) when the task computes it, otherwise ``acc,none``. The
+    returned dict holds one entry per row of lm-eval's results table that has either
+    metric: each requested task, and for a group or tag its member tasks (and the group's
+    aggregate). Rows without an accuracy (e.g. a generation task) are logged and left out.
+
+    The model's train/eval mode, RNG states (python, numpy, torch) and the caller's
+    tokenizer are left as they were. Nothing is downloaded for a local task whose dataset
+    is local (e.g. ``dataset_path: json`` with local ``data_files``); built-in tasks
+    download their datasets through ``datasets`` unless already cached.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` (causal LM).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task, group or tag names, or paths of task YAML files.
+        include_path: a folder with extra task YAMLs (searched in addition to the built-ins).
+        limit: evaluate only the first ``limit`` documents of each task (for quick checks).
+        batch_size: sequences per forward pass.
+        num_fewshot: in-context examples per prompt (0: zero-shot). A task whose YAML
+            fixes ``num_fewshot: 0`` stays zero-shot.
+
+    Returns:
+        ``{task name: accuracy in [0, 1]}``.
+
+    Raises:
+        ImportError: lm-eval is not installed.
+        ValueError: no tasks, an unknown task name, bad ``limit``/``batch_size``/
+            ``num_fewshot``, or no accuracy metric in any result.
+    """
+    import random
+    import time
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks must name at least one lm-eval task")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+
+    simple_evaluate, HFLM, TaskManager = _import_lm_eval()
+    import copy
+
+    import numpy as np
+
+    include = str(include_path) if include_path is not None else None
+    start = time.perf_counter()
+    manager = _task_manager(TaskManager, tasks, include)  # validates names before touching the model
+
+    was_training = getattr(model, "training", False)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    # HFLM may set a pad token on the tokenizer it is given: hand it a copy.
+    tok = copy.deepcopy(tokenizer) if tokenizer is not None else None
+    # HFLM calls model.tie_weights(), which would re-tie an output head deliberately kept
+    # separate from the (config-tied) embeddings: disable it on this instance meanwhile.
+    had_own_tie = "tie_weights" in vars(model) if hasattr(model, "__dict__") else False
+    own_tie = vars(model).get("tie_weights") if had_own_tie else None
+    try:
+        if hasattr(model, "__dict__"):
+            model.tie_weights = lambda *args, **kwargs: None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        # simple_evaluate seeds python/numpy/torch globally; keep the caller's RNG streams.
+        with torch.random.fork_rng(devices=devices):
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+            out = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=0,  # no stderr: we only return the point estimate
+                log_samples=False,
+            )
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if hasattr(model, "__dict__"):
+            if had_own_tie:
+                model.tie_weights = own_tie
+            else:
+                vars(model).pop("tie_weights", None)
+        if hasattr(model, "train"):
+            model.train(was_training)
+    if out is None:  # only non-zero ranks of a distributed run get None
+        return {}
+
+    accuracies: dict[str, float] = {}
+    for name, metrics in out["results"].items():
+        key = "acc_norm,none" if "acc_norm,none" in metrics else "acc,none" if "acc,none" in metrics else None
+        if key is None or not isinstance(metrics[key], (int, float)):
+            logger.warning("lm-eval task %r reports no accuracy (metrics: %s); left out", name, sorted(metrics))
+            continue
+        accuracies[name] = float(metrics[key])
+        logger.info("lm-eval %s: %s = %.4f", name, key.split(",")[0], accuracies[name])
+    if not accuracies:
+        raise ValueError(f"none of the lm-eval tasks {tasks} reports an accuracy (acc or acc_norm)")
+    logger.info("lm-eval: %d task(s) in %.1f s", len(accuracies), time.perf_counter() - start)
+    return accuracies
