@@ -99,7 +99,8 @@ def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) 
     """A TaskManager that knows every name in ``tasks`` (a name may also be a task YAML file).
 
     Scanning lm-eval's ~15k built-in task configs takes ~10 s, so when ``include_path`` is
-    given and holds every requested task, the built-ins are skipped.
+    given and holds every requested name as a plain task (not a group or tag, which may list
+    built-in tasks), the built-ins are skipped.
 
     Raises:
         ValueError: a task name that is neither registered nor a task YAML file.
@@ -109,7 +110,7 @@ def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) 
     names = [t for t in tasks if not _is_task_file(t)]
     if include_path is not None:
         local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in names):
+        if all(t in local.all_subtasks for t in names):
             return local
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in names if t not in manager.all_tasks]
@@ -165,8 +166,8 @@ def lm_eval_accuracy(
 
     Raises:
         ImportError: lm-eval is not installed.
-        ValueError: no tasks, an unknown task name, bad ``limit``/``batch_size``/
-            ``num_fewshot``, or no accuracy metric in any result.
+        ValueError: no tasks, an unknown task name, no tokenizer, bad ``limit``/
+            ``batch_size``/``num_fewshot``, or no accuracy metric in any result.
     """
     import random
     import time
@@ -182,6 +183,8 @@ def lm_eval_accuracy(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if tokenizer is None:
+        raise ValueError("tokenizer is required (lm-eval would otherwise look it up by the model's name, maybe on the Hub)")
 
     simple_evaluate, HFLM, TaskManager = _import_lm_eval()
     import copy
@@ -195,7 +198,7 @@ def lm_eval_accuracy(
     was_training = getattr(model, "training", False)
     py_state, np_state = random.getstate(), np.random.get_state()
     # HFLM may set a pad token on the tokenizer it is given: hand it a copy.
-    tok = copy.deepcopy(tokenizer) if tokenizer is not None else None
+    tok = copy.deepcopy(tokenizer)
     # HFLM calls model.tie_weights(), which would re-tie an output head deliberately kept
     # separate from the (config-tied) embeddings: disable it on this instance meanwhile.
     had_own_tie = "tie_weights" in vars(model) if hasattr(model, "__dict__") else False

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .nm import NMPattern
 from .permutation import Permutation
-from .permuter import hard_permuted_prune, init_cost, permuted_mask
-from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn
+from .permuter import GroupAdam, hard_permuted_prune, init_cost, permuted_mask
+from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
 from .sites import Site
 
 __all__ = [
@@ -62,12 +62,14 @@ class LearnConfig:
     epochs: float = 1.0
     batch_size: int = 4
     lr: float = 0.02
+    optimizer: str = "group-adam"  # or "adam"
     margin: float = 0.1  # initial cost advantage of the starting permutation
     noise: float = 0.01
     tau_start: float = 1.0
     tau_end: float = 0.05
     tau_schedule: str = "exponential"
     sinkhorn_iters: int = 10
+    exact_sinkhorn_grad: bool = False  # True: backprop through the iterations (slower, more memory)
     alpha: float = 1.0  # weight of the distillation KL
     bf16: bool = True  # autocast the model's forward and backward (CPU and CUDA)
     steps_per_block: int = 24  # block-wise objective
@@ -80,6 +82,8 @@ class LearnConfig:
             raise ValueError(f"objective must be 'e2e' or 'blockwise', got {self.objective!r}")
         if self.init not in ("heuristic", "identity", "noise"):
             raise ValueError(f"init must be 'heuristic', 'identity' or 'noise', got {self.init!r}")
+        if self.optimizer not in ("group-adam", "adam"):
+            raise ValueError(f"optimizer must be 'group-adam' or 'adam', got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("lr, batch_size and epochs must be positive")
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
@@ -118,8 +122,10 @@ class PermutationBank(nn.Module):
         margin: float = 0.1,
         noise: float = 0.01,
         seed: int = 0,
+        exact_grad: bool = False,
     ) -> None:
         super().__init__()
+        self.exact_grad = exact_grad  # differentiate through every Sinkhorn iteration
         gen = torch.Generator().manual_seed(seed)
         self.sites = list(sites)
         self.groups = groups
@@ -156,8 +162,11 @@ class PermutationBank(nn.Module):
         local: dict[str, torch.Tensor] = {}
         ent_sum, ent_n = 0.0, 0
         for key, cost in self.costs.items():
-            log_p = log_sinkhorn(-cost / tau, n_iters)  # (N, k, k)
-            soft = log_p.exp()
+            if self.exact_grad:
+                log_p = log_sinkhorn(-cost / tau, n_iters)  # (N, k, k), differentiated through
+                soft = log_p.exp()
+            else:
+                soft, log_p = sinkhorn_detached(-cost / tau, n_iters)
             loc = hard_assignment(cost)  # (N, k)
             hard = torch.zeros_like(soft).scatter_(1, loc.unsqueeze(1).to(soft.device), 1.0)
             p_st[key] = hard + (soft - soft.detach())  # value: exactly the hard matrices
@@ -180,6 +189,7 @@ def sparse_weights(
     pattern: NMPattern,
     prefix_strip: str = "",
     mask_cache: dict | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{"<consumer>.weight": W_eff}`` for every consumer, names relative to ``prefix_strip``.
 
@@ -199,7 +209,9 @@ def sparse_weights(
                 else:
                     mask = permuted_mask(scores[name], perm, pattern)
                     mask_cache[name] = (perm, mask)
-            params[f"{rel}.weight"] = hard_permuted_prune(weights[name], scores[name], perm, p_st, pattern, mask)
+            params[f"{rel}.weight"] = hard_permuted_prune(
+                weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
+            )
     return params
 
 
@@ -311,8 +323,10 @@ def train_end_to_end(
     model.requires_grad_(False)
     weights = {c: _weight(model, c) for s in sites for c in s.consumers}
     init = {"heuristic": "permutation", "identity": "identity", "noise": "noise"}[cfg.init]
-    bank = PermutationBank(sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed).to(device)
-    opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
+    bank = PermutationBank(
+        sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad
+    ).to(device)
+    opt = _optimizer(bank, cfg)
     batches = _batches(calib, cfg.batch_size)
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
@@ -340,7 +354,8 @@ def train_end_to_end(
             batch = {k: v.to(device) for k, v in batches[order.pop()].items()}
             tau = schedule.at(progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
-            params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks)
+            params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks,
+                                    grad_dtype=torch.bfloat16 if cfg.bf16 else None)
             with _autocast(cfg.bf16, device):
                 with torch.no_grad():
                     teacher = model(**_model_inputs(batch)).logits if cfg.alpha > 0 else None
@@ -365,11 +380,19 @@ def train_end_to_end(
                 metrics_file.write(json.dumps(rec.to_json()) + "\n")
                 metrics_file.flush()
             if on_step:
+                t_cb = time.perf_counter()
                 on_step(rec, bank)
+                t_start += time.perf_counter() - t_cb  # a caller's evaluation is not training time
     finally:
         if metrics_file:
             metrics_file.close()
     return bank.hard(), history
+
+
+def _optimizer(bank: nn.Module, cfg: LearnConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(bank.parameters(), lr=cfg.lr)
+    return GroupAdam(bank.parameters(), lr=cfg.lr)
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -397,8 +420,10 @@ def train_block(
     prefix = f"{block_name}."
     weights = {c: block.get_submodule(c[len(prefix) :]).weight.detach() for s in sites for c in s.consumers}
     init = {"heuristic": "permutation", "identity": "identity", "noise": "noise"}[cfg.init]
-    bank = PermutationBank(sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed).to(device)
-    opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
+    bank = PermutationBank(
+        sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad
+    ).to(device)
+    opt = _optimizer(bank, cfg)
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, cfg.steps_per_block, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
@@ -410,7 +435,8 @@ def train_block(
         args, kwargs = inputs[i]
         tau = schedule(step)
         out, ent = bank(tau, cfg.sinkhorn_iters)
-        params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks)
+        params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
+                                grad_dtype=torch.bfloat16 if cfg.bf16 else None)
         with _autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
         target = targets[i].float()

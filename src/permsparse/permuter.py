@@ -23,7 +23,8 @@ from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
 __all__ = [
     "init_cost",
     "LearnablePermuter", "permuted_prune", "hard_permuted_prune",
-    "permuted_mask", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
+    "permuted_mask",
+    "GroupAdam", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
 
 INITS = ("noise", "identity", "permutation")
 
@@ -221,9 +222,11 @@ class _HardPermutedPrune(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, p: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
+                grad_dtype: torch.dtype | None = None) -> torch.Tensor:
         ctx.save_for_backward(weight, idx, mask_p)
         ctx.groups = p.shape[0]
+        ctx.grad_dtype = grad_dtype
         b = weight.index_select(1, idx) * mask_p  # (O, d) permuted, pruned
         return b.index_select(1, torch.argsort(idx))  # back to original coordinates
 
@@ -232,12 +235,13 @@ class _HardPermutedPrune(torch.autograd.Function):
         weight, idx, mask_p = ctx.saved_tensors
         o, d = weight.shape
         g, k = ctx.groups, d // ctx.groups
-        grad = grad.to(weight.dtype)
-        gp = grad.index_select(1, idx) * mask_p  # (Γ P) ⊙ M
-        b = weight.index_select(1, idx) * mask_p
-        grad_p = torch.einsum("ogi,ogj->gij", weight.view(o, g, k), gp.view(o, g, k))
-        grad_p = grad_p + torch.einsum("ogi,ogj->gij", grad.view(o, g, k), b.view(o, g, k))
-        return grad_p, None, None, None
+        dt = ctx.grad_dtype or weight.dtype  # bfloat16 halves the cost; the direction is what matters
+        grad, w, m = grad.to(dt), weight.to(dt), mask_p.to(dt)
+        gp = grad.index_select(1, idx) * m  # (Γ P) ⊙ M
+        b = w.index_select(1, idx) * m
+        grad_p = torch.einsum("ogi,ogj->gij", w.view(o, g, k), gp.view(o, g, k)).float()
+        grad_p = grad_p + torch.einsum("ogi,ogj->gij", grad.view(o, g, k), b.view(o, g, k)).float()
+        return grad_p.to(weight.dtype), None, None, None, None
 
 
 def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
@@ -253,6 +257,7 @@ def hard_permuted_prune(
     p_st: torch.Tensor,
     pattern: "NMPattern | str",
     mask_p: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``W_eff`` of one weight at the hard permutation ``perm`` with the straight-through
     matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask_p`` may
@@ -260,4 +265,40 @@ def hard_permuted_prune(
     idx = perm.indices.to(weight.device)
     if mask_p is None:
         mask_p = permuted_mask(score, perm, pattern)
-    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p.to(weight.device, weight.dtype))
+    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p.to(weight.device, weight.dtype), grad_dtype)
+
+
+class GroupAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one scalar per permutation group (a ``k x k`` cost slice).
+
+    Plain Adam moves every cost entry by about ``lr`` per step whatever its gradient, so
+    after ``margin / lr`` steps whole groups cross at once (bursts of moved channels driven
+    by noise). Sharing the normaliser within a group keeps the step scale-free across sites
+    and losses while entries with small gradients move little: the swaps the loss asks for
+    most strongly happen first.
+    """
+
+    def __init__(self, params, lr: float = 0.02, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch optimizer protocol
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["t"] = 0
+                    st["m"] = torch.zeros_like(p)
+                    st["v"] = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
+                st["t"] += 1
+                g = p.grad
+                st["m"].mul_(b1).add_(g, alpha=1 - b1)
+                dims = tuple(range(1, p.dim()))
+                st["v"].mul_(b2).add_(g.pow(2).mean(dim=dims, keepdim=True), alpha=1 - b2)
+                m_hat = st["m"] / (1 - b1 ** st["t"])
+                v_hat = st["v"] / (1 - b2 ** st["t"])
+                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+        return None

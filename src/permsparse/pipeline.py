@@ -107,13 +107,16 @@ def prune(
     config: PruneConfig | None = None,
     calib: "torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None" = None,
     metrics_path: "str | Path | None" = None,
+    on_step=None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``config.pattern`` and return what was done.
 
     ``calib``: calibration windows ``(n, T)`` of token ids, or a list of batch dicts
     (e.g. ``pixel_values`` and ``labels`` for a classifier). Only magnitude pruning
     without learning needs none. ``tokenizer`` is accepted for API symmetry with
-    transformers (it is not needed once ``calib`` is tokenized).
+    transformers (it is not needed once ``calib`` is tokenized). ``metrics_path``: a
+    JSONL file of per-step training records; ``on_step(step_log, bank)``: called after
+    every training step (its own time is not counted as training time).
     """
     cfg = config or PruneConfig()
     t0 = time.perf_counter()
@@ -132,7 +135,7 @@ def prune(
     if cfg.sequential or (permutation == "learned" and cfg.learn.objective == "blockwise"):
         result = _prune_blockwise(model, sites, pattern, cfg, permutation, batches)
     else:
-        result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path)
+        result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step)
     result.seconds = time.perf_counter() - t0
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result
@@ -151,7 +154,7 @@ def _scores_and_heuristic(
     return scores, heur
 
 
-def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path) -> PruneResult:
+def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None) -> PruneResult:
     layers = [c for s in sites for c in s.consumers]
     hessian = cfg.score == "sparsegpt"
     stats = collect_stats(model, batches, layers, hessian, cfg.progress) if cfg.score != "magnitude" else None
@@ -167,6 +170,7 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
         learned, history = train_end_to_end(
             model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
             start=heur, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
+            on_step=on_step,
         )
         candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": heur, "learned": learned}
         guard_batches = batches[: cfg.learn.guard_batches]

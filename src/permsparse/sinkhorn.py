@@ -16,6 +16,8 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "log_sinkhorn",
+    "sinkhorn_scaling",
+    "sinkhorn_detached",
     "sinkhorn",
     "hard_assignment",
     "permutation_entropy",
@@ -39,6 +41,41 @@ def log_sinkhorn(log_alpha: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows sum to 1
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns sum to 1
     return log_p
+
+
+@torch.no_grad()
+def sinkhorn_scaling(log_alpha: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
+    """``log P`` by matrix scaling (one ``exp``, then batched matrix-vector products).
+
+    Several times faster than :func:`log_sinkhorn` for large ``k``; the rows are shifted
+    by their maximum first (a row scaling, absorbed by the result), and where an entry
+    underflows so far that a column vanishes the log-domain iteration takes over.
+    Gradient-free: see :func:`sinkhorn_detached`.
+    """
+    shifted = log_alpha - log_alpha.amax(dim=-1, keepdim=True)
+    kernel = shifted.exp()  # (..., k, k), max 1 per row
+    v = torch.ones(kernel.shape[:-1], dtype=kernel.dtype, device=kernel.device)
+    for _ in range(n_iters):
+        u = 1.0 / (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        v = 1.0 / (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+    log_p = shifted + torch.log(u).unsqueeze(-1) + torch.log(v).unsqueeze(-2)
+    if not torch.isfinite(log_p).all():
+        return log_sinkhorn(log_alpha, n_iters)
+    return log_p
+
+
+def sinkhorn_detached(log_alpha: torch.Tensor, n_iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft permutation with a cheap gradient: ``(P, log P)``.
+
+    ``P`` is the Sinkhorn result in value; its gradient treats the row and column
+    normalisers as constants (``∂P/∂log_alpha = P`` elementwise) instead of
+    differentiating through every iteration. The dropped terms are nearly row and column
+    constants, which change neither the soft nor the hard permutation; memory and time
+    no longer grow with the iteration count.
+    """
+    log_p = sinkhorn_scaling(log_alpha.detach(), n_iters)
+    soft = torch.exp(log_p + (log_alpha - log_alpha.detach()))
+    return soft, log_p
 
 
 def sinkhorn(cost: torch.Tensor, tau: float, n_iters: int = 20) -> torch.Tensor:
