@@ -441,6 +441,16 @@ def _split(sites: Sequence[Site]) -> list[Site]:
     return out
 
 
+def _block_of(name: str) -> str:
+    """The block holding layer ``name``: its innermost ancestor that is a ``ModuleList``
+    entry (``...layers.3``), else its parent module."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return name.rpartition(".")[0]
+
+
 HEADS = ("lm_head", "classifier", "score")  # output heads are left dense, as in Wanda and SparseGPT
 
 
@@ -493,7 +503,7 @@ def trace_sites(model: nn.Module, example_inputs: dict, exclude: Sequence[str] =
         if not names:
             continue
         d_in = _linear_in(get_module(model, names[0]), names[0])
-        block = names[0].rsplit(".", 2)[0] if names[0].count(".") >= 2 else ""
+        block = _block_of(names[0])
         sites.append(Site(f"{names[0]}.site", tuple(names), d_in, "gather", block=block))
     for s in skipped:
         log.warning("generic fallback could not handle %s", s)
