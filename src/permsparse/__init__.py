@@ -1,8 +1,34 @@
-"""permsparse: learnable channel permutations for accurate N:M-sparse Transformers."""
+"""permsparse: learnable channel permutations for accurate N:M-sparse Transformers.
 
+    import permsparse
+    result = permsparse.prune(model, tokenizer, permsparse.PruneConfig(pattern="2:4"), calib=windows)
+    permsparse.export(model, "out", result.sites, result.perms, pattern="2:4", score="wanda", groups=4)
+    deployed = permsparse.load("out", deploy=True)
+"""
+
+from .io import export, load, read_plan
+from .learn import LearnConfig
 from .nm import NMPattern, count_violations, nm_mask, unstructured_mask
 from .permutation import Permutation
+from .pipeline import PruneConfig, PruneResult, prune
+from .sites import Site, find_sites
 
 __version__ = "0.1.0"
 
-__all__ = ["NMPattern", "Permutation", "nm_mask", "count_violations", "unstructured_mask", "__version__"]
+__all__ = [
+    "NMPattern",
+    "Permutation",
+    "Site",
+    "LearnConfig",
+    "PruneConfig",
+    "PruneResult",
+    "prune",
+    "export",
+    "load",
+    "read_plan",
+    "find_sites",
+    "nm_mask",
+    "count_violations",
+    "unstructured_mask",
+    "__version__",
+]

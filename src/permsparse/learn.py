@@ -46,8 +46,11 @@ __all__ = [
     "block_loss",
     "evaluate_plan",
     "teacher_logits",
+    "hard_params",
+    "TrainState",
     "sparse_weights",
     "task_loss",
+    "make_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,10 +251,45 @@ def _changed(prev: Mapping[str, Permutation] | None, cur: Mapping[str, Permutati
     return moved / max(sum(p.d_in for p in cur.values()), 1)
 
 
-def _batches(windows: "torch.Tensor | Sequence[Mapping]", batch_size: int) -> list[dict]:
+def make_batches(windows: "torch.Tensor | Sequence[Mapping]", batch_size: int) -> list[dict]:
     if isinstance(windows, torch.Tensor):
         return [{"input_ids": windows[i : i + batch_size]} for i in range(0, windows.shape[0], batch_size)]
     return list(windows)
+
+
+def hard_params(
+    sites: Sequence[Site],
+    perms: Mapping[str, Permutation],
+    weights: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor],
+    pattern: NMPattern,
+    prefix_strip: str = "",
+) -> dict[str, torch.Tensor]:
+    """``{"<consumer>.weight": W ⊙ M[:, π⁻¹]}`` for hard ``perms`` (no gradient)."""
+    params = {}
+    with torch.no_grad():
+        for site in sites:
+            perm = perms[site.name]
+            for name in site.consumers:
+                rel = name[len(prefix_strip) :] if prefix_strip and name.startswith(prefix_strip) else name
+                mask = perm.inverse().apply_to_columns(permuted_mask(scores[name], perm, pattern))
+                params[f"{rel}.weight"] = weights[name] * mask.to(weights[name].device, weights[name].dtype)
+    return params
+
+
+@dataclass
+class TrainState:
+    """What a step callback may look at: the bank and what it is trained against."""
+
+    bank: "PermutationBank"
+    sites: Sequence[Site]
+    weights: Mapping[str, torch.Tensor]
+    scores: Mapping[str, torch.Tensor]
+    pattern: NMPattern
+
+    def hard_params(self, perms: Mapping[str, Permutation] | None = None) -> dict[str, torch.Tensor]:
+        """Pruned weights at the current (or given) hard permutations, for ``functional_call``."""
+        return hard_params(self.sites, perms or self.bank.hard(), self.weights, self.scores, self.pattern)
 
 
 def teacher_logits(model: nn.Module, batches: Sequence[dict], bf16: bool) -> list[torch.Tensor | None]:
@@ -281,13 +319,8 @@ def evaluate_plan(
     if teachers is None:
         teachers = teacher_logits(model, batches, bf16) if alpha > 0 else [None] * len(batches)
     total = 0.0
+    params = hard_params(sites, perms, weights, scores, pattern)
     with torch.no_grad():
-        params = {}
-        for site in sites:
-            perm = perms[site.name]
-            eye = perm.to_matrices().to(device)
-            for name in site.consumers:
-                params[f"{name}.weight"] = hard_permuted_prune(weights[name], scores[name], perm, eye, pattern)
         for batch, teacher in zip(batches, teachers):
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(bf16, device):
@@ -312,7 +345,7 @@ def train_end_to_end(
     start: Mapping[str, Permutation] | None = None,
     metrics_path: Path | None = None,
     progress: bool = True,
-    on_step: Callable[[StepLog, "PermutationBank"], None] | None = None,
+    on_step: Callable[[StepLog, TrainState], None] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
@@ -327,7 +360,7 @@ def train_end_to_end(
         sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad
     ).to(device)
     opt = _optimizer(bank, cfg)
-    batches = _batches(calib, cfg.batch_size)
+    batches = make_batches(calib, cfg.batch_size)
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -381,7 +414,7 @@ def train_end_to_end(
                 metrics_file.flush()
             if on_step:
                 t_cb = time.perf_counter()
-                on_step(rec, bank)
+                on_step(rec, TrainState(bank, sites, weights, scores, pattern))
                 t_start += time.perf_counter() - t_cb  # a caller's evaluation is not training time
     finally:
         if metrics_file:
@@ -469,14 +502,9 @@ def block_loss(
 
     device = next(block.parameters()).device
     prefix = f"{block_name}."
-    params = {}
+    weights = {c: block.get_submodule(c[len(prefix) :]).weight.detach() for s in sites for c in s.consumers}
+    params = hard_params(sites, perms, weights, scores, pattern, prefix_strip=prefix)
     with torch.no_grad():
-        for site in sites:
-            perm = perms[site.name]
-            eye = perm.to_matrices().to(device)
-            for c in site.consumers:
-                w = block.get_submodule(c[len(prefix) :]).weight.detach()
-                params[f"{c[len(prefix):]}.weight"] = hard_permuted_prune(w, scores[c], perm, eye, pattern)
         total = 0.0
         for (args, kwargs), target in zip(inputs, targets):
             with _autocast(bf16, device):

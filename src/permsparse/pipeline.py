@@ -24,7 +24,7 @@ from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
 from .learn import (
     LearnConfig,
     StepLog,
-    _batches,
+    make_batches,
     block_loss,
     evaluate_plan,
     teacher_logits,
@@ -36,7 +36,7 @@ from .permutation import Permutation
 from .scores import SCORES
 from .sites import Site, find_sites, get_module
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "PERMUTATIONS"]
+__all__ = ["PruneConfig", "PruneResult", "prune", "score_sites", "learn_permutations", "PERMUTATIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def prune(
     needs_data = cfg.score != "magnitude" or cfg.permutation == "learned"
     if needs_data and calib is None:
         raise ValueError(f"score {cfg.score!r} with permutation {cfg.permutation!r} needs calibration data")
-    batches = _batches(calib, cfg.learn.batch_size) if calib is not None else []
+    batches = make_batches(calib, cfg.learn.batch_size) if calib is not None else []
     example = {k: v for k, v in batches[0].items() if k != "labels"} if batches else None
     sites = find_sites(model, sync=cfg.sync, attn_out=cfg.attn_out, example_inputs=example)
     if pattern is not None:
@@ -154,12 +154,57 @@ def _scores_and_heuristic(
     return scores, heur
 
 
-def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None) -> PruneResult:
+def score_sites(
+    model: nn.Module, sites: Sequence[Site], cfg: PruneConfig, batches: Sequence[dict], heuristic: bool = True
+) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, Permutation]]:
+    """One-shot calibration, each consumer's score and (optionally) each site's heuristic
+    permutation: ``(stats, scores, heuristic_perms)``."""
+    pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
     hessian = cfg.score == "sparsegpt"
     stats = collect_stats(model, batches, layers, hessian, cfg.progress) if cfg.score != "magnitude" else None
-    want_heur = permutation == "heuristic" or (permutation == "learned" and cfg.learn.init == "heuristic")
-    scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, want_heur or permutation == "learned")
+    scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, heuristic)
+    return stats, scores, heur
+
+
+def learn_permutations(
+    model: nn.Module,
+    sites: Sequence[Site],
+    scores: Mapping[str, torch.Tensor],
+    heuristic: Mapping[str, Permutation],
+    cfg: PruneConfig,
+    batches: Sequence[dict],
+    metrics_path: "str | Path | None" = None,
+    on_step=None,
+) -> tuple[dict[str, dict[str, Permutation]], list[StepLog], dict[str, float], str]:
+    """Train end to end, then the guard: ``(candidates, history, guard_losses, kept_plan)``.
+
+    ``candidates`` maps ``none`` / ``heuristic`` / ``learned`` to their permutations;
+    ``kept_plan`` is the one with the lowest calibration loss (ties favour ``learned``).
+    """
+    pattern = parse_pattern(cfg.pattern)
+    learned, history = train_end_to_end(
+        model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
+        start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
+        on_step=on_step,
+    )
+    candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
+    guard_batches = list(batches[: cfg.learn.guard_batches])
+    teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
+    weights = _weights(model, sites)
+    guard = {
+        name: evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches, cfg.learn.alpha,
+                            cfg.learn.bf16, teachers)
+        for name, cand in candidates.items()
+    }
+    plan = min(guard, key=lambda k: (guard[k], k != "learned"))
+    log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
+    return candidates, history, guard, plan
+
+
+def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None) -> PruneResult:
+    want_heur = permutation == "heuristic" or permutation == "learned"
+    stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur)
     history: list[StepLog] = []
     guard: dict[str, float] = {}
     plan = "none"
@@ -167,21 +212,9 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
     if permutation == "heuristic":
         perms, plan = heur, "heuristic"
     elif permutation == "learned":
-        learned, history = train_end_to_end(
-            model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
-            start=heur, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-            on_step=on_step,
-        )
-        candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": heur, "learned": learned}
-        guard_batches = batches[: cfg.learn.guard_batches]
-        teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
-        weights = _weights(model, sites)
-        for name, cand in candidates.items():
-            guard[name] = evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
-                                        cfg.learn.alpha, cfg.learn.bf16, teachers)
-        plan = min(guard, key=lambda k: (guard[k], k != "learned"))
+        candidates, history, guard, plan = learn_permutations(model, sites, scores, heur, cfg, batches,
+                                                              metrics_path, on_step)
         perms = candidates[plan]
-        log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
     reports = [
         prune_site_(model, s, pattern, cfg.score, stats, perms.get(s.name), [scores[c] for c in s.consumers])
         for s in sites

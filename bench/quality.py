@@ -1,0 +1,242 @@
+"""Quality table on the embedded default: perplexity, prune time and peak memory per method.
+
+    python bench/quality.py            # the full table (about 1 h on 2 CPU cores)
+    python bench/quality.py --quick    # a smoke run: fewer windows, 2:4 only
+
+Every row runs in a fresh subprocess (so ``peak_rss_mb`` is that method's own peak) on
+SmolLM2-135M-Instruct and the embedded Wikipedia split (evaluation = the last 32,768
+tokens in 512-token windows; calibration windows drawn before them). Writes
+``bench/results/quality.json`` (``rows`` of flat records), ``quality.md`` and
+``quality_curve.png`` (perplexity of the learned run's hard permutations against training
+minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+METHODS = {
+    # method: (score, permutation, pattern override)
+    "magnitude": ("magnitude", "none", None),
+    "wanda": ("wanda", "none", None),
+    "wanda+heuristic": ("wanda", "heuristic", None),
+    "wanda+learned": ("wanda", "learned", None),
+    "sparsegpt": ("sparsegpt", "none", None),
+    "wanda-unstructured50": ("wanda", "none", "unstructured50"),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One row, in its own process."""
+    import torch
+
+    from permsparse.data import load_text_windows
+    from permsparse.evaluate import perplexity
+    from permsparse.learn import LearnConfig
+    from permsparse.loading import load_model
+    from permsparse.pipeline import PruneConfig, prune
+
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m")
+    n_calib = args.learned_n_calib if args.method == "wanda+learned" else args.n_calib
+    windows = load_text_windows("wikipedia", tok, 512, n_calib, 0, eval_tokens=args.eval_tokens)
+    row: dict = {"method": args.method, "pattern": args.pattern, "n_calib": n_calib,
+                 "eval_windows": int(windows.eval.shape[0])}
+    if args.method == "dense":
+        row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=0.0)
+    else:
+        score, permutation, pattern = METHODS[args.method]
+        learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds)
+        cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
+                          groups=args.groups, learn=learn, progress=False)
+        curve: list[dict] = []
+        on_step = None
+        if permutation == "learned" and args.curve_every:
+            on_step = _curve_recorder(model, windows.eval[: args.curve_windows], curve, args.curve_every)
+        t0 = time.perf_counter()
+        result = prune(model, tok, cfg, windows.calib, on_step=on_step)
+        seconds = time.perf_counter() - t0 - sum(c.get("eval_seconds", 0.0) for c in curve)
+        row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
+                   kept_plan=result.kept_plan, train_steps=len(result.history))
+        row.update(result.retained())
+        if result.guard:
+            row.update({f"guard_{k}": v for k, v in result.guard.items()})
+        if curve:
+            row["curve"] = curve
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    Path(args.json_out).write_text(json.dumps(row))
+
+
+def _curve_recorder(model, eval_windows, curve: list, every: float):
+    """Every ``every`` seconds of training, the perplexity of the current hard permutations
+    on a few evaluation windows (its own time is excluded from the training time)."""
+    state = {"train": 0.0, "next": 0.0}
+
+    def on_step(rec, train_state) -> None:
+        state["train"] += rec.seconds
+        if state["train"] < state["next"]:
+            return
+        state["next"] = state["train"] + every
+        t0 = time.perf_counter()
+        ppl = _params_ppl(model, train_state.hard_params(), eval_windows)
+        curve.append({"train_minutes": state["train"] / 60.0, "step": rec.step, "ppl": ppl,
+                      "eval_seconds": time.perf_counter() - t0})
+
+    return on_step
+
+
+def _params_ppl(model, params: dict, eval_windows) -> float:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, eval_windows.shape[0], 4):
+            x = eval_windows[i : i + 4]
+            logits = functional_call(model, params, (), {"input_ids": x}, strict=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            n += x[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / f"{method}_{pattern.replace(':', '-')}.json"
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--pattern", pattern, "--json-out", str(out),
+           "--n-calib", str(opts.n_calib), "--learned-n-calib", str(opts.learned_n_calib), "--eval-tokens", str(opts.eval_tokens), "--groups", str(opts.groups),
+           "--epochs", str(opts.epochs), "--batch-size", str(opts.batch_size),
+           "--curve-every", str(opts.curve_every), "--curve-windows", str(opts.curve_windows)]
+    if opts.train_seconds:
+        cmd += ["--train-seconds", str(opts.train_seconds)]
+    t0 = time.perf_counter()
+    print(f"[quality] {method} {pattern} ...", flush=True)
+    subprocess.run(cmd, check=True)
+    row = json.loads(out.read_text())
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(f"[quality] {method} {pattern}: ppl {row['ppl']:.2f} ({row['wall_seconds']:.0f}s)", flush=True)
+    return row
+
+
+def add_gap_closed(rows: list[dict]) -> None:
+    """gap closed = (ppl Wanda − ppl method) / (ppl Wanda − ppl ceiling), per pattern."""
+    ceiling = next((r["ppl"] for r in rows if r["method"] == "wanda-unstructured50"), None)
+    for r in rows:
+        wanda = next((w["ppl"] for w in rows if w["method"] == "wanda" and w["pattern"] == r["pattern"]), None)
+        if r["method"] in ("dense", "wanda-unstructured50") or wanda is None or ceiling is None or wanda <= ceiling:
+            r["gap_closed"] = None
+        else:
+            r["gap_closed"] = (wanda - r["ppl"]) / (wanda - ceiling)
+
+
+def write_outputs(rows: list[dict], meta: dict) -> None:
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from permsparse.io import atomic_write_json, atomic_write_text
+    from permsparse.report import markdown_table
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    curves = [dict(method=r["method"], pattern=r["pattern"], **c) for r in rows for c in r.get("curve", [])]
+    atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
+    cols = ["method", "pattern", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb", "kept_plan", "train_steps",
+            "retained_plain", "retained"]
+    md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
+          f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
+          f"{meta['eval_tokens']} tokens in 512-token windows, calibration = {meta['n_calib']} windows of 512 drawn "
+          f"before them ({meta['learned_n_calib']} for the learned rows, trained for at most {meta['epochs']} epochs "
+          f"or {meta['train_seconds']:.0f} s, batch 4 x 512, sites synchronised as in DESIGN.md). G = {meta['groups']}. gap_closed = (ppl wanda − ppl method) / (ppl wanda − ppl wanda "
+          f"unstructured 50%). Machine: {meta['machine']}. {meta['date']}.\n\n",
+          markdown_table(flat, cols)]
+    if curves:
+        md.append("\n## Learned run: perplexity against training minutes\n\n")
+        md.append(markdown_table(curves, ["pattern", "train_minutes", "step", "ppl"]))
+        md.append("\n(perplexity here on the first %d evaluation windows; the table above uses all)\n\n"
+                  "![curve](quality_curve.png)\n" % meta["curve_windows"])
+        _plot_curve(curves, rows, RESULTS / "quality_curve.png")
+    atomic_write_text(RESULTS / "quality.md", "".join(md))
+
+
+def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pattern in sorted({c["pattern"] for c in curves}):
+        cs = [c for c in curves if c["pattern"] == pattern]
+        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {pattern}")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("perplexity (eval subset)")
+    ax.set_title("SmolLM2-135M, Wanda score: learned permutations over training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2:4 only, small budgets")
+    ap.add_argument("--patterns", default="2:4,4:8")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-calib", type=int, default=32, help="calibration windows of the one-shot rows")
+    ap.add_argument("--learned-n-calib", type=int, default=96, help="calibration windows of the learned rows")
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--train-seconds", type=float, default=600.0,
+                    help="training time budget of the learned rows (the whole run must stay within 15 min)")
+    ap.add_argument("--curve-every", type=float, default=90.0, help="seconds of training between curve points")
+    ap.add_argument("--curve-windows", type=int, default=16)
+    # worker mode
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--pattern", help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    if opts.worker:
+        worker(opts)
+        return
+    if opts.quick:
+        opts.patterns, opts.n_calib, opts.learned_n_calib, opts.eval_tokens = "2:4", 8, 8, 4096
+        opts.curve_every, opts.train_seconds = 0, 60
+        opts.methods = "wanda,wanda+heuristic,wanda+learned,wanda-unstructured50"
+    rows = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(run_row("dense", "-", opts, Path(tmp)))
+        for pattern in opts.patterns.split(","):
+            for method in opts.methods.split(","):
+                if METHODS[method][2] is not None and pattern != opts.patterns.split(",")[0]:
+                    continue  # the unstructured ceiling does not depend on the N:M pattern
+                rows.append(run_row(method, METHODS[method][2] or pattern, opts, Path(tmp)))
+    add_gap_closed(rows)
+    meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "n_calib": opts.n_calib,
+            "eval_tokens": opts.eval_tokens, "groups": opts.groups, "curve_windows": opts.curve_windows,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%d"), "total_minutes": (time.time() - t0) / 60}
+    if not opts.quick:
+        write_outputs(rows, meta)
+    else:
+        print(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""``permsparse`` command line: the only module that reads argv or prints.
+
+    permsparse prune MODEL --pattern 2:4 --score wanda --permutation learned --groups 4 \\
+        --calib wikipedia --out DIR
+    permsparse eval DIR [--data wikipedia] [--tasks TASK,...]
+    permsparse demo [--preset quick|full]
+
+Errors in what the user gave (a missing model, a short data file, an occupied --out,
+a diverging run) print one clear line and exit with status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("permsparse")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """An error in the user's input: reported in one line, exit status 2."""
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--pattern", default="2:4", help="N:M pattern, N weights KEPT in every M inputs (2:4, 4:8), "
+                   "or unstructured50 (per-row 50%%, the reference ceiling) [2:4]")
+    g.add_argument("--score", default="wanda", choices=["magnitude", "wanda", "ria", "sparsegpt"],
+                   help="pruning score [wanda]")
+    g.add_argument("--permutation", default="learned", choices=["none", "heuristic", "learned"],
+                   help="how input channels are permuted before masking [learned]")
+    g.add_argument("--groups", type=int, default=4, help="permutation groups G per site; G=1 is global [4]")
+    g.add_argument("--heuristic", default="zigzag", choices=["zigzag", "zigzag+swap"],
+                   help="heuristic search (also the learned run's warm start) [zigzag]")
+    g.add_argument("--swap-seconds", type=float, default=1.0, help="time budget per site of zigzag+swap [1.0]")
+    g.add_argument("--sequential", action="store_true",
+                   help="calibrate block by block on the outputs of already-pruned blocks")
+    g.add_argument("--independent", action="store_true",
+                   help="one permutation per layer (each paying a gather) instead of one per site")
+    g.add_argument("--attn-out", default="fold", choices=["fold", "gather"],
+                   help="o_proj: fold into v_proj rows (head-aligned) or gather [fold]")
+    d = p.add_argument_group("calibration data")
+    d.add_argument("--calib", default="wikipedia",
+                   help="wikipedia (embedded), a .txt file, or a datasets name (wikitext2, c4) [wikipedia]")
+    d.add_argument("--n-calib", type=int, default=128, help="calibration windows [128]")
+    d.add_argument("--window", type=int, default=512, help="tokens per window [512]")
+    d.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens (the last of the text) [32768]")
+    t = p.add_argument_group("trainer (--permutation learned)")
+    t.add_argument("--objective", default="e2e", choices=["e2e", "blockwise"],
+                   help="end-to-end CE+KL, or per-block output MSE (memory flat in depth) [e2e]")
+    t.add_argument("--init", default="heuristic", choices=["heuristic", "identity", "noise"],
+                   help="cost initialisation [heuristic]")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the calibration windows [1]")
+    t.add_argument("--batch-size", type=int, default=4, help="windows per step [4]")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate on the costs")
+    t.add_argument("--margin", type=float, default=None, help="initial cost advantage of the start permutation")
+    t.add_argument("--tau-start", type=float, default=None, help="initial Sinkhorn temperature")
+    t.add_argument("--tau-end", type=float, default=None, help="final Sinkhorn temperature")
+    t.add_argument("--tau-schedule", default=None, choices=["exponential", "linear", "cosine", "constant"])
+    t.add_argument("--sinkhorn-iters", type=int, default=None, help="Sinkhorn iterations per step")
+    t.add_argument("--alpha", type=float, default=None, help="weight of the distillation KL")
+    t.add_argument("--steps-per-block", type=int, default=None, help="steps per block (blockwise objective)")
+    t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
+    t.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="permsparse",
+        description="Learnable channel permutations for accurate N:M-sparse Transformers.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -q/-v are also accepted after the command (``permsparse prune ... -q``); SUPPRESS keeps
+    # a flag given before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, warnings only")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", parents=[common], help="prune a model, export it with its permutations and a report",
+                       description="Prune MODEL to an N:M pattern, optionally learning channel permutations; "
+                       "write a stock-loadable checkpoint plus permsparse.json and a report to --out.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hugging Face directory, a hub id, a .gguf file, or smollm2-135m (embedded)")
+    p.add_argument("--out", default=None, help="output directory (required)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a run")
+    p.add_argument("--recipe", default=None, help="YAML or JSON file with any of these options (flags win)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    _add_prune_options(p)
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity (and lm-eval accuracy) of an exported directory")
+    e.add_argument("dir", help="directory written by permsparse prune (or any causal LM directory)")
+    e.add_argument("--data", default="wikipedia", help="text for perplexity (as --calib) [wikipedia]")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--eval-tokens", type=int, default=32768)
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the 'eval' extra)")
+    e.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
+    e.add_argument("--limit", type=int, default=None, help="examples per lm-eval task")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    d = sub.add_parser("demo", parents=[common], help="dense / Wanda / heuristic / learned perplexity on the embedded default")
+    d.add_argument("--preset", default="quick", choices=["quick", "full"],
+                   help="quick: a few minutes on 2 CPU cores; full: the quality-table settings [quick]")
+    d.add_argument("--out", default=None, help="also export the learned model and its report here")
+    d.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+# -- recipes -------------------------------------------------------------------------------
+
+
+def load_recipe(path: str) -> dict:
+    """Options from a YAML or JSON file; keys as the long flags (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe file not found: {path}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # a parse error of either format
+        # YAML errors span several lines (with a caret drawing); keep the problem and where.
+        mark = getattr(err, "problem_mark", None)
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"cannot parse recipe {path}: {what}{where}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _apply_recipe(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        recipe = load_recipe(args.recipe)
+        prune_parser = parser._subparsers._group_actions[0].choices["prune"]  # noqa: SLF001
+        known = {a.dest for a in prune_parser._actions}  # noqa: SLF001
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise UsageError(f"recipe {args.recipe}: unknown option(s) {', '.join(unknown)}")
+        prune_parser.set_defaults(**recipe)
+        args = parser.parse_args(argv)
+    return args
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def _prune_config(args: argparse.Namespace):
+    from .learn import LearnConfig
+    from .pipeline import PruneConfig
+
+    learn_kw = {"objective": args.objective, "init": args.init, "epochs": args.epochs,
+                "batch_size": args.batch_size, "seed": args.seed, "bf16": not args.no_bf16}
+    for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block"):
+        if getattr(args, name) is not None:
+            learn_kw[name] = getattr(args, name)
+    return PruneConfig(
+        pattern=args.pattern, score=args.score, permutation=args.permutation, groups=args.groups,
+        heuristic=args.heuristic, swap_seconds=args.swap_seconds, sequential=args.sequential,
+        sync=not args.independent, attn_out=args.attn_out, learn=LearnConfig(**learn_kw),
+        progress=not args.quiet,
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_out(out: str | None, overwrite: bool) -> Path:
+    if not out:
+        raise UsageError("--out DIR is required")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} already holds a run; pass --overwrite to replace it")
+    return path
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .data import load_text_windows
+    from .evaluate import perplexity
+    from .io import export
+    from .loading import load_model
+    from .pipeline import prune
+    from .report import write_report
+
+    if not args.model:
+        raise UsageError("MODEL is required (a directory, hub id, .gguf file, or smollm2-135m)")
+    out = _check_out(args.out, args.overwrite)
+    config = _prune_config(args)
+    progress = not args.quiet
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    windows = load_text_windows(args.calib, tokenizer, args.window, args.n_calib, args.seed, eval_tokens=args.eval_tokens)
+    metrics: dict = {"model": args.model, "calib": windows.source, "n_calib": int(windows.calib.shape[0]),
+                     "window": args.window}
+    if not args.no_eval:
+        metrics["ppl_dense"] = perplexity(model, windows.eval, progress=progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        steps_path = Path(tmp) / "steps.jsonl"
+        t0 = time.perf_counter()
+        result = prune(model, tokenizer, config, windows.calib, metrics_path=steps_path)
+        metrics["prune_seconds"] = time.perf_counter() - t0
+        metrics["kept_plan"] = result.kept_plan
+        metrics["guard"] = result.guard
+        metrics.update(result.retained())
+        if not args.no_eval:
+            metrics["ppl"] = perplexity(model, windows.eval, progress=progress)
+        metrics["peak_rss_mb"] = _peak_rss_mb()
+        metrics["total_seconds"] = time.perf_counter() - t_start
+        # _check_out let through only --overwrite or an existing EMPTY folder; export
+        # refuses any existing folder without overwrite=True, so pass it for the empty one.
+        export(model, out, result.sites, result.perms, pattern=config.pattern, score=config.score,
+               groups=config.groups, tokenizer=tokenizer, metrics=metrics, overwrite=args.overwrite or out.exists(),
+               config=config.to_json(), extra_files={"steps.jsonl": steps_path} if steps_path.exists() else None)
+    summary = [{"model": args.model, "pattern": config.pattern, "score": config.score,
+                "permutation": config.permutation, "kept": result.kept_plan,
+                "ppl_dense": metrics.get("ppl_dense"), "ppl": metrics.get("ppl"),
+                "prune_s": metrics["prune_seconds"], "peak_rss_mb": metrics["peak_rss_mb"]}]
+    write_report(out, f"permsparse: {args.model} {config.pattern} {config.score} + {config.permutation}",
+                 summary, config.to_json(), result.reports, result.history, result.guard, result.kept_plan)
+    _print_table(summary)
+    print(f"wrote {out} (report: {out / 'report.md'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_text_windows
+    from .evaluate import perplexity
+    from .io import load
+
+    path = Path(args.dir).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{args.dir} is not a directory")
+    has_plan = (path / "permsparse.json").is_file()
+    if has_plan:
+        model = load(path, deploy=True)
+    else:
+        from .loading import load_model
+
+        model, _ = load_model(str(path))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    results: dict = {"dir": str(path)}
+    windows = load_text_windows(args.data, tokenizer, args.window, 1, 0, eval_tokens=args.eval_tokens)
+    results["ppl"] = perplexity(model, windows.eval, batch_size=args.batch_size, progress=not args.quiet)
+    if args.tasks:
+        from .evaluate import lm_eval_accuracy
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results["tasks"] = lm_eval_accuracy(model, tokenizer, tasks, include_path=args.include_path,
+                                            limit=args.limit, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        rows = [{"metric": "perplexity", "data": args.data, "value": results["ppl"]}]
+        for task, acc in results.get("tasks", {}).items():
+            rows.append({"metric": "accuracy", "data": task, "value": acc})
+        _print_table(rows)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    rows = run_demo(args.preset, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[dict]) -> None:
+    from .report import markdown_table
+
+    print(markdown_table(rows, floatfmt=".4g"), end="")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _apply_recipe(parser, argv)
+    except UsageError as err:
+        print(f"permsparse: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from .learn import NonFiniteLossError
+
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
+    # TQDM_DISABLE only reaches tqdm imported after it is set; transformers' own bars
+    # ("Loading weights", "Writing model shards") have their own switch.
+    from transformers.utils import logging as hf_logging
+
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return commands[args.command](args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError) as err:
+        print(f"permsparse: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if args.quiet and hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Reports: a Markdown page with the numbers and PNG plots a person would rather look at.
+
+* ``training.png``: loss, temperature, permutation entropy and share of channels moved
+  per step of the learned run;
+* ``retained.png``: retained score per site, plain N:M vs with the permutation, against
+  the unstructured ceiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .apply import SiteReport
+from .learn import StepLog
+
+__all__ = ["markdown_table", "plot_training", "plot_retained", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
+    """A GitHub Markdown table of flat records."""
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Atomic PNG write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None:
+    """Loss (and CE / KL), τ, entropy and moved channels per step."""
+    if not history:
+        return None
+    plt = _pyplot()
+    steps = [h.step for h in history]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    ax = axes[0, 0]
+    ax.plot(steps, [h.loss for h in history], label="loss")
+    if any(h.ce == h.ce for h in history):
+        ax.plot(steps, [h.ce for h in history], label="CE", alpha=0.7)
+        ax.plot(steps, [h.kl for h in history], label="KL", alpha=0.7)
+    ax.set_title("calibration loss")
+    ax.legend()
+    axes[0, 1].semilogy(steps, [h.tau for h in history])
+    axes[0, 1].set_title("temperature τ")
+    axes[1, 0].plot(steps, [h.entropy for h in history])
+    axes[1, 0].set_title("mean permutation entropy (0 hard, 1 uniform)")
+    axes[1, 0].set_ylim(0, 1.05)
+    axes[1, 1].plot(steps, [100 * h.changed for h in history])
+    axes[1, 1].set_title("channels whose hard position changed (%)")
+    for a in axes.flat:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_retained(reports: Sequence[SiteReport], path: "str | Path") -> Path | None:
+    """Retained score per site: plain N:M, with the permutation, unstructured ceiling."""
+    ok = [r for r in reports if r.retained == r.retained]
+    if not ok:
+        return None
+    plt = _pyplot()
+    x = list(range(len(ok)))
+    fig, ax = plt.subplots(figsize=(max(8, len(ok) * 0.09), 4))
+    ax.plot(x, [100 * r.retained_ceiling for r in ok], "k--", lw=1, label="unstructured ceiling")
+    ax.plot(x, [100 * r.retained for r in ok], "o-", ms=2.5, label="with permutation")
+    ax.plot(x, [100 * r.retained_plain for r in ok], "s-", ms=2.5, alpha=0.7, label="plain N:M")
+    ax.set_xlabel("site (forward order)")
+    ax.set_ylabel("retained score (%)")
+    ax.set_title("score kept by the mask, per site")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out_dir: "str | Path",
+    title: str,
+    summary_rows: Sequence[Mapping],
+    config: Mapping,
+    reports: Sequence[SiteReport] = (),
+    history: Sequence[StepLog] = (),
+    guard: Mapping[str, float] | None = None,
+    kept_plan: str | None = None,
+) -> Path:
+    """``report.md`` plus ``training.png`` and ``retained.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_png = plot_training(history, out / "training.png")
+    ret_png = plot_retained(reports, out / "retained.png")
+    parts = [f"# {title}\n", markdown_table(summary_rows)]
+    if kept_plan:
+        parts.append(f"\nThe guard kept: **{kept_plan}**.\n")
+    if guard:
+        parts.append("\nCalibration loss of each candidate plan (lower is better):\n\n")
+        parts.append(markdown_table([{"plan": k, "calibration_loss": v} for k, v in guard.items()]))
+    if train_png:
+        parts.append("\n## Training\n\n![training curves](training.png)\n")
+    if ret_png:
+        ok = [r for r in reports if r.retained == r.retained]
+        mean = lambda f: sum(f(r) for r in ok) / len(ok)  # noqa: E731
+        parts.append(
+            "\n## Retained score\n\n"
+            f"Mean over {len(ok)} sites: plain N:M {100 * mean(lambda r: r.retained_plain):.2f}%, "
+            f"with permutation {100 * mean(lambda r: r.retained):.2f}%, "
+            f"unstructured ceiling {100 * mean(lambda r: r.retained_ceiling):.2f}%.\n\n![retained](retained.png)\n"
+        )
+    parts.append("\n## Configuration\n\n```\n" + "\n".join(f"{k}: {v}" for k, v in config.items()) + "\n```\n")
+    path = out / "report.md"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.md.")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(parts))
+    os.replace(tmp, path)
+    return path
