@@ -1,0 +1,397 @@
+"""The ``permsparse`` command line, end to end on a tiny LLaMA folder built offline.
+
+The model folder is a stock Hugging Face folder (``config.json`` + safetensors + a fast
+tokenizer trained here on the embedded Wikipedia text); the calibration text is real
+Wikipedia text in a local ``.txt`` file. Every test runs ``permsparse.cli.main`` in
+process, so exit codes, stdout and stderr are checked directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from permsparse.cli import main
+from permsparse.io import PLAN_FILE, read_plan
+
+WINDOW = ["--window", "32", "--eval-tokens", "256"]
+TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
+                 "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
+                 "--no-bf16", "--seed")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_clean_env():
+    """One torch thread; and undo ``-q``'s ``TQDM_DISABLE`` so later tests see the same env."""
+    n = torch.get_num_threads()
+    before = os.environ.get("TQDM_DISABLE")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    if before is None:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = before
+
+
+@pytest.fixture(scope="module")
+def words() -> list[str]:
+    from permsparse.data import load_wikipedia_articles
+
+    return "\n\n".join(load_wikipedia_articles()).split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, words) -> Path:
+    """A tiny LLaMA (hidden 64, 2 layers, 4 heads, 2 KV heads) with a BPE tokenizer trained
+    on a few thousand words of the embedded Wikipedia text, saved as safetensors."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(words[:5000])], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    fast.save_pretrained(path)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_txt(tmp_path_factory, words) -> Path:
+    """Real Wikipedia text (other words than the tokenizer saw), a few thousand tokens."""
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(" ".join(words[5000:8000]), encoding="utf-8")
+    return path
+
+
+def _prune(model_dir, calib_txt, out, *extra) -> list[str]:
+    return ["prune", str(model_dir), "--calib", str(calib_txt), "--n-calib", "8", *WINDOW, "--batch-size", "2",
+            "--epochs", "1", "--out", str(out), "-q", *extra]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("permsparse: error: ")
+    return lines[0]
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    stray = [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+    assert not stray, f"temporary folders left behind: {stray}"
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--pattern", "2:4", "--permutation", "learned"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "report.md" in captured.out
+
+    names = {p.name for p in out.iterdir()}
+    for required in (PLAN_FILE, "config.json", "tokenizer.json", "report.md", "training.png", "retained.png",
+                     "steps.jsonl"):
+        assert required in names, f"{required} missing from {sorted(names)}"
+    assert any(n.endswith(".safetensors") for n in names)
+    _no_leftovers(tmp_path, "run")
+
+    meta, sites, perms = read_plan(out)  # validates the plan
+    assert meta["pattern"] == "2:4" and meta["score"] == "wanda"
+    assert len(sites) == 8 and set(perms) == {s.name for s in sites}  # 4 sites per LLaMA block
+    metrics = meta["metrics"]
+    assert set(metrics["guard"]) == {"none", "heuristic", "learned"}
+    assert metrics["kept_plan"] == min(metrics["guard"], key=metrics["guard"].get)
+    assert math.isfinite(metrics["ppl"]) and math.isfinite(metrics["ppl_dense"])
+    assert meta["config"]["permutation"] == "learned"
+
+    # One record per training step: 8 windows / batch 2 = 4 steps for one epoch.
+    records = [json.loads(ln) for ln in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        for key in ("loss", "ce", "kl", "tau", "entropy", "changed"):
+            assert math.isfinite(r[key]), (key, r)
+    assert records[-1]["tau"] < records[0]["tau"]
+
+    report = (out / "report.md").read_text()
+    assert "The guard kept" in report and "training.png" in report and "retained.png" in report
+    for png in ("training.png", "retained.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rc = main(["eval", str(out), "--data", str(calib_txt), *WINDOW, "--json", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert math.isfinite(result["ppl"]) and result["ppl"] > 1
+    # The deployed model evaluates like the exported one (same text, same windows).
+    assert result["ppl"] == pytest.approx(metrics["ppl"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "pattern, permutation, score",
+    [("2:4", "heuristic", "wanda"), ("2:4", "none", "wanda"), ("4:8", "heuristic", "wanda"),
+     ("2:4", "none", "magnitude")],
+)
+def test_prune_variants(model_dir, calib_txt, tmp_path, capsys, pattern, permutation, score):
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--pattern", pattern, "--permutation", permutation,
+                     "--score", score, "--no-eval"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    meta, sites, perms = read_plan(out)
+    assert meta["pattern"] == pattern and meta["score"] == score
+    assert meta["config"]["permutation"] == permutation
+    assert meta["metrics"]["kept_plan"] == permutation
+    assert (out / "report.md").is_file() and (out / "retained.png").is_file()
+    assert not (out / "steps.jsonl").exists() and not (out / "training.png").exists()  # nothing was trained
+    if permutation == "none":
+        assert all(p.is_identity() for p in perms.values())
+    # The export is a stock folder: transformers loads it as it is.
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    w = stock.model.layers[0].mlp.down_proj.weight
+    assert (w == 0).float().mean().item() >= 0.5 - 1e-6
+
+
+def test_existing_empty_out_is_used(model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "none", "--score", "magnitude", "--no-eval"))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / PLAN_FILE).is_file()
+
+
+# -- recipes ---------------------------------------------------------------------------------
+
+
+def test_yaml_recipe_and_flag_override(model_dir, calib_txt, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text('pattern: "4:8"\npermutation: heuristic\nscore: magnitude\nn-calib: 4\nno_eval: true\n')
+    out = tmp_path / "a"
+    rc = main(_prune(model_dir, calib_txt, out, "--recipe", str(recipe)))
+    assert rc == 0, capsys.readouterr().err
+    meta, _, _ = read_plan(out)
+    assert (meta["pattern"], meta["score"], meta["config"]["permutation"]) == ("4:8", "magnitude", "heuristic")
+    assert "ppl" not in meta["metrics"]
+
+    out = tmp_path / "b"  # a flag given on the command line wins over the recipe
+    rc = main(_prune(model_dir, calib_txt, out, "--recipe", str(recipe), "--permutation", "none"))
+    assert rc == 0, capsys.readouterr().err
+    meta, _, perms = read_plan(out)
+    assert meta["pattern"] == "4:8" and meta["config"]["permutation"] == "none"
+    assert all(p.is_identity() for p in perms.values())
+
+
+def test_json_recipe(model_dir, calib_txt, tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"pattern": "4:8", "permutation": "heuristic", "groups": 2, "no-eval": True}))
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--recipe", str(recipe)))
+    assert rc == 0, capsys.readouterr().err
+    meta, _, _ = read_plan(out)
+    assert meta["pattern"] == "4:8" and meta["groups"] == 2 and meta["config"]["permutation"] == "heuristic"
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [("recipe.yaml", "pattern: '2:4'\nlearning_rate: 0.1\n", "learning_rate"),
+     ("recipe.json", '{"pattern": "2:4", "bogus-key": 1}', "bogus_key"),
+     ("recipe.yaml", "pattern: [unclosed\n", "cannot parse"),
+     ("recipe.yaml", "- just\n- a list\n", "mapping"),
+     ("recipe.yaml", "permutation: sometimes\n", "sometimes")],
+)
+def test_bad_recipe_exits_2(model_dir, calib_txt, tmp_path, capsys, name, text, needle):
+    recipe = tmp_path / name
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--recipe", str(recipe)))
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert needle in line
+    assert not out.exists()
+
+
+def test_missing_recipe_file_exits_2(model_dir, calib_txt, tmp_path, capsys):
+    rc = main(_prune(model_dir, calib_txt, tmp_path / "run", "--recipe", str(tmp_path / "nope.yaml")))
+    assert rc == 2
+    assert "not found" in _one_error_line(capsys.readouterr().err)
+
+
+# -- bad input: exit 2, one line, nothing written --------------------------------------------
+
+
+def test_missing_model_path(calib_txt, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(_prune(tmp_path / "no" / "such" / "model", calib_txt, out))
+    assert rc == 2
+    assert "not found" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_folder_without_model(calib_txt, tmp_path, capsys):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    out = tmp_path / "run"
+    rc = main(_prune(folder, calib_txt, out))
+    assert rc == 2
+    assert "no model" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["", "Only a handful of words here."], ids=["empty", "short"])
+def test_data_too_short(model_dir, tmp_path, capsys, text):
+    data = tmp_path / "short.txt"
+    data.write_text(text)
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, data, out))
+    assert rc == 2
+    assert "fewer than one window" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    _no_leftovers(tmp_path, "run")
+
+
+def test_missing_data_file(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, tmp_path / "missing.txt", out))
+    assert rc == 2
+    assert "not found" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_occupied_out_needs_overwrite(model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / PLAN_FILE).write_text('{"an": "older run"}')
+    (out / "model.safetensors").write_bytes(b"old weights")
+    before = _snapshot(out)
+
+    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "none", "--score", "magnitude", "--no-eval"))
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--overwrite" in line
+    assert _snapshot(out) == before  # untouched
+
+    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "none", "--score", "magnitude", "--no-eval",
+                     "--overwrite"))
+    assert rc == 0, capsys.readouterr().err
+    meta, _, _ = read_plan(out)  # the new run replaced the old one
+    assert meta["pattern"] == "2:4"
+    assert (out / "model.safetensors").read_bytes() != b"old weights"
+    _no_leftovers(tmp_path, "run")
+
+
+def test_out_is_a_file(model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    rc = main(_prune(model_dir, calib_txt, out))
+    assert rc == 2
+    assert "not a directory" in _one_error_line(capsys.readouterr().err)
+    assert out.read_text() == "x"
+
+
+@pytest.mark.parametrize("pattern", ["4:2", "3:4x", "0:4"])
+def test_invalid_pattern(model_dir, calib_txt, tmp_path, capsys, pattern):
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--pattern", pattern))
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_out_required(model_dir, calib_txt, capsys):
+    rc = main(["prune", str(model_dir), "--calib", str(calib_txt)])
+    assert rc == 2
+    assert "--out" in _one_error_line(capsys.readouterr().err)
+
+
+def test_eval_missing_dir(tmp_path, capsys):
+    rc = main(["eval", str(tmp_path / "nothing"), "--json"])
+    assert rc == 2
+    assert "not a directory" in _one_error_line(capsys.readouterr().err)
+
+
+# -- help ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "demo"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert f"permsparse {command}" in text
+    if command == "prune":
+        for knob in TRAINER_KNOBS:
+            assert knob in text, f"{knob} missing from prune --help"
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("prune", "eval", "demo"):
+        assert command in text
+
+
+def test_quiet_before_or_after_command(model_dir, calib_txt, tmp_path, capsys):
+    """``-q`` works before the command and after it."""
+    out = tmp_path / "run"
+    args = _prune(model_dir, calib_txt, out, "--permutation", "none", "--score", "magnitude", "--no-eval")
+    args.remove("-q")
+    rc = main(["-q", *args])
+    assert rc == 0
+    assert capsys.readouterr().err.strip() == ""
+
+
+# -- a diverging run -------------------------------------------------------------------------
+
+
+def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
+    import permsparse.learn as learn
+
+    real = learn.task_loss
+    calls = {"n": 0}
+
+    def nan_after_first(logits, batch, teacher, alpha):
+        calls["n"] += 1
+        loss, ce, kl = real(logits, batch, teacher, alpha)
+        if calls["n"] > 1:
+            loss = loss * float("nan")
+        return loss, ce, kl
+
+    monkeypatch.setattr(learn, "task_loss", nan_after_first)
+    out = tmp_path / "run"
+    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "learned"))
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "loss became nan" in line and "--lr" in line
+    assert calls["n"] == 2
+    assert not out.exists()
+    _no_leftovers(tmp_path, "run")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,272 @@
+"""The trainer: end-to-end and block-wise learning, the guard, divergence and time budgets.
+
+The required claim: a short learned run, on a tiny model and on a few blocks of the real
+default (SmolLM2-135M), lowers the calibration loss below the unpermuted Wanda loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from permsparse import apply, calibrate, learn
+from permsparse.io import check_plan
+from permsparse.learn import (
+    LearnConfig,
+    NonFiniteLossError,
+    evaluate_plan,
+    make_batches,
+    task_loss,
+    teacher_logits,
+    train_end_to_end,
+)
+from permsparse.nm import NMPattern
+from permsparse.permutation import Permutation
+from permsparse.pipeline import PruneConfig, prune
+from permsparse.sites import find_sites
+
+PATTERN = NMPattern.parse("2:4")
+VOCAB = 128  # the conftest tiny models' vocabulary
+#: A short run on the tiny LLaMA: 8 windows of 32 tokens, batches of 2 → 4 batches, 64 steps.
+TINY_LEARN = dict(epochs=16, lr=0.05, batch_size=2, guard_batches=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib(seed: int = 0, n: int = 8, window: int = 32) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, window), generator=torch.Generator().manual_seed(seed))
+
+
+def _scores_and_heuristic(model, sites, batches, groups):
+    layers = [c for s in sites for c in s.consumers]
+    stats = calibrate.collect_stats(model, batches, layers, progress=False)
+    scores, heur = {}, {}
+    for s in sites:
+        sc = apply.site_scores(model, s, "wanda", stats)
+        scores.update(zip(s.consumers, sc))
+        heur[s.name] = apply.heuristic_permutation(s, sc, PATTERN, groups)
+    return scores, heur
+
+
+def _identity(sites, groups):
+    return {s.name: Permutation.identity(s.d_in, s.structure(groups)[0]) for s in sites}
+
+
+def _weights(model, sites):
+    return {c: model.get_submodule(c).weight.detach() for s in sites for c in s.consumers}
+
+
+def _learned_vs_identity(model, sites, calib, cfg: LearnConfig, groups: int):
+    """One-shot Wanda statistics and scores, heuristic warm start, a learned run; the
+    calibration loss (``evaluate_plan``, every calibration batch) of each plan."""
+    batches = make_batches(calib, cfg.batch_size)
+    scores, heur = _scores_and_heuristic(model, sites, batches, groups)
+    learned, history = train_end_to_end(model, sites, scores, PATTERN, groups, calib, cfg, start=heur,
+                                        progress=False)
+    weights = _weights(model, sites)
+    teachers = teacher_logits(model, batches, cfg.bf16)
+    plans = {"identity": _identity(sites, groups), "heuristic": heur, "learned": learned}
+    losses = {name: evaluate_plan(model, sites, perms, weights, scores, PATTERN, batches, cfg.alpha, cfg.bf16,
+                                  teachers)
+              for name, perms in plans.items()}
+    return losses, history, learned
+
+
+# -- end to end through prune() ------------------------------------------------------------
+
+
+def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
+    t = tiny("llama")
+    dense = copy.deepcopy(t.model)
+    calib = _calib()
+    cfg = PruneConfig(permutation="learned", groups=2, learn=LearnConfig(**TINY_LEARN), progress=False)
+    seen = []
+    metrics = tmp_path / "steps.jsonl"
+    res = prune(t.model, None, cfg, calib, metrics_path=metrics, on_step=lambda rec, state: seen.append(rec.step))
+
+    # The guard compares the three plans and keeps the argmin.
+    assert set(res.guard) == {"none", "heuristic", "learned"}
+    assert all(math.isfinite(v) for v in res.guard.values())
+    assert res.kept_plan == min(res.guard, key=res.guard.get)
+    assert res.guard["learned"] < res.guard["none"], res.guard
+
+    # One record per step, all finite; τ anneals from start to end.
+    n_steps = 16 * 4
+    assert [h.step for h in res.history] == list(range(n_steps)) == seen
+    for h in res.history:
+        for key in ("loss", "ce", "kl", "tau", "entropy", "changed"):
+            assert math.isfinite(getattr(h, key)), (key, h)
+        assert 0.0 <= h.entropy <= 1.0 + 1e-6 and 0.0 <= h.changed <= 1.0 and h.kl >= -1e-6
+        assert h.loss == pytest.approx(h.ce + cfg.learn.alpha * h.kl, rel=1e-5)
+    taus = [h.tau for h in res.history]
+    assert all(b < a for a, b in zip(taus, taus[1:]))
+    assert taus[0] == pytest.approx(cfg.learn.tau_start) and taus[-1] == pytest.approx(cfg.learn.tau_end)
+    assert res.history[-1].entropy < res.history[0].entropy
+
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == n_steps
+    assert [json.loads(ln) for ln in lines] == [h.to_json() for h in res.history]
+
+    # The guard's numbers are evaluate_plan on the dense model, and the kept plan is
+    # what was written into the model.
+    batches = make_batches(calib, 2)
+    scores, _ = _scores_and_heuristic(dense, res.sites, batches, 2)
+    weights = _weights(dense, res.sites)
+    teachers = teacher_logits(dense, batches, True)
+    kept = evaluate_plan(dense, res.sites, res.perms, weights, scores, PATTERN, batches, 1.0, True, teachers)
+    assert kept == pytest.approx(res.guard[res.kept_plan], rel=1e-5)
+    none = evaluate_plan(dense, res.sites, _identity(res.sites, 2), weights, scores, PATTERN, batches, 1.0, True,
+                         teachers)
+    assert none == pytest.approx(res.guard["none"], rel=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        applied = sum(float(task_loss(t.model(**b).logits, b, tt, 1.0)[0]) for b, tt in zip(batches, teachers))
+    assert applied / len(batches) == pytest.approx(res.guard[res.kept_plan], rel=1e-3)
+    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+
+
+# -- the required claim ----------------------------------------------------------------------
+
+
+def test_short_learned_run_beats_unpermuted_wanda_tiny(tiny):
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    losses, history, _ = _learned_vs_identity(t.model, sites, _calib(), LearnConfig(**TINY_LEARN), groups=2)
+    assert len(history) == 64
+    assert losses["learned"] < losses["identity"], losses
+
+
+def test_short_learned_run_beats_unpermuted_wanda_real_default(smollm2):
+    """SmolLM2-135M, the sites of its first two blocks, 8 Wikipedia windows of 128 tokens:
+    a 4-step learned run (warm start: the zigzag heuristic) against plain Wanda 2:4."""
+    from permsparse.data import load_text_windows
+
+    model0, tokenizer = smollm2
+    model = copy.deepcopy(model0)
+    blocks = {"model.layers.0", "model.layers.1"}
+    sites = [s for s in find_sites(model) if s.block in blocks]
+    assert len(sites) == 8
+    windows = load_text_windows("wikipedia", tokenizer, 128, 8, 0, eval_tokens=1024)
+    cfg = LearnConfig(epochs=1, batch_size=2)
+    losses, history, learned = _learned_vs_identity(model, sites, windows.calib, cfg, groups=4)
+    print("\nSmolLM2-135M blocks 0-1, 2:4 wanda, calibration loss:",
+          ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    assert len(history) == 4 and all(math.isfinite(h.loss) for h in history)
+    assert losses["learned"] < losses["identity"], losses
+    # The model itself was never changed (functional_call only).
+    for s in sites:
+        for c in s.consumers:
+            assert torch.equal(model.get_submodule(c).weight, model0.get_submodule(c).weight)
+
+
+# -- block-wise and sequential -------------------------------------------------------------
+
+
+def test_blockwise_objective(tiny):
+    t = tiny("llama")
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                      learn=LearnConfig(objective="blockwise", steps_per_block=8, batch_size=2))
+    res = prune(t.model, None, cfg, _calib())
+    blocks = ["model.layers.0", "model.layers.1"]
+    assert sorted({s.block for s in res.sites}) == blocks
+    plans = ("none", "heuristic", "learned")
+    assert set(res.guard) == {f"{b}:{k}" for b in blocks for k in plans}
+    assert all(math.isfinite(v) and v >= 0 for v in res.guard.values())
+    # Per block, the guard keeps the argmin; the summary counts the kept plans.
+    kept = {k: 0 for k in plans}
+    for b in blocks:
+        losses = {k: res.guard[f"{b}:{k}"] for k in plans}
+        kept[min(losses, key=lambda k: (losses[k], k != "learned"))] += 1
+    assert res.kept_plan == ", ".join(f"{k} {v}/2" for k, v in kept.items() if v)
+    assert len(res.history) == 2 * 8
+    assert [h.step for h in res.history] == list(range(8)) * 2
+    assert all(math.isfinite(h.loss) and math.isfinite(h.tau) for h in res.history)
+    assert set(res.perms) == {s.name for s in res.sites}
+    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+
+
+def test_sequential_heuristic(tiny):
+    calib = _calib()
+    seq = tiny("llama")
+    res = prune(seq.model, None, PruneConfig(permutation="heuristic", groups=2, sequential=True, progress=False),
+                calib)
+    assert res.kept_plan == "heuristic" and res.guard == {} and res.history == []
+    assert set(res.perms) == {s.name for s in res.sites} and len(res.reports) == len(res.sites)
+    check_plan(seq.model, res.sites, res.perms, "2:4", 2)
+
+    one_shot = tiny("llama")
+    prune(one_shot.model, None, PruneConfig(permutation="heuristic", groups=2, progress=False), calib)
+    # Block 0 sees the same (dense) inputs either way; block 1 sees pruned block 0's output.
+    same = {c: torch.equal(seq.model.get_submodule(c).weight, one_shot.model.get_submodule(c).weight)
+            for s in res.sites for c in s.consumers}
+    assert all(v for c, v in same.items() if c.startswith("model.layers.0."))
+    assert not all(v for c, v in same.items() if c.startswith("model.layers.1."))
+
+
+# -- divergence and time budget --------------------------------------------------------------
+
+
+def test_non_finite_loss_restores_last_good_costs(tiny, monkeypatch, tmp_path):
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
+    real = learn.task_loss
+    calls = {"n": 0}
+
+    def nan_at_third_step(logits, batch, teacher, alpha):
+        calls["n"] += 1
+        loss, ce, kl = real(logits, batch, teacher, alpha)
+        return (loss * float("nan") if calls["n"] == 3 else loss), ce, kl
+
+    monkeypatch.setattr(learn, "task_loss", nan_at_third_step)
+    banks, after_step = [], []
+
+    def on_step(rec, state):
+        banks.append(state.bank)
+        after_step.append({k: v.detach().clone() for k, v in state.bank.state_dict().items()})
+
+    metrics = tmp_path / "steps.jsonl"
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 2"):
+        train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, LearnConfig(batch_size=2), start=heur,
+                         metrics_path=metrics, progress=False, on_step=on_step)
+    assert len(after_step) == 2 and banks[0] is banks[1]
+    bank = banks[-1]
+    # Step 1 was the last finite loss; it ran on the costs left by step 0's update. The
+    # costs after step 1's update (which gave NaN) are discarded.
+    restored = bank.state_dict()
+    assert all(torch.equal(restored[k], after_step[0][k]) for k in restored)
+    assert not all(torch.equal(restored[k], after_step[1][k]) for k in restored)
+    assert all(torch.isfinite(v).all() for v in restored.values())
+    assert set(bank.hard()) == {s.name for s in sites}
+    assert len(metrics.read_text().splitlines()) == 2  # only the good steps were logged
+
+
+def test_time_budget_stops_early_and_anneals(tiny):
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
+    budget = 1.0
+    cfg = LearnConfig(epochs=1000, batch_size=2, time_budget=budget)
+    perms, history = train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False)
+    assert 2 <= len(history) < 1000 * 4
+    assert set(perms) == {s.name for s in sites}
+    taus = [h.tau for h in history]
+    assert taus[0] == pytest.approx(cfg.tau_start, rel=0.05)  # step 0 starts a few ms into the budget
+    assert all(b <= a for a, b in zip(taus, taus[1:]))
+    # τ follows the elapsed share of the budget, so the last step runs (near) τ_end:
+    # within the last 30% of the log-temperature range even on a loaded machine.
+    share = math.log(cfg.tau_start / taus[-1]) / math.log(cfg.tau_start / cfg.tau_end)
+    print(f"\ntime budget {budget}s: {len(history)} steps, last tau {taus[-1]:.4g} ({share:.1%} of the log range)")
+    assert share > 0.7, (taus[-1], share, len(history))
+    assert taus[-1] >= cfg.tau_end - 1e-12
