@@ -72,6 +72,14 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--sinkhorn-iters", type=int, default=None, help="Sinkhorn iterations per step")
     t.add_argument("--alpha", type=float, default=None, help="weight of the distillation KL")
     t.add_argument("--steps-per-block", type=int, default=None, help="steps per block (blockwise objective)")
+    t.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training at most; τ anneals by steps or time, whichever is further")
+    t.add_argument("--optimizer", default=None, choices=["group-adam", "adam"],
+                   help="optimizer of the costs [group-adam: one second moment per group]")
+    t.add_argument("--noise", type=float, default=None, help="std of the initial cost noise")
+    t.add_argument("--guard-batches", type=int, default=None, help="calibration batches the final guard compares on")
+    t.add_argument("--exact-sinkhorn-grad", action="store_true",
+                   help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
     t.add_argument("--seed", type=int, default=0)
 
@@ -171,7 +179,9 @@ def _prune_config(args: argparse.Namespace):
 
     learn_kw = {"objective": args.objective, "init": args.init, "epochs": args.epochs,
                 "batch_size": args.batch_size, "seed": args.seed, "bf16": not args.no_bf16}
-    for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block"):
+    learn_kw["exact_sinkhorn_grad"] = args.exact_sinkhorn_grad
+    for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
+                 "time_budget", "optimizer", "noise", "guard_batches"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
     return PruneConfig(
@@ -229,17 +239,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
             metrics["ppl"] = perplexity(model, windows.eval, progress=progress)
         metrics["peak_rss_mb"] = _peak_rss_mb()
         metrics["total_seconds"] = time.perf_counter() - t_start
+        summary = [{"model": args.model, "pattern": config.pattern, "score": config.score,
+                    "permutation": config.permutation, "kept": result.kept_plan,
+                    "ppl_dense": metrics.get("ppl_dense"), "ppl": metrics.get("ppl"),
+                    "prune_s": metrics["prune_seconds"], "peak_rss_mb": metrics["peak_rss_mb"]}]
+        # The report is written beside the steps first and travels inside the atomic export.
+        write_report(tmp, f"permsparse: {args.model} {config.pattern} {config.score} + {config.permutation}",
+                     summary, config.to_json(), result.reports, result.history, result.guard, result.kept_plan)
+        extras = {p.name: p for p in Path(tmp).iterdir() if p.is_file() and not p.name.startswith(".")}
         # _check_out let through only --overwrite or an existing EMPTY folder; export
         # refuses any existing folder without overwrite=True, so pass it for the empty one.
         export(model, out, result.sites, result.perms, pattern=config.pattern, score=config.score,
                groups=config.groups, tokenizer=tokenizer, metrics=metrics, overwrite=args.overwrite or out.exists(),
-               config=config.to_json(), extra_files={"steps.jsonl": steps_path} if steps_path.exists() else None)
-    summary = [{"model": args.model, "pattern": config.pattern, "score": config.score,
-                "permutation": config.permutation, "kept": result.kept_plan,
-                "ppl_dense": metrics.get("ppl_dense"), "ppl": metrics.get("ppl"),
-                "prune_s": metrics["prune_seconds"], "peak_rss_mb": metrics["peak_rss_mb"]}]
-    write_report(out, f"permsparse: {args.model} {config.pattern} {config.score} + {config.permutation}",
-                 summary, config.to_json(), result.reports, result.history, result.guard, result.kept_plan)
+               config=config.to_json(), extra_files=extras)
     _print_table(summary)
     print(f"wrote {out} (report: {out / 'report.md'})")
     return 0

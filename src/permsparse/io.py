@@ -79,6 +79,7 @@ def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any written file
     try:
         with os.fdopen(fd, "w", encoding=encoding) as fh:
             fh.write(text)
@@ -319,6 +320,7 @@ def export(
     _drop_gguf_quantizer(model)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the export is an ordinary directory once renamed
     old: Path | None = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -326,7 +326,7 @@ def evaluate_plan(
             with _autocast(bf16, device):
                 logits = functional_call(model, params, (), _model_inputs(batch), strict=False).logits
             loss, _, _ = task_loss(logits, batch, teacher, alpha)
-            total += float(loss)
+            total += float(loss.detach())
     return total / max(len(batches), 1)
 
 
@@ -397,7 +397,7 @@ def train_end_to_end(
             if not torch.isfinite(loss):
                 bank.load_state_dict(good)
                 raise NonFiniteLossError(
-                    f"loss became {float(loss)} at step {step} (tau={tau:.3g}); kept the costs of the last "
+                    f"loss became {float(loss.detach())} at step {step} (tau={tau:.3g}); kept the costs of the last "
                     f"good step. Try a lower learning rate (--lr) or a higher final temperature (--tau-end)."
                 )
             good = {k: v.detach().clone() for k, v in bank.state_dict().items()}
@@ -475,7 +475,7 @@ def train_block(
         target = targets[i].float()
         loss = (y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{block_name}: block loss became {float(loss)} at step {step}")
+            raise NonFiniteLossError(f"{block_name}: block loss became {float(loss.detach())} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

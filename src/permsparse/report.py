@@ -52,6 +52,7 @@ def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
@@ -149,6 +150,7 @@ def write_report(
     parts.append("\n## Configuration\n\n```\n" + "\n".join(f"{k}: {v}" for k, v in config.items()) + "\n```\n")
     path = out / "report.md"
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.md.")
+    os.chmod(tmp, 0o644)
     with os.fdopen(fd, "w") as f:
         f.write("".join(parts))
     os.replace(tmp, path)
