@@ -30,6 +30,8 @@ from typing import Any
 
 import mwparserfromhell
 import torch
+
+from .io import atomic_write_text
 from mwparserfromhell.nodes import Argument, Comment, ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink
 
 __all__ = [
@@ -326,22 +328,6 @@ def _default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "permsparse"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 @functools.lru_cache(maxsize=4)
 def _articles_cached(path: str, size: int, mtime_ns: int, cache_dir: str | None) -> tuple[str, ...]:
     """Cleaned articles of ``path``; size/mtime are part of the key so edits invalidate."""
@@ -366,7 +352,7 @@ def _articles_cached(path: str, size: int, mtime_ns: int, cache_dir: str | None)
 
     if cache_file is not None:
         try:
-            _atomic_write_text(
+            atomic_write_text(
                 cache_file,
                 json.dumps({"version": _CLEANER_VERSION, "source": path, "articles": articles}, ensure_ascii=False),
             )

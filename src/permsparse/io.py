@@ -162,28 +162,16 @@ def _check_perm_for_site(site: Site, perm: Permutation, groups: int) -> Permutat
 
 
 def _check_model_dir(path: Path) -> None:
-    """A Hugging Face folder with ``config.json`` and safetensors weights, or a clear error."""
+    """A Hugging Face folder with ``config.json`` and safetensors weights, or a clear error
+    (pickle-only folders are refused without being read)."""
+    from .loading import _folder_spec
+
     if not path.exists():
         raise FileNotFoundError(f"no such directory: {path}")
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory (expected a permsparse export folder)")
-    names = {p.name for p in path.iterdir() if p.is_file()}
-    has_safetensors = any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
-    if not has_safetensors:
-        pickles = sorted(n for n in names if n.lower().endswith(_PICKLE_SUFFIXES))
-        if pickles:
-            raise ValueError(
-                f"refusing to unpickle {', '.join(pickles)} in {path}: pickle checkpoints can run arbitrary "
-                f"code when loaded; only safetensors weights are read. Convert them with a trusted tool first "
-                f"(load once in an isolated environment and call save_pretrained(..., safe_serialization=True))."
-            )
-    if "config.json" not in names:
-        raise ValueError(f"{path} is not a model folder: it has no config.json")
-    if not has_safetensors:
-        raise ValueError(f"{path} is not a model folder: it has config.json but no *.safetensors weights")
-
-
-# -- export --------------------------------------------------------------------------------
+    if _folder_spec(path).kind != "folder":
+        raise ValueError(f"{path} is not a Hugging Face model folder (config.json plus *.safetensors)")
 
 
 def _plan(

@@ -118,8 +118,8 @@ def _folder_spec(folder: Path) -> ModelSpec:
         pickles = sorted(name for name in names if name.lower().endswith(_PICKLE_SUFFIXES))
         if pickles:
             raise ValueError(
-                f"refusing to load {folder}: its weights are pickle files ({', '.join(pickles)}), and "
-                f"unpickling can run arbitrary code. Convert them to safetensors with a trusted tool "
+                f"refusing to unpickle {', '.join(pickles)} in {folder}: pickle weights can run arbitrary "
+                f"code when loaded, so only safetensors are read. Convert them to safetensors with a trusted tool "
                 f"first (e.g. load once in an isolated environment and call save_pretrained(..., "
                 f"safe_serialization=True))."
             )
