@@ -113,28 +113,72 @@ def _detach(x):
     return x
 
 
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward once the block's inputs are kept."""
+
+
+def _to(x, device):
+    """``x`` (tensors in nested tuples, lists and dicts) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: Iterable["torch.Tensor | dict"], progress: bool = True
+    model: nn.Module, block: nn.Module, batches: Iterable["torch.Tensor | dict"], progress: bool = True,
+    stop: bool = False, device: torch.device | None = None, keep_on: torch.device | None = None,
 ) -> BlockInputs:
     """Run the model once per batch and keep what ``block`` receives (hidden states,
-    masks, position embeddings); the cache object is dropped (no KV caching needed)."""
-    device = _device(model)
+    masks, position embeddings); the cache object is dropped (no KV caching needed).
+
+    ``stop``: end each forward at ``block`` (nothing after it runs, so it needs no memory);
+    ``device``: where the batches go (default: the model's first parameter);
+    ``keep_on``: where the kept inputs are stored (default: where they were produced)."""
+    device = device or _device(model)
     got = BlockInputs([], [])
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        got.args.append(_detach(args))
-        got.kwargs.append(_detach(kw))
+        args, kw = _detach(args), _detach(kw)
+        if keep_on is not None:
+            args, kw = _to(args, keep_on), _to(kw, keep_on)
+        got.args.append(args)
+        got.kwargs.append(kw)
+        if stop:
+            raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
         for batch in tqdm(list(batches), desc="capture inputs", disable=not progress, leave=False):
-            model(**_as_inputs(batch, device), **extra)
+            try:
+                model(**_as_inputs(batch, device), **extra)
+            except _StopForward:
+                pass
     finally:
         handle.remove()
     return got
+
+
+def _move_outside_(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> None:
+    """Move every parameter and buffer of ``model`` that is not inside one of ``blocks``."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for mod in model.modules():
+        if id(mod) in inside:
+            continue
+        for k, p in list(mod._parameters.items()):  # noqa: SLF001
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
+        for k, b in list(mod._buffers.items()):  # noqa: SLF001
+            if b is not None and b.device != device:
+                mod._buffers[k] = b.to(device)  # noqa: SLF001
 
 
 def block_output(out) -> torch.Tensor:
@@ -161,19 +205,44 @@ def run_blocks(
     on_block: Callable[[str, nn.Module, dict[str, ColumnStats], BlockInputs], None],
     hessian: bool = False,
     progress: bool = True,
+    offload: bool = False,
+    device: "torch.device | str | None" = None,
 ) -> None:
     """Sequential calibration over a chain of blocks.
 
     For each block: collect the statistics of its layers on its cached inputs, call
     ``on_block(name, block, stats, inputs)`` (which prunes it, or learns its permutations),
     then run the (now pruned) block to produce the next block's inputs.
+
+    ``offload=True`` streams: the model stays on CPU; the layers before the first block
+    visit ``device`` for the capture (which stops at the first block), then each block in
+    turn is moved to ``device`` with its cached inputs, processed, and moved back; between
+    blocks the cached inputs live on CPU. Device memory holds one block, its inputs and
+    its working set, whatever the depth.
     """
     if not blocks:
         return
-    inputs = capture_block_inputs(model, blocks[0][1], batches, progress)
-    bar = tqdm(blocks, desc="blocks", disable=not progress)
-    for name, block in bar:
+    mods = [b for _, b in blocks]
+    cpu = torch.device("cpu")
+    if offload:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for b in mods:
+            b.to(cpu)
+        _move_outside_(model, mods, device)
+        try:
+            inputs = capture_block_inputs(model, mods[0], batches, progress, stop=True, device=device, keep_on=cpu)
+        finally:
+            _move_outside_(model, mods, cpu)
+    else:
+        inputs = capture_block_inputs(model, mods[0], batches, progress)
+    n = len(blocks)
+    bar = tqdm(blocks, desc=f"block 1/{n}", disable=not progress)
+    for i, (name, block) in enumerate(bar):
+        bar.set_description(f"block {i + 1}/{n}")
         bar.set_postfix_str(name)
+        if offload:
+            block.to(device)
+            inputs = BlockInputs(_to(inputs.args, device), _to(inputs.kwargs, device))
         with torch.no_grad(), stat_hooks(model, layers_of_block(name), hessian) as stats:
             for args, kwargs in zip(inputs.args, inputs.kwargs):
                 block(*args, **kwargs)
@@ -182,3 +251,9 @@ def run_blocks(
             outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
         calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
         inputs = BlockInputs([a for a, _ in calls], [k for _, k in calls])
+        del outs, calls
+        if offload:
+            block.to(cpu)
+            inputs = BlockInputs(_to(inputs.args, cpu), _to(inputs.kwargs, cpu))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -82,6 +82,13 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
     t.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("long runs (see README: Scaling)")
+    r.add_argument("--checkpoint", default=None, help="resumable training state file (safetensors), written atomically")
+    r.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints [50]")
+    r.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    r.add_argument("--offload", action="store_true",
+                   help="stream block by block: one block and its inputs on the compute device, the rest on CPU")
+    r.add_argument("--device", default=None, help="compute device of --offload [cuda if available, else cpu]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +187,8 @@ def _prune_config(args: argparse.Namespace):
     learn_kw = {"objective": args.objective, "init": args.init, "epochs": args.epochs,
                 "batch_size": args.batch_size, "seed": args.seed, "bf16": not args.no_bf16}
     learn_kw["exact_sinkhorn_grad"] = args.exact_sinkhorn_grad
+    learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
+    learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
                  "time_budget", "optimizer", "noise", "guard_batches"):
         if getattr(args, name) is not None:
@@ -188,7 +197,7 @@ def _prune_config(args: argparse.Namespace):
         pattern=args.pattern, score=args.score, permutation=args.permutation, groups=args.groups,
         heuristic=args.heuristic, swap_seconds=args.swap_seconds, sequential=args.sequential,
         sync=not args.independent, attn_out=args.attn_out, learn=LearnConfig(**learn_kw),
-        progress=not args.quiet,
+        progress=not args.quiet, offload=getattr(args, "offload", False), device=getattr(args, "device", None),
     )
 
 
@@ -208,6 +217,22 @@ def _check_out(out: str | None, overwrite: bool) -> Path:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this; the work is sharded and
+    only rank 0 evaluates and writes ``--out``."""
+    from . import distributed as dist
+
+    started = dist.init_from_env()
+    try:
+        return _cmd_prune(args)
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import distributed as dist
     from .data import load_text_windows
     from .evaluate import perplexity
     from .io import export
@@ -218,24 +243,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.model:
         raise UsageError("MODEL is required (a directory, hub id, .gguf file, or smollm2-135m)")
     out = _check_out(args.out, args.overwrite)
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
     config = _prune_config(args)
-    progress = not args.quiet
+    main_rank = dist.is_main()
+    progress = not args.quiet and main_rank
+    config.progress = progress
+    evaluate = not args.no_eval and main_rank
     t_start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     windows = load_text_windows(args.calib, tokenizer, args.window, args.n_calib, args.seed, eval_tokens=args.eval_tokens)
     metrics: dict = {"model": args.model, "calib": windows.source, "n_calib": int(windows.calib.shape[0]),
                      "window": args.window}
-    if not args.no_eval:
+    if dist.world_size() > 1:
+        metrics["world_size"] = dist.world_size()
+    if evaluate:
         metrics["ppl_dense"] = perplexity(model, windows.eval, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
         steps_path = Path(tmp) / "steps.jsonl"
         t0 = time.perf_counter()
-        result = prune(model, tokenizer, config, windows.calib, metrics_path=steps_path)
+        result = prune(model, tokenizer, config, windows.calib, metrics_path=steps_path, resume=args.resume)
+        if not main_rank:
+            return 0  # every rank holds the same pruned model; rank 0 evaluates and writes it
         metrics["prune_seconds"] = time.perf_counter() - t0
         metrics["kept_plan"] = result.kept_plan
         metrics["guard"] = result.guard
         metrics.update(result.retained())
-        if not args.no_eval:
+        if evaluate:
             metrics["ppl"] = perplexity(model, windows.eval, progress=progress)
         metrics["peak_rss_mb"] = _peak_rss_mb()
         metrics["total_seconds"] = time.perf_counter() - t_start

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .nm import NMPattern
 from .permutation import Permutation
 from .permuter import GroupAdam, hard_permuted_prune, init_cost, permuted_mask
@@ -51,6 +52,8 @@ __all__ = [
     "sparse_weights",
     "task_loss",
     "make_batches",
+    "save_checkpoint",
+    "load_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ class LearnConfig:
     guard_batches: int = 2
     time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
     seed: int = 0
+    checkpoint_path: str | None = None  # end to end: resumable state (one safetensors file), written atomically
+    checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
 
     def __post_init__(self) -> None:
         if self.objective not in ("e2e", "blockwise"):
@@ -90,6 +95,8 @@ class LearnConfig:
         if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("lr, batch_size and epochs must be positive")
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -334,6 +341,97 @@ def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+#: LearnConfig fields that do not change what a run computes (a resumed run may change them).
+_RUN_ONLY = ("checkpoint_path", "checkpoint_every", "time_budget")
+
+
+def _run_key(cfg: LearnConfig, sites: Sequence[Site], groups: int, pattern: NMPattern, n_batches: int,
+             costs: Mapping[str, torch.Tensor]) -> str:
+    """A hash of everything a checkpoint must agree with to be resumed."""
+    import hashlib
+
+    desc = {
+        "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY},
+        "sites": [[s.name, list(s.consumers), s.d_in] for s in sites],
+        "groups": groups,
+        "pattern": str(pattern),
+        "batches": n_batches,
+        "costs": {k: list(v.shape) for k, v in costs.items()},
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: "str | Path", tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
+    """Write ``tensors`` and the JSON ``meta`` into one safetensors file, atomically
+    (temporary sibling, fsync, rename): a reader sees the previous checkpoint or this one."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .io import _fsync_dir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"permsparse_state": json.dumps(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: "str | Path") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, meta)`` of a checkpoint written by :func:`save_checkpoint` (no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = (fh.metadata() or {}).get("permsparse_state")
+        if meta is None:
+            raise ValueError(f"{path} is not a permsparse training checkpoint")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors, json.loads(meta)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, bank: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state split into tensors (by parameter name) and JSON scalars."""
+    names = {id(p): n for n, p in bank.named_parameters()}
+    tensors, scalars = {}, {}
+    for p, st in opt.state.items():
+        n = names[id(p)]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt/{n}/{k}"] = v
+            else:
+                scalars[f"{n}/{k}"] = v
+    return tensors, scalars
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, bank: nn.Module, tensors: Mapping[str, torch.Tensor],
+                       scalars: Mapping) -> None:
+    for n, p in bank.named_parameters():
+        st = {}
+        for key, v in tensors.items():
+            if key.startswith(f"opt/{n}/"):
+                st[key[len(f"opt/{n}/"):]] = v.to(p.device)
+        for key, v in scalars.items():
+            if key.startswith(f"{n}/"):
+                st[key[len(f"{n}/"):]] = v
+        if st:
+            opt.state[p] = st
+
+
 def train_end_to_end(
     model: nn.Module,
     sites: Sequence[Site],
@@ -346,11 +444,21 @@ def train_end_to_end(
     metrics_path: Path | None = None,
     progress: bool = True,
     on_step: Callable[[StepLog, TrainState], None] | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
     ``scores`` hold each consumer's score in original coordinates; ``start`` the warm
     start (heuristic) permutations when ``cfg.init == "heuristic"``.
+
+    ``cfg.checkpoint_path``: every ``cfg.checkpoint_every`` steps (and after the last)
+    the whole state (costs, optimizer, step, batch order, generator states, history)
+    is written there atomically; ``resume=True`` continues from it when it exists, and
+    the continued run computes exactly what the uninterrupted one would have.
+
+    Under ``torch.distributed`` each rank runs its shard of every global batch and the
+    cost gradients are averaged over ranks (see :mod:`permsparse.distributed`); only
+    rank 0 writes the metrics and the checkpoint.
     """
     device = next(model.parameters()).device
     model.requires_grad_(False)
@@ -366,25 +474,70 @@ def train_end_to_end(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
     prev: dict[str, Permutation] | None = None
-    good = copy.deepcopy(bank.state_dict())
-    metrics_file = open(metrics_path, "a") if metrics_path else None
     order: list[int] = []
+    first = 0
+    elapsed0 = 0.0
+    key = _run_key(cfg, sites, groups, pattern, len(batches), bank.costs)
+    ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+    if resume and ckpt is None:
+        raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
+    if resume and ckpt.exists():
+        tensors, meta = load_checkpoint(ckpt)
+        if meta.get("key") != key:
+            raise ValueError(
+                f"checkpoint {ckpt} was written by a different run (other model sites, pattern, groups, "
+                f"calibration batches or trainer settings); remove it or drop --resume"
+            )
+        with torch.no_grad():
+            for k, p in bank.costs.items():
+                p.copy_(tensors[f"cost/{k}"].to(p.device, p.dtype))
+        _restore_optimizer(opt, bank, tensors, meta["opt"])
+        gen.set_state(torch.tensor(meta["gen"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        order = list(meta["order"])
+        first = int(meta["step"])
+        elapsed0 = float(meta.get("elapsed", 0.0))
+        history = [StepLog(**h) for h in meta["history"]]
+        if meta.get("prev") is not None:
+            prev = {n: Permutation(tensors[f"prev/{n}"], g) for n, g in meta["prev"].items()}
+        log.info("resumed from %s at step %d of %d", ckpt, first, steps)
+    good = copy.deepcopy(bank.state_dict())
+    main = dist.is_main()
+    metrics_file = open(metrics_path, "a") if metrics_path and main else None
     masks: dict = {}
-    bar = tqdm(range(steps), desc="learn permutations", disable=not progress)
-    t_start = time.perf_counter()
+    bar = tqdm(total=steps, initial=first, desc="learn permutations", disable=not progress or not main)
+    t_start = time.perf_counter() - elapsed0
+    t_loop = time.perf_counter()
+
+    def save(done: int) -> None:
+        if ckpt is None or not main:
+            return
+        tensors = {f"cost/{k}": p.detach() for k, p in bank.costs.items()}
+        opt_t, opt_s = _optimizer_tensors(opt, bank)
+        tensors.update(opt_t)
+        if prev is not None:
+            tensors.update({f"prev/{n}": p.indices for n, p in prev.items()})
+        meta = {
+            "key": key, "step": done, "steps": steps, "order": order, "opt": opt_s,
+            "gen": gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+            "elapsed": time.perf_counter() - t_start, "history": [h.to_json() for h in history],
+            "prev": {n: p.groups for n, p in prev.items()} if prev is not None else None,
+        }
+        save_checkpoint(ckpt, tensors, meta)
+
     try:
-        for step in bar:
+        for step in range(first, steps):
             t0 = time.perf_counter()
             progress_frac = step / max(steps - 1, 1)
             if cfg.time_budget:
                 elapsed = t0 - t_start
-                if elapsed >= cfg.time_budget:
+                if dist.any_flag(elapsed >= cfg.time_budget):
                     log.info("time budget of %.0fs reached after %d steps", cfg.time_budget, step)
                     break
-                progress_frac = max(progress_frac, elapsed / cfg.time_budget)
+                progress_frac = max(progress_frac, dist.mean_float(elapsed) / cfg.time_budget)
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
-            batch = {k: v.to(device) for k, v in batches[order.pop()].items()}
+            batch = {k: v.to(device) for k, v in dist.shard_batch(batches[order.pop()]).items()}
             tau = schedule.at(progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
             params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks,
@@ -394,21 +547,32 @@ def train_end_to_end(
                     teacher = model(**_model_inputs(batch)).logits if cfg.alpha > 0 else None
                 logits = functional_call(model, params, (), _model_inputs(batch), strict=False).logits
             loss, ce, kl = task_loss(logits, batch, teacher, cfg.alpha)
-            if not torch.isfinite(loss):
+            # The global mean (equal shards) so that every rank takes the same decisions.
+            vals = dist.all_reduce_mean_(torch.stack([loss.detach(), ce.detach(), kl.detach()]).double().cpu())
+            loss_v, ce_v, kl_v = (float(v) for v in vals)
+            if not math.isfinite(loss_v):
                 bank.load_state_dict(good)
                 raise NonFiniteLossError(
-                    f"loss became {float(loss.detach())} at step {step} (tau={tau:.3g}); kept the costs of the last "
+                    f"loss became {loss_v} at step {step} (tau={tau:.3g}); kept the costs of the last "
                     f"good step. Try a lower learning rate (--lr) or a higher final temperature (--tau-end)."
                 )
             good = {k: v.detach().clone() for k, v in bank.state_dict().items()}
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads_(bank.parameters())
             opt.step()
             cur = {n: p for n, (_, p) in out.items()}
-            rec = StepLog(step, loss.item(), ce.item(), kl.item(), tau, ent, _changed(prev, cur), time.perf_counter() - t0)
+            rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, _changed(prev, cur), time.perf_counter() - t0)
             prev = cur
             history.append(rec)
-            bar.set_postfix(loss=f"{rec.loss:.3f}", tau=f"{tau:.3g}", ent=f"{ent:.2f}", moved=f"{rec.changed:.1%}")
+            bar.update(1)
+            post = dict(loss=f"{rec.loss:.3f}", tau=f"{tau:.3g}", ent=f"{ent:.2f}", moved=f"{rec.changed:.1%}")
+            if cfg.time_budget:  # tqdm's ETA counts steps; the budget may end the run sooner
+                left = max(cfg.time_budget - (time.perf_counter() - t_start), 0.0)
+                done = step + 1 - first
+                by_steps = (time.perf_counter() - t_loop) / done * (steps - step - 1)
+                post["left"] = f"{min(left, by_steps):.0f}s"
+            bar.set_postfix(post)
             if metrics_file:
                 metrics_file.write(json.dumps(rec.to_json()) + "\n")
                 metrics_file.flush()
@@ -416,7 +580,10 @@ def train_end_to_end(
                 t_cb = time.perf_counter()
                 on_step(rec, TrainState(bank, sites, weights, scores, pattern))
                 t_start += time.perf_counter() - t_cb  # a caller's evaluation is not training time
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                save(step + 1)
     finally:
+        bar.close()
         if metrics_file:
             metrics_file.close()
     return bank.hard(), history

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .apply import SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
 from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
 from .learn import (
@@ -59,6 +60,8 @@ class PruneConfig:
     attn_out: str = "fold"
     learn: LearnConfig = field(default_factory=LearnConfig)
     progress: bool = True
+    offload: bool = False  # block by block: only the current block (and its inputs) on `device`, the rest on CPU
+    device: str | None = None  # compute device of the streamed blocks [cuda if available, else cpu]
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -84,6 +87,7 @@ class PruneResult:
     kept_plan: str = "none"
     guard: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    learned: dict[str, Permutation] = field(default_factory=dict)  # what training ended with, kept or not
 
     def retained(self) -> dict[str, float]:
         """Mean retained score fraction over sites, plain N:M vs with the permutations."""
@@ -108,6 +112,7 @@ def prune(
     calib: "torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None" = None,
     metrics_path: "str | Path | None" = None,
     on_step=None,
+    resume: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place to ``config.pattern`` and return what was done.
 
@@ -116,7 +121,13 @@ def prune(
     without learning needs none. ``tokenizer`` is accepted for API symmetry with
     transformers (it is not needed once ``calib`` is tokenized). ``metrics_path``: a
     JSONL file of per-step training records; ``on_step(step_log, bank)``: called after
-    every training step (its own time is not counted as training time).
+    every training step (its own time is not counted as training time). ``resume``:
+    continue the end-to-end training from ``config.learn.checkpoint_path`` if it exists.
+
+    Under ``torch.distributed`` (see :mod:`permsparse.distributed`) every rank calls this
+    with the same model and data: statistics and the end-to-end training are sharded over
+    the ranks, which all end with the same pruned model. ``offload=True`` streams the
+    model block by block (it implies the block-by-block path).
     """
     cfg = config or PruneConfig()
     t0 = time.perf_counter()
@@ -132,10 +143,10 @@ def prune(
             s.structure(cfg.groups, pattern)  # fail early, naming the site, before any work
     permutation = cfg.permutation if pattern is not None else "none"
     model.requires_grad_(False)
-    if cfg.sequential or (permutation == "learned" and cfg.learn.objective == "blockwise"):
+    if cfg.sequential or cfg.offload or (permutation == "learned" and cfg.learn.objective == "blockwise"):
         result = _prune_blockwise(model, sites, pattern, cfg, permutation, batches)
     else:
-        result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step)
+        result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step, resume)
     result.seconds = time.perf_counter() - t0
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result
@@ -162,7 +173,12 @@ def score_sites(
     pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
     hessian = cfg.score == "sparsegpt"
-    stats = collect_stats(model, batches, layers, hessian, cfg.progress) if cfg.score != "magnitude" else None
+    stats = None
+    if cfg.score != "magnitude":
+        # Each rank its shard; the sums are then all-reduced (identity in one process).
+        stats = collect_stats(model, [dist.shard_batch(b) for b in batches], layers, hessian,
+                              cfg.progress and dist.is_main())
+        dist.all_reduce_stats_(stats)
     scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, heuristic)
     return stats, scores, heur
 
@@ -176,6 +192,7 @@ def learn_permutations(
     batches: Sequence[dict],
     metrics_path: "str | Path | None" = None,
     on_step=None,
+    resume: bool = False,
 ) -> tuple[dict[str, dict[str, Permutation]], list[StepLog], dict[str, float], str]:
     """Train end to end, then the guard: ``(candidates, history, guard_losses, kept_plan)``.
 
@@ -186,15 +203,15 @@ def learn_permutations(
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-        on_step=on_step,
+        on_step=on_step, resume=resume,
     )
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
-    guard_batches = list(batches[: cfg.learn.guard_batches])
+    guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
     teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
     weights = _weights(model, sites)
-    guard = {
-        name: evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches, cfg.learn.alpha,
-                            cfg.learn.bf16, teachers)
+    guard = {  # each rank its shard of the guard batches; equal shards, so the mean is the global loss
+        name: dist.mean_float(evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
+                                            cfg.learn.alpha, cfg.learn.bf16, teachers))
         for name, cand in candidates.items()
     }
     plan = min(guard, key=lambda k: (guard[k], k != "learned"))
@@ -202,7 +219,8 @@ def learn_permutations(
     return candidates, history, guard, plan
 
 
-def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None) -> PruneResult:
+def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None,
+                    resume=False) -> PruneResult:
     want_heur = permutation == "heuristic" or permutation == "learned"
     stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur)
     history: list[StepLog] = []
@@ -213,13 +231,14 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
         perms, plan = heur, "heuristic"
     elif permutation == "learned":
         candidates, history, guard, plan = learn_permutations(model, sites, scores, heur, cfg, batches,
-                                                              metrics_path, on_step)
+                                                              metrics_path, on_step, resume)
         perms = candidates[plan]
     reports = [
         prune_site_(model, s, pattern, cfg.score, stats, perms.get(s.name), [scores[c] for c in s.consumers])
         for s in sites
     ]
-    return PruneResult(sites, perms, reports, history, plan, guard)
+    learned = candidates["learned"] if permutation == "learned" else {}
+    return PruneResult(sites, perms, reports, history, plan, guard, learned=learned)
 
 
 def _weights(model: nn.Module, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
@@ -268,8 +287,11 @@ def _prune_blockwise(model, sites, pattern, cfg, permutation, batches) -> PruneR
             reports.append(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
                                        [scores[c] for c in s.consumers]))
 
+    device = None
+    if cfg.offload:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block, hessian,
-               cfg.progress)
+               cfg.progress and dist.is_main(), offload=cfg.offload, device=device)
     if permutation == "learned":
         plan = ", ".join(f"{k} {v}/{len(chain)}" for k, v in kept.items() if v)
         log.info("block-wise guard kept: %s", plan)
