@@ -170,8 +170,9 @@ def _check_model_dir(path: Path) -> None:
         raise FileNotFoundError(f"no such directory: {path}")
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory (expected a permsparse export folder)")
-    if _folder_spec(path).kind != "folder":
-        raise ValueError(f"{path} is not a Hugging Face model folder (config.json plus *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model folder: it has no config.json")
+    _folder_spec(path)  # safetensors present, pickle-only folders refused unread
 
 
 def _plan(
