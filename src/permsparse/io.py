@@ -16,6 +16,7 @@ a hidden ``.{name}.tmp-*`` folder without ``permsparse.json``; never a folder at
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -24,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -71,20 +72,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary sibling, fsync, then rename.
+@contextlib.contextmanager
+def atomic_file(path: "str | os.PathLike[str]") -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success fsync it and rename it into place.
 
-    Readers see the old content or the new one, never a partial file.
+    Readers see the old file or the new one, never a partial file; on an exception the
+    temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any written file
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -93,7 +95,13 @@ def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str =
             pass
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

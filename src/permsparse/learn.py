@@ -364,32 +364,14 @@ def _run_key(cfg: LearnConfig, sites: Sequence[Site], groups: int, pattern: NMPa
 def save_checkpoint(path: "str | Path", tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
     """Write ``tensors`` and the JSON ``meta`` into one safetensors file, atomically
     (temporary sibling, fsync, rename): a reader sees the previous checkpoint or this one."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from .io import _fsync_dir
+    from .io import atomic_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"permsparse_state": json.dumps(meta)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: "str | Path") -> tuple[dict[str, torch.Tensor], dict]:
