@@ -160,7 +160,7 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
           f"before them ({meta['learned_n_calib']} for the learned rows, trained for at most {meta['epochs']} epochs "
           f"or {meta['train_seconds']:.0f} s, batch 4 x 512, sites synchronised as in DESIGN.md). G = {meta['groups']}. gap_closed = (ppl wanda − ppl method) / (ppl wanda − ppl wanda "
           f"unstructured 50%). Machine: {meta['machine']}. {meta['date']}.\n\n",
-          markdown_table(flat, cols)]
+          markdown_table(flat, cols), _targets(flat)]
     if curves:
         md.append("\n## Learned run: perplexity against training minutes\n\n")
         md.append(markdown_table(curves, ["pattern", "train_minutes", "step", "ppl"]))
@@ -168,6 +168,28 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
                   "![curve](quality_curve.png)\n" % meta["curve_windows"])
         _plot_curve(curves, rows, RESULTS / "quality_curve.png")
     atomic_write_text(RESULTS / "quality.md", "".join(md))
+
+
+def _targets(rows: list[dict]) -> str:
+    """The issue's targets, checked against the rows."""
+    def get(method, pattern):
+        return next((r for r in rows if r["method"] == method and r["pattern"] == pattern), None)
+
+    lines = ["\n## Targets\n"]
+    learned, heur = get("wanda+learned", "2:4"), get("wanda+heuristic", "2:4")
+    if learned and learned.get("gap_closed") is not None:
+        ok = learned["gap_closed"] >= 0.75
+        lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4: {100 * learned['gap_closed']:.1f}% "
+                     f"(ppl {learned['ppl']:.1f}) — **{'met' if ok else 'not met'}**")
+    if learned and heur:
+        ok = learned["ppl"] < heur["ppl"]
+        lines.append(f"- learned beats the heuristic in the same run: {learned['ppl']:.1f} vs {heur['ppl']:.1f} — "
+                     f"**{'met' if ok else 'not met'}**")
+    if learned:
+        ok = learned["prune_seconds"] <= 900
+        lines.append(f"- the full learned prune (calibration included) within 15 min on 2 CPU cores: "
+                     f"{learned['prune_seconds'] / 60:.1f} min — **{'met' if ok else 'not met'}**")
+    return "\n".join(lines) + "\n"
 
 
 def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
@@ -210,9 +232,21 @@ def main() -> None:
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--pattern", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true",
+                    help="only re-render quality.md and the plot from bench/results/quality.json")
     opts = ap.parse_args()
     if opts.worker:
         worker(opts)
+        return
+    if opts.render:
+        saved = json.loads((RESULTS / "quality.json").read_text())
+        rows = [dict(r) for r in saved["rows"]]
+        for c in saved.get("curve", []):
+            row = next(r for r in rows if r["method"] == c["method"] and r["pattern"] == c["pattern"])
+            row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern")})
+        meta = {"learned_n_calib": next((r["n_calib"] for r in rows if r["method"] == "wanda+learned"), None),
+                "epochs": opts.epochs, "train_seconds": opts.train_seconds, **saved["meta"]}
+        write_outputs(rows, meta)
         return
     if opts.quick:
         opts.patterns, opts.n_calib, opts.learned_n_calib, opts.eval_tokens = "2:4", 8, 8, 4096
@@ -231,6 +265,7 @@ def main() -> None:
     meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "n_calib": opts.n_calib,
             "eval_tokens": opts.eval_tokens, "groups": opts.groups, "curve_windows": opts.curve_windows,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "learned_n_calib": opts.learned_n_calib, "epochs": opts.epochs, "train_seconds": opts.train_seconds,
             "date": time.strftime("%Y-%m-%d"), "total_minutes": (time.time() - t0) / 60}
     if not opts.quick:
         write_outputs(rows, meta)
