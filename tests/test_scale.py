@@ -23,11 +23,9 @@ GROUPS = 2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Single-threaded: these tests time and compare runs on a shared 2-core machine."""
     yield
-    torch.set_num_threads(n)
 
 
 # -- helpers shared with the subprocesses (imported there as ``test_scale``) ---------------
