@@ -117,8 +117,10 @@ def _extrapolate(rows: list[dict]) -> tuple[list[dict], list[str]]:
         f"Assumptions: {STEPS} steps (128 windows x 2048 tokens, 2 epochs, batch 4); H100 bf16 at 35% of 989 "
         f"TFLOP/s; model FLOPs 6·P·T per step (teacher + student forward, backward to activations; the weights "
         f"get no gradient); W_eff construction 12·d_out·d_in·k per site (G=4); hard assignments extrapolated as "
-        f"k³ from the largest k measured here, split over the ranks (today they run on every rank: splitting "
-        f"them is future work, so 8-GPU figures are optimistic by the assignment share). Memory: e2e needs the "
+        f"k³ from the largest k measured here, split over the ranks (the end-to-end trainer still solves every "
+        f"assignment on every rank, so its 8-GPU figures are optimistic by the assignment share; the block-wise "
+        f"objective with --spread-blocks does split them, each rank learning and assigning only its own blocks). "
+        f"Memory: e2e needs the "
         f"model in bf16 plus activations of one batch; for 70B that does not fit one GPU without the block-wise "
         f"streaming objective (one block on the device).")
     return out, notes

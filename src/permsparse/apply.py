@@ -62,6 +62,13 @@ def site_scores(
         st = stats.get(name) if stats is not None else None
         if score != "magnitude" and st is None:
             raise ValueError(f"{name}: score {score!r} needs calibration statistics for this layer")
+        if st is not None and st.n_tokens == 0 and score != "magnitude":
+            # No calibration input reached this layer (a vision tower calibrated on text
+            # only): all-zero activation norms would make every mask arbitrary, so the
+            # weights alone decide. collect_stats warns once per run about such layers.
+            log.debug("%s: no calibration statistics; scored by magnitude instead of %s", name, score)
+            out.append(compute_score("magnitude", get_module(model, name).weight.detach()))
+            continue
         out.append(compute_score(score, get_module(model, name).weight.detach(), st))
     return out
 

@@ -6,12 +6,15 @@ Two modes, as in Wanda's and SparseGPT's reference code:
 * sequential (:func:`run_blocks`): block by block, each block fed by the outputs of the
   already-processed (pruned) blocks before it; the caller's callback prunes a block
   between its statistics pass and the pass that produces the next block's inputs.
+  With ``dense=True`` the next block's inputs are produced *before* the callback, so
+  every block sees the dense model's inputs (what spreading blocks over ranks needs).
 
 Memory holds one block's cached inputs plus the statistics, whatever the depth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -87,15 +90,31 @@ def collect_stats(
     with stat_hooks(model, layers, hessian) as stats:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             model(**_as_inputs(batch, device))
+    _warn_unreached(stats)
     return stats
+
+
+def _warn_unreached(stats: dict[str, ColumnStats]) -> None:
+    """One warning for the layers no calibration input reached (e.g. a vision-language
+    model's vision tower calibrated on text only): they are scored by magnitude."""
+    empty = [name for name, st in stats.items() if st.n_tokens == 0]
+    if empty:
+        log.warning("%d of %d layers received no calibration input (%s%s); they are pruned by weight magnitude. "
+                    "Calibrate with inputs that reach them (e.g. images for a vision tower) for activation-aware "
+                    "scores", len(empty), len(stats), ", ".join(empty[:3]), ", ..." if len(empty) > 3 else "")
 
 
 @dataclass
 class BlockInputs:
-    """The positional and keyword arguments one block received, per calibration batch."""
+    """The positional and keyword arguments one block received, per calibration batch.
+
+    ``outputs``: the dense block's hidden-state outputs on these inputs, when
+    :func:`run_blocks` already computed them (``dense=True``), so a caller that needs
+    them as targets does not hold a second copy."""
 
     args: list[tuple]
     kwargs: list[dict]
+    outputs: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.args)
@@ -207,6 +226,8 @@ def run_blocks(
     progress: bool = True,
     offload: bool = False,
     device: "torch.device | str | None" = None,
+    owned: Callable[[str], bool] | None = None,
+    dense: bool = False,
 ) -> None:
     """Sequential calibration over a chain of blocks.
 
@@ -214,14 +235,24 @@ def run_blocks(
     ``on_block(name, block, stats, inputs)`` (which prunes it, or learns its permutations),
     then run the (now pruned) block to produce the next block's inputs.
 
+    ``dense=True`` runs each block *before* ``on_block`` (its outputs are handed over as
+    ``inputs.outputs``), so every block is fed by the dense blocks before it even though
+    ``on_block`` prunes them. ``owned(name)``: only those blocks get statistics and
+    ``on_block``; the others are only run forward (with ``dense=True``, to reach the
+    owned ones), and the walk stops after the last owned block.
+
     ``offload=True`` streams: the model stays on CPU; the layers before the first block
     visit ``device`` for the capture (which stops at the first block), then each block in
     turn is moved to ``device`` with its cached inputs, processed, and moved back; between
     blocks the cached inputs live on CPU. Device memory holds one block, its inputs and
     its working set, whatever the depth.
     """
-    if not blocks:
+    mine = [owned is None or owned(name) for name, _ in blocks]
+    if not any(mine):
         return
+    if owned is not None and not dense:
+        raise ValueError("run_blocks: owned= needs dense=True (pruned blocks that are not owned would be skipped)")
+    last = max(i for i, m in enumerate(mine) if m)
     mods = [b for _, b in blocks]
     cpu = torch.device("cpu")
     if offload:
@@ -236,24 +267,38 @@ def run_blocks(
     else:
         inputs = capture_block_inputs(model, mods[0], batches, progress)
     n = len(blocks)
-    bar = tqdm(blocks, desc=f"block 1/{n}", disable=not progress)
+    bar = tqdm(blocks[: last + 1], desc=f"block 1/{n}", disable=not progress)
     for i, (name, block) in enumerate(bar):
         bar.set_description(f"block {i + 1}/{n}")
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(name if mine[i] else f"{name} (forward only)")
         if offload:
             block.to(device)
             inputs = BlockInputs(_to(inputs.args, device), _to(inputs.kwargs, device))
-        with torch.no_grad(), stat_hooks(model, layers_of_block(name), hessian) as stats:
+        # One pass: the statistics (owned blocks) and, with dense=True, the dense outputs.
+        hooks = stat_hooks(model, layers_of_block(name), hessian) if mine[i] else contextlib.nullcontext({})
+        outs: list[torch.Tensor] = []
+        with torch.no_grad(), hooks as stats:
             for args, kwargs in zip(inputs.args, inputs.kwargs):
-                block(*args, **kwargs)
-        on_block(name, block, stats, inputs)
-        with torch.no_grad():
-            outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
-        calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
-        inputs = BlockInputs([a for a, _ in calls], [k for _, k in calls])
-        del outs, calls
+                y = block(*args, **kwargs)
+                if dense:
+                    outs.append(block_output(y).detach())
+                del y  # the block's whole output (attention weights, cache) is not kept
+        if dense:
+            inputs.outputs = outs
+        if mine[i]:
+            on_block(name, block, stats, inputs)
+        if i < last:
+            if dense:
+                outs = inputs.outputs
+            else:
+                with torch.no_grad():
+                    outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+            calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
+            inputs = BlockInputs([a for a, _ in calls], [k for _, k in calls])
+            del outs, calls
         if offload:
             block.to(cpu)
-            inputs = BlockInputs(_to(inputs.args, cpu), _to(inputs.kwargs, cpu))
+            if i < last:
+                inputs = BlockInputs(_to(inputs.args, cpu), _to(inputs.kwargs, cpu))
             if device.type == "cuda":
                 torch.cuda.empty_cache()

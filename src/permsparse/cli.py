@@ -19,8 +19,9 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -41,7 +42,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="pruning score [wanda]")
     g.add_argument("--permutation", default="learned", choices=["none", "heuristic", "learned"],
                    help="how input channels are permuted before masking [learned]")
-    g.add_argument("--groups", type=int, default=4, help="permutation groups G per site; G=1 is global [4]")
+    g.add_argument("--groups", type=int, default=None,
+                   help="permutation groups G per site; G=1 is global [4; digits-vit on digits: 1]")
     g.add_argument("--heuristic", default="zigzag", choices=["zigzag", "zigzag+swap"],
                    help="heuristic search (also the learned run's warm start) [zigzag]")
     g.add_argument("--swap-seconds", type=float, default=1.0, help="time budget per site of zigzag+swap [1.0]")
@@ -52,18 +54,26 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-out", default="fold", choices=["fold", "gather"],
                    help="o_proj: fold into v_proj rows (head-aligned) or gather [fold]")
     d = p.add_argument_group("calibration data")
-    d.add_argument("--calib", default="wikipedia",
-                   help="wikipedia (embedded), a .txt file, or a datasets name (wikitext2, c4) [wikipedia]")
-    d.add_argument("--n-calib", type=int, default=128, help="calibration windows [128]")
+    d.add_argument("--calib", default=None,
+                   help="language models: wikipedia (embedded), a .txt file, or a datasets name (wikitext2, c4) "
+                   "[wikipedia]; image classifiers: digits (embedded) or an image folder root/<class>/<images> [digits]")
+    d.add_argument("--n-calib", type=int, default=None, help="calibration windows [128] or images [512]")
+    d.add_argument("--eval-images", default=None,
+                   help="image classifiers: a labelled image folder for top-1 (digits: its held-out test split)")
     d.add_argument("--window", type=int, default=512, help="tokens per window [512]")
     d.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens (the last of the text) [32768]")
     t = p.add_argument_group("trainer (--permutation learned)")
     t.add_argument("--objective", default="e2e", choices=["e2e", "blockwise"],
                    help="end-to-end CE+KL, or per-block output MSE (memory flat in depth) [e2e]")
-    t.add_argument("--init", default="heuristic", choices=["heuristic", "identity", "noise"],
-                   help="cost initialisation [heuristic]")
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the calibration windows [1]")
-    t.add_argument("--batch-size", type=int, default=4, help="windows per step [4]")
+    t.add_argument("--init", default="heuristic", choices=["heuristic", "identity", "noise", "random"],
+                   help="cost initialisation: heuristic warm start, identity-biased, zero + noise, or a random "
+                   "permutation [heuristic]")
+    t.add_argument("--cost-model", default=None, choices=["table", "predictor"],
+                   help="free k x k cost table per group (the paper), or costs predicted from weight and "
+                   "activation statistics by a small shared network (far fewer parameters) [table]")
+    t.add_argument("--epochs", type=float, default=None,
+                   help="passes over the calibration windows [1; digits-vit on digits: see README, Vision]")
+    t.add_argument("--batch-size", type=int, default=None, help="windows [4] or images [32] per step")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate on the costs")
     t.add_argument("--margin", type=float, default=None, help="initial cost advantage of the start permutation")
     t.add_argument("--tau-start", type=float, default=None, help="initial Sinkhorn temperature")
@@ -89,6 +99,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--offload", action="store_true",
                    help="stream block by block: one block and its inputs on the compute device, the rest on CPU")
     r.add_argument("--device", default=None, help="compute device of --offload [cuda if available, else cpu]")
+    r.add_argument("--spread-blocks", action="store_true",
+                   help="--objective blockwise: learn each block against the dense model's inputs, so that "
+                   "torchrun's processes split the blocks between them (README: Scaling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (required)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a run")
     p.add_argument("--recipe", default=None, help="YAML or JSON file with any of these options (flags win)")
-    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity (top-1) before and after")
     _add_prune_options(p)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity (and lm-eval accuracy) of an exported directory")
-    e.add_argument("dir", help="directory written by permsparse prune (or any causal LM directory)")
-    e.add_argument("--data", default="wikipedia", help="text for perplexity (as --calib) [wikipedia]")
+    e = sub.add_parser("eval", parents=[common],
+                       help="perplexity (and lm-eval accuracy), or an image classifier's top-1, of an exported directory")
+    e.add_argument("dir", help="directory written by permsparse prune (or any causal LM or image classifier directory)")
+    e.add_argument("--data", default=None, help="text for perplexity (as --calib) [wikipedia]; for an image "
+                   "classifier: digits or a labelled image folder [the run's --eval-images, else digits]")
     e.add_argument("--window", type=int, default=512)
     e.add_argument("--eval-tokens", type=int, default=32768)
     e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the 'eval' extra)")
@@ -190,7 +205,7 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
-                 "time_budget", "optimizer", "noise", "guard_batches"):
+                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
     return PruneConfig(
@@ -198,6 +213,7 @@ def _prune_config(args: argparse.Namespace):
         heuristic=args.heuristic, swap_seconds=args.swap_seconds, sequential=args.sequential,
         sync=not args.independent, attn_out=args.attn_out, learn=LearnConfig(**learn_kw),
         progress=not args.quiet, offload=getattr(args, "offload", False), device=getattr(args, "device", None),
+        spread_blocks=getattr(args, "spread_blocks", False),
     )
 
 
@@ -231,38 +247,88 @@ def cmd_prune(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from . import distributed as dist
+@dataclass
+class _Workload:
+    """What a model is calibrated on and measured by: token windows and perplexity for
+    language models, labelled images and top-1 for image classifiers."""
+
+    calib: object  # token windows (n, T) or a list of batch dicts
+    metric: str  # "ppl" or "top1"
+    measure: Callable | None  # model -> the metric on the evaluation set; None: nothing to evaluate on
+    info: dict  # what the data was, for the run's metrics
+
+
+def _fill_defaults(args: argparse.Namespace, task: str) -> None:
+    """Flags left unset take the defaults of what is pruned (windows or images)."""
+    defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": 4}
+    if task == "image-classification":
+        from .vision import DIGITS_PRUNE
+
+        defaults = {"calib": "digits", "n_calib": 512, "batch_size": 32, "epochs": 1.0, "groups": 4}
+        if str(args.calib or "digits").lower().startswith("digits"):
+            defaults.update(DIGITS_PRUNE)  # tuned on the digits' validation split (README: Vision)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _workload(args: argparse.Namespace, task: str, model, preprocessor, progress: bool) -> _Workload:
+    if task == "image-classification":
+        from .evaluate import top1_accuracy
+        from .images import label_names, load_image_data
+
+        size = int(getattr(model.config, "image_size", 224))
+        data = load_image_data(args.calib, preprocessor, size, args.n_calib, args.seed, args.eval_images, progress,
+                               classes=label_names(model))
+        info = {"calib": data.source, "n_calib": len(data.calib), "eval_images": data.eval.source if data.eval else None,
+                "n_eval": len(data.eval) if data.eval else 0}
+        if data.eval is None:
+            log.warning("no labelled evaluation images (--eval-images DIR): top-1 is not measured")
+            return _Workload(data.calib.batches(args.batch_size), "top1", None, info)
+        ev = data.eval
+        return _Workload(data.calib.batches(args.batch_size), "top1",
+                         lambda m: top1_accuracy(m, ev.batches(64), progress=progress), info)
     from .data import load_text_windows
     from .evaluate import perplexity
+
+    windows = load_text_windows(args.calib, preprocessor, args.window, args.n_calib, args.seed,
+                                eval_tokens=args.eval_tokens)
+    info = {"calib": windows.source, "n_calib": int(windows.calib.shape[0]), "window": args.window}
+    return _Workload(windows.calib, "ppl", lambda m: perplexity(m, windows.eval, progress=progress), info)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import distributed as dist
     from .io import export
-    from .loading import load_model
+    from .loading import load_model, model_task
     from .pipeline import prune
     from .report import write_report
 
     if not args.model:
-        raise UsageError("MODEL is required (a directory, hub id, .gguf file, or smollm2-135m)")
+        raise UsageError("MODEL is required (a directory, hub id, .gguf file, smollm2-135m or digits-vit)")
     out = _check_out(args.out, args.overwrite)
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
+    task = model_task(args.model)
+    _fill_defaults(args, task)
     config = _prune_config(args)
     main_rank = dist.is_main()
     progress = not args.quiet and main_rank
     config.progress = progress
     evaluate = not args.no_eval and main_rank
     t_start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    windows = load_text_windows(args.calib, tokenizer, args.window, args.n_calib, args.seed, eval_tokens=args.eval_tokens)
-    metrics: dict = {"model": args.model, "calib": windows.source, "n_calib": int(windows.calib.shape[0]),
-                     "window": args.window}
+    model, tokenizer = load_model(args.model, task=task)
+    work = _workload(args, task, model, tokenizer, progress)
+    evaluate = evaluate and work.measure is not None
+    metrics: dict = {"model": args.model, **work.info}
     if dist.world_size() > 1:
         metrics["world_size"] = dist.world_size()
     if evaluate:
-        metrics["ppl_dense"] = perplexity(model, windows.eval, progress=progress)
+        metrics[f"{work.metric}_dense"] = work.measure(model)
     with tempfile.TemporaryDirectory() as tmp:
         steps_path = Path(tmp) / "steps.jsonl"
         t0 = time.perf_counter()
-        result = prune(model, tokenizer, config, windows.calib, metrics_path=steps_path, resume=args.resume)
+        result = prune(model, tokenizer, config, work.calib, metrics_path=steps_path, resume=args.resume)
         if not main_rank:
             return 0  # every rank holds the same pruned model; rank 0 evaluates and writes it
         metrics["prune_seconds"] = time.perf_counter() - t0
@@ -270,12 +336,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         metrics["guard"] = result.guard
         metrics.update(result.retained())
         if evaluate:
-            metrics["ppl"] = perplexity(model, windows.eval, progress=progress)
+            metrics[work.metric] = work.measure(model)
         metrics["peak_rss_mb"] = _peak_rss_mb()
         metrics["total_seconds"] = time.perf_counter() - t_start
         summary = [{"model": args.model, "pattern": config.pattern, "score": config.score,
                     "permutation": config.permutation, "kept": result.kept_plan,
-                    "ppl_dense": metrics.get("ppl_dense"), "ppl": metrics.get("ppl"),
+                    f"{work.metric}_dense": metrics.get(f"{work.metric}_dense"), work.metric: metrics.get(work.metric),
                     "prune_s": metrics["prune_seconds"], "peak_rss_mb": metrics["peak_rss_mb"]}]
         # The report is written beside the steps first and travels inside the atomic export.
         write_report(tmp, f"permsparse: {args.model} {config.pattern} {config.score} + {config.permutation}",
@@ -291,21 +357,65 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_classifier(args: argparse.Namespace, path: Path, has_plan: bool) -> int:
+    """Top-1 of an image classifier folder on ``--data`` (digits: its held-out test split)."""
+    from .evaluate import top1_accuracy
+    from .images import label_names, load_digits_set, open_image_folder
+    from .io import load, read_plan
+    from .loading import load_model
+
+    if has_plan:
+        model, processor = load(path, deploy=True), _image_processor(path)
+        data = args.data or read_plan(path)[0].get("metrics", {}).get("eval_images") or "digits"
+    else:
+        model, processor = load_model(str(path), task="image-classification")
+        data = args.data or "digits"
+    size = int(getattr(model.config, "image_size", 224))
+    base, _, split = str(data).partition(":")
+    if base.lower() == "digits":
+        images = load_digits_set(split or "test", processor, size)
+    else:
+        images = open_image_folder(data, processor, size, classes=label_names(model))
+    acc = top1_accuracy(model, images.batches(max(args.batch_size, 64)), progress=not args.quiet)
+    results = {"dir": str(path), "data": images.source, "n_images": len(images), "top1": acc}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_table([{"metric": "top-1", "data": images.source, "images": len(images), "value": acc}])
+    return 0
+
+
+def _image_processor(path: Path):
+    """The image processor saved beside a model, or ``None`` (plain resize and [-1, 1])."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        log.info("%s has no image processor; images are resized and scaled to [-1, 1]", path)
+        return None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_text_windows
     from .evaluate import perplexity
     from .io import load
+    from .loading import model_task
 
     path = Path(args.dir).expanduser()
     if not path.is_dir():
         raise UsageError(f"{args.dir} is not a directory")
     has_plan = (path / "permsparse.json").is_file()
+    task = model_task(str(path))
+    if task == "image-classification":
+        return _eval_classifier(args, path, has_plan)
+    args.data = args.data or "wikipedia"
     if has_plan:
         model = load(path, deploy=True)
     else:
         from .loading import load_model
 
-        model, _ = load_model(str(path))
+        model, _ = load_model(str(path), task=task)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -8,6 +8,11 @@ gradients is the gradient of the global mean loss: the update is the single-proc
 one (up to float summation order). Calibration statistics (sums) are all-reduced so
 every rank scores with the global statistics. Only rank 0 writes files.
 
+In block-wise mode the blocks themselves can be spread over the ranks instead
+(:func:`block_owners`): each rank learns its contiguous share of blocks, then the
+results are gathered (:func:`all_gather_object`) and each pruned block's weights are
+broadcast from the rank that owns it (:func:`broadcast_`).
+
 Without an initialised process group every helper is the single-process identity, so
 the same code path (and the same command) runs in one process.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -33,6 +38,9 @@ __all__ = [
     "mean_float",
     "any_flag",
     "barrier",
+    "block_owners",
+    "all_gather_object",
+    "broadcast_",
 ]
 
 
@@ -84,16 +92,22 @@ def shard_batch(batch: Mapping[str, torch.Tensor]) -> dict:
             for k, v in batch.items()}
 
 
-def _all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
-    """In place all-reduce; nccl only reduces CUDA tensors, so CPU ones take a round trip."""
-    op = torch.distributed.ReduceOp.SUM if op is None else op
+def _on_comm_device(t: torch.Tensor, collective) -> torch.Tensor:
+    """Run ``collective`` in place on ``t``; nccl only handles CUDA tensors, so CPU ones
+    (offloaded blocks, statistics) take a round trip through the current device."""
     if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
         dev = t.to(f"cuda:{torch.cuda.current_device()}")
-        torch.distributed.all_reduce(dev, op=op)
+        collective(dev)
         t.copy_(dev.cpu())
     else:
-        torch.distributed.all_reduce(t, op=op)
+        collective(t)
     return t
+
+
+def _all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In place all-reduce (sum by default)."""
+    op = torch.distributed.ReduceOp.SUM if op is None else op
+    return _on_comm_device(t, lambda x: torch.distributed.all_reduce(x, op=op))
 
 
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
@@ -155,3 +169,31 @@ def any_flag(flag: bool) -> bool:
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
+
+
+def block_owners(n_blocks: int, world: int | None = None) -> list[int]:
+    """The rank that owns each of ``n_blocks`` blocks: contiguous shares, the first
+    ``n_blocks % world`` ranks one block more. Contiguous (not round-robin) so that a
+    rank can stop its forward walk after its last block."""
+    world = world_size() if world is None else world
+    per, extra = divmod(n_blocks, world)
+    owners: list[int] = []
+    for r in range(world):
+        owners += [r] * (per + (1 if r < extra else 0))
+    return owners
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable; keep it to plain Python values), in rank order."""
+    if not is_distributed():
+        return [obj]
+    got: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(got, obj)
+    return got
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """In place: every rank's ``t`` becomes rank ``src``'s."""
+    if is_distributed():
+        _on_comm_device(t, lambda x: torch.distributed.broadcast(x, src=src))
+    return t

@@ -1,17 +1,18 @@
-"""Model evaluation: language-model perplexity on fixed token windows, and zero-shot
-accuracy through lm-evaluation-harness (optional ``eval`` extra)."""
+"""Model evaluation: language-model perplexity on fixed token windows, top-1 accuracy of
+image classifiers, and zero-shot accuracy through lm-evaluation-harness (optional
+``eval`` extra)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "lm_eval_accuracy"]
+__all__ = ["perplexity", "top1_accuracy", "lm_eval_accuracy"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,47 @@ def perplexity(
     ppl = math.exp(mean_nll) if not mean_nll > 700 else math.inf  # exp overflows past ~709; NaN stays NaN
     logger.info("perplexity %.3f over %d windows x %d tokens", ppl, windows.shape[0], windows.shape[1])
     return ppl
+
+
+def top1_accuracy(
+    model: Any,
+    images: "torch.Tensor | Iterable[Mapping[str, torch.Tensor]]",
+    labels: torch.Tensor | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> float:
+    """Top-1 accuracy of an image classifier (returns ``.logits``) on labelled images.
+
+    Args:
+        model: e.g. a ``ViTForImageClassification``; its mode is left unchanged.
+        images: ``(N, C, H, W)`` model inputs with ``labels`` ``(N,)``; or batch dicts
+            ``{"pixel_values", "labels"}`` (e.g. an image folder's lazy ``.batches(64)``,
+            so that a large evaluation set never sits in memory whole).
+        batch_size: images per forward pass (tensor input).
+        device: where to run; default the device of the model's parameters.
+        progress: show a tqdm progress bar.
+    """
+    if isinstance(images, torch.Tensor):
+        if labels is None or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"need one label per image, got {None if labels is None else labels.shape[0]} labels "
+                             f"for {images.shape[0]} images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images = [{"pixel_values": images[i : i + batch_size], "labels": labels[i : i + batch_size]}
+                  for i in range(0, images.shape[0], batch_size)]
+    device = torch.device(device) if device is not None else _model_device(model)
+    correct = total = 0
+    with torch.inference_mode():
+        for batch in tqdm(images, desc="top-1", disable=not progress):
+            logits = model(pixel_values=batch["pixel_values"].to(device)).logits
+            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+    if total == 0:
+        raise ValueError("no labelled images to evaluate")
+    acc = correct / total
+    logger.info("top-1 %.4f over %d images", acc, total)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from .nm import NMPattern, check_finite
 from .permutation import Permutation
 
-__all__ = ["zigzag_permutation", "swap_search"]
+__all__ = ["zigzag_permutation", "swap_search", "insertion_gain", "sum_of_max"]
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,49 @@ def _reassign_slot(sg: torch.Tensor, layout: torch.Tensor, slot: int, pattern: N
     r_sorted = torch.sort(rest, dim=-1, descending=True).values
     base = r_sorted[..., : n - 1].sum(dim=(0, 2))  # (B,)
     r_n = r_sorted[..., n - 1]  # (O, B)
-    x = sg[:, cand]  # (O, C)
-    gain = torch.empty(cand.numel(), n_blocks, dtype=torch.float64)
-    for c0 in range(0, cand.numel(), chunk):
-        xc = x[:, c0 : c0 + chunk]  # (O, c)
-        gain[c0 : c0 + chunk] = torch.maximum(xc.unsqueeze(2), r_n.unsqueeze(1)).sum(0).double()
+    gain = sum_of_max(sg[:, cand], r_n, chunk)  # (C, B)
     gain += base.double().unsqueeze(0)
     rows, cols = linear_sum_assignment(gain.numpy(), maximize=True)  # channel rows[i] -> block cols[i]
     new = blocks.clone()
     new[torch.from_numpy(cols), slot] = cand[torch.from_numpy(rows)]
     return new.reshape(-1)
+
+
+def sum_of_max(x: torch.Tensor, t: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``out[c, j] = Σ_rows max(x[:, c], t[:, j])`` in float64, ``chunk`` columns of ``x`` at a time
+    (the ``(rows, chunk, J)`` intermediate bounds the memory)."""
+    out = torch.empty(x.shape[1], t.shape[1], dtype=torch.float64)
+    for c0 in range(0, x.shape[1], chunk):
+        out[c0 : c0 + chunk] = torch.maximum(x[:, c0 : c0 + chunk].unsqueeze(2), t.unsqueeze(1)).sum(0).double()
+    return out
+
+
+def insertion_gain(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str", chunk: int = 64) -> torch.Tensor:
+    """``(G, k, k)``: ``gain[g, c, j]`` = score kept in slot ``j``'s block if channel ``c`` sat in slot ``j``,
+    the block's other channels staying (up to a constant per slot).
+
+    With the block's other ``M-1`` values in a row sorted as ``r_1 >= r_2 >= ...``, putting
+    ``x`` in the slot keeps ``top_{n-1}(r) + max(x, r_n)``, so only ``Σ_rows max(x, r_n)``
+    depends on the channel. It is the exact first-order value of moving one channel, with
+    the competition inside the block that the plain ``S P ⊙ M`` linearisation ignores (a
+    channel placed in a pruned slot may still be kept if it beats a block-mate), and the
+    gradient that :func:`permsparse.permuter.fit_to_score` descends by default.
+    """
+    s, pattern = _prepare(score, pattern, perm.groups)
+    n, m = pattern.n_kept, pattern.m
+    d_out, d_in = s.shape
+    g, k = perm.groups, perm.group_size
+    sp = perm.apply_to_columns(s).view(d_out, d_in // m, m)
+    vals, order = sp.sort(-1, descending=True)
+    rank = order.argsort(-1)  # each slot's rank within its block
+    # The n-th largest of the *other* slots: value at rank n (0-based) for a slot among the
+    # top n, at rank n-1 otherwise.
+    r_n = torch.where(rank < n, vals[..., n : n + 1], vals[..., n - 1 : n]).reshape(d_out, d_in)
+    out = torch.empty(g, k, k, dtype=torch.float64)
+    for j in range(g):
+        cols = slice(j * k, (j + 1) * k)
+        out[j] = sum_of_max(s[:, cols], r_n[:, cols], chunk)
+    return out
 
 
 def _block_kept(vals: torch.Tensor, n: int) -> torch.Tensor:

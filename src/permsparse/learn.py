@@ -34,6 +34,7 @@ from . import distributed as dist
 from .nm import NMPattern
 from .permutation import Permutation
 from .permuter import GroupAdam, hard_permuted_prune, init_cost, permuted_mask
+from .predictor import CostPredictor, channel_features, make_mlp
 from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
 from .sites import Site
 
@@ -54,9 +55,21 @@ __all__ = [
     "make_batches",
     "save_checkpoint",
     "load_checkpoint",
+    "site_features",
+    "INIT_CHOICES",
+    "COST_MODELS",
 ]
 
 log = logging.getLogger(__name__)
+
+
+#: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
+#: a random starting permutation.
+INIT_CHOICES = ("heuristic", "identity", "noise", "random")
+#: ``LearnConfig.cost_model`` values.
+COST_MODELS = ("table", "predictor")
+#: LearnConfig.init -> the bank's init.
+_BANK_INIT = {"heuristic": "permutation", "identity": "identity", "noise": "noise", "random": "random"}
 
 
 @dataclass
@@ -64,7 +77,9 @@ class LearnConfig:
     """Knobs of the trainer (defaults: see the README's recommendations)."""
 
     objective: str = "e2e"  # "e2e" or "blockwise"
-    init: str = "heuristic"  # "heuristic" (warm start), "identity" or "noise"
+    init: str = "heuristic"  # "heuristic" (warm start), "identity", "noise" or "random"
+    cost_model: str = "table"  # "table" (the paper's free k x k costs) or "predictor" (see permsparse.predictor)
+    predictor_dim: int = 8
     epochs: float = 1.0
     batch_size: int = 4
     lr: float = 0.02
@@ -88,8 +103,12 @@ class LearnConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("e2e", "blockwise"):
             raise ValueError(f"objective must be 'e2e' or 'blockwise', got {self.objective!r}")
-        if self.init not in ("heuristic", "identity", "noise"):
-            raise ValueError(f"init must be 'heuristic', 'identity' or 'noise', got {self.init!r}")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
+        if self.predictor_dim < 1:
+            raise ValueError(f"predictor_dim must be >= 1, got {self.predictor_dim}")
         if self.optimizer not in ("group-adam", "adam"):
             raise ValueError(f"optimizer must be 'group-adam' or 'adam', got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
@@ -133,32 +152,66 @@ class PermutationBank(nn.Module):
         noise: float = 0.01,
         seed: int = 0,
         exact_grad: bool = False,
+        cost_model: str = "table",
+        features: Mapping[str, torch.Tensor] | None = None,
+        predictor_dim: int = 8,
+        predictor_hidden: int = 32,
     ) -> None:
         super().__init__()
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
+        if cost_model == "predictor" and features is None:
+            raise ValueError("cost_model='predictor' needs per-site channel features (see site_features)")
         self.exact_grad = exact_grad  # differentiate through every Sinkhorn iteration
+        self.cost_model = cost_model
         gen = torch.Generator().manual_seed(seed)
         self.sites = list(sites)
         self.groups = groups
         self._slot: dict[str, tuple[str, int, int]] = {}  # site -> (size key, offset, free groups)
         chunks: dict[str, list[torch.Tensor]] = {}
+        feats: dict[str, list[torch.Tensor]] = {}
         for site in self.sites:
             _, k = site.structure(groups, pattern)
             free_g = site.free_groups(groups)
             warm = None
-            if init == "permutation":
-                full = start[site.name] if start and site.name in start else Permutation.identity(site.d_in, site.structure(groups)[0])
-                warm = site.untie(full, groups) if site.head_tied else full
-            cost = init_cost(free_g * k, free_g, init, margin, noise, warm, gen)
+            how = init
+            if init == "random":  # start from a random (tie-respecting) permutation, as committed as a warm start
+                warm = site.random_permutation(groups, gen)
+                how = "permutation"
+            elif init == "permutation":
+                warm = start[site.name] if start and site.name in start else Permutation.identity(site.d_in, site.structure(groups)[0])
+            if warm is not None and site.head_tied:
+                warm = site.untie(warm, groups)
+            cost = init_cost(free_g * k, free_g, how, margin, noise, warm, gen)
             key = str(k)
             offset = sum(c.shape[0] for c in chunks.get(key, []))
             chunks.setdefault(key, []).append(cost)
+            if features is not None:
+                feats.setdefault(key, []).append(features[site.name].reshape(free_g, k, -1))
             self._slot[site.name] = (key, offset, free_g)
-        self.costs = nn.ParameterDict({key: nn.Parameter(torch.cat(c)) for key, c in chunks.items()})
+        if cost_model == "table":
+            self.costs = nn.ParameterDict({key: nn.Parameter(torch.cat(c)) for key, c in chunks.items()})
+            self.predictors = nn.ModuleDict()
+        else:
+            self.costs = nn.ParameterDict()
+            first = next(iter(feats.values()))[0]
+            mlp = make_mlp(first.shape[-1], predictor_hidden, predictor_dim, gen)  # one MLP for every site
+            self.predictors = nn.ModuleDict({
+                key: CostPredictor(torch.cat(feats[key]), torch.cat(c), pattern.m, predictor_dim, predictor_hidden, mlp)
+                for key, c in chunks.items()
+            })
         self._ties = {s.name: s.tie_index(groups) for s in self.sites}
+
+    def cost_tensors(self) -> dict[str, torch.Tensor]:
+        """The current cost ``(N, k, k)`` per group size: the table, or the predictor's output."""
+        if self.cost_model == "table":
+            return dict(self.costs.items())
+        return {key: pred() for key, pred in self.predictors.items()}
 
     def hard(self) -> dict[str, Permutation]:
         """The hard permutation of every site."""
-        local = {key: hard_assignment(c) for key, c in self.costs.items()}
+        with torch.no_grad():
+            local = {key: hard_assignment(c) for key, c in self.cost_tensors().items()}
         return {s.name: self._site_perm(s, local) for s in self.sites}
 
     def _site_perm(self, site: Site, local: Mapping[str, torch.Tensor]) -> Permutation:
@@ -171,7 +224,7 @@ class PermutationBank(nn.Module):
         p_st: dict[str, torch.Tensor] = {}
         local: dict[str, torch.Tensor] = {}
         ent_sum, ent_n = 0.0, 0
-        for key, cost in self.costs.items():
+        for key, cost in self.cost_tensors().items():
             if self.exact_grad:
                 log_p = log_sinkhorn(-cost / tau, n_iters)  # (N, k, k), differentiated through
                 soft = log_p.exp()
@@ -445,10 +498,7 @@ def train_end_to_end(
     device = next(model.parameters()).device
     model.requires_grad_(False)
     weights = {c: _weight(model, c) for s in sites for c in s.consumers}
-    init = {"heuristic": "permutation", "identity": "identity", "noise": "noise"}[cfg.init]
-    bank = PermutationBank(
-        sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad
-    ).to(device)
+    bank = _make_bank(sites, groups, pattern, start, cfg, scores, weights).to(device)
     opt = _optimizer(bank, cfg)
     batches = make_batches(calib, cfg.batch_size)
     steps = max(1, int(round(cfg.epochs * len(batches))))
@@ -459,7 +509,7 @@ def train_end_to_end(
     order: list[int] = []
     first = 0
     elapsed0 = 0.0
-    key = _run_key(cfg, sites, groups, pattern, len(batches), bank.costs)
+    key = _run_key(cfg, sites, groups, pattern, len(batches), dict(bank.named_parameters()))
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if resume and ckpt is None:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
@@ -471,8 +521,8 @@ def train_end_to_end(
                 f"calibration batches or trainer settings); remove it or drop --resume"
             )
         with torch.no_grad():
-            for k, p in bank.costs.items():
-                p.copy_(tensors[f"cost/{k}"].to(p.device, p.dtype))
+            for k, p in bank.named_parameters():
+                p.copy_(tensors[f"param/{k}"].to(p.device, p.dtype))
         _restore_optimizer(opt, bank, tensors, meta["opt"])
         gen.set_state(torch.tensor(meta["gen"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
@@ -494,7 +544,7 @@ def train_end_to_end(
     def save(done: int) -> None:
         if ckpt is None or not main:
             return
-        tensors = {f"cost/{k}": p.detach() for k, p in bank.costs.items()}
+        tensors = {f"param/{k}": p.detach() for k, p in bank.named_parameters()}
         opt_t, opt_s = _optimizer_tensors(opt, bank)
         tensors.update(opt_t)
         if prev is not None:
@@ -571,6 +621,27 @@ def train_end_to_end(
     return bank.hard(), history
 
 
+def site_features(
+    sites: Sequence[Site], groups: int, scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per-site channel features ``(free groups, k, F)`` for the cost predictor, laid out
+    like the site's learnable groups (head-tied sites: one group per KV head)."""
+    out = {}
+    for site in sites:
+        s = site.tied_score(torch.cat([scores[c].float() for c in site.consumers], dim=0), groups)
+        w = site.tied_score(torch.cat([weights[c].detach().float().cpu() for c in site.consumers], dim=0), groups)
+        out[site.name] = channel_features([s.cpu()], [w], site.free_groups(groups))
+    return out
+
+
+def _make_bank(sites, groups, pattern, start, cfg: LearnConfig, scores, weights) -> "PermutationBank":
+    features = site_features(sites, groups, scores, weights) if cfg.cost_model == "predictor" else None
+    return PermutationBank(
+        sites, groups, pattern, start, _BANK_INIT[cfg.init], cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad,
+        cost_model=cfg.cost_model, features=features, predictor_dim=cfg.predictor_dim,
+    )
+
+
 def _optimizer(bank: nn.Module, cfg: LearnConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(bank.parameters(), lr=cfg.lr)
@@ -601,10 +672,7 @@ def train_block(
     device = next(block.parameters()).device
     prefix = f"{block_name}."
     weights = {c: block.get_submodule(c[len(prefix) :]).weight.detach() for s in sites for c in s.consumers}
-    init = {"heuristic": "permutation", "identity": "identity", "noise": "noise"}[cfg.init]
-    bank = PermutationBank(
-        sites, groups, pattern, start, init, cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad
-    ).to(device)
+    bank = _make_bank(sites, groups, pattern, start, cfg, scores, weights).to(device)
     opt = _optimizer(bank, cfg)
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, cfg.steps_per_block, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)

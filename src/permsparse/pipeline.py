@@ -62,6 +62,9 @@ class PruneConfig:
     progress: bool = True
     offload: bool = False  # block by block: only the current block (and its inputs) on `device`, the rest on CPU
     device: str | None = None  # compute device of the streamed blocks [cuda if available, else cpu]
+    # Block-wise: each block learns against the DENSE model's inputs, so blocks are independent
+    # and torch.distributed ranks take contiguous shares of them (see _prune_blockwise).
+    spread_blocks: bool = False
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -73,6 +76,12 @@ class PruneConfig:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
         if isinstance(self.learn, dict):
             self.learn = LearnConfig(**self.learn)
+        if self.spread_blocks and self.sequential:
+            raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
+                             "pruned blocks' outputs: choose one")
+        if self.spread_blocks and self.permutation == "learned" and self.learn.objective != "blockwise":
+            raise ValueError("spread_blocks needs the block-wise objective (objective='blockwise'); the end-to-end "
+                             "objective already shares its work over ranks by splitting batches")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,7 +136,9 @@ def prune(
     Under ``torch.distributed`` (see :mod:`permsparse.distributed`) every rank calls this
     with the same model and data: statistics and the end-to-end training are sharded over
     the ranks, which all end with the same pruned model. ``offload=True`` streams the
-    model block by block (it implies the block-by-block path).
+    model block by block (it implies the block-by-block path). ``spread_blocks=True``
+    (block-wise) learns every block against the dense model's inputs and splits the
+    blocks over the ranks (see :func:`_prune_blockwise`).
     """
     cfg = config or PruneConfig()
     t0 = time.perf_counter()
@@ -143,7 +154,8 @@ def prune(
             s.structure(cfg.groups, pattern)  # fail early, naming the site, before any work
     permutation = cfg.permutation if pattern is not None else "none"
     model.requires_grad_(False)
-    if cfg.sequential or cfg.offload or (permutation == "learned" and cfg.learn.objective == "blockwise"):
+    if (cfg.sequential or cfg.offload or cfg.spread_blocks
+            or (permutation == "learned" and cfg.learn.objective == "blockwise")):
         result = _prune_blockwise(model, sites, pattern, cfg, permutation, batches)
     else:
         result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step, resume)
@@ -246,52 +258,99 @@ def _weights(model: nn.Module, sites: Sequence[Site]) -> dict[str, torch.Tensor]
 
 
 def _prune_blockwise(model, sites, pattern, cfg, permutation, batches) -> PruneResult:
-    """Block by block: statistics from the already-pruned blocks; learned permutations use
-    the block-wise objective against each block's dense output."""
+    """Block by block; learned permutations use the block-wise objective against each
+    block's dense output.
+
+    Two feeds of a block's inputs:
+
+    * default (sequential): the outputs of the already-pruned blocks before it, so a block
+      is fitted to the inputs it will receive in the pruned model; this forces one block
+      after another, and under torch.distributed every rank does every block (replicated).
+    * ``spread_blocks``: the dense model's inputs (one dense walk through the blocks;
+      statistics as in one-shot calibration). A block is then fitted to inputs that the
+      pruned model will not quite give it (a possible loss of quality), but blocks are
+      independent: each rank learns and prunes its contiguous share, then
+      the permutations, reports and losses are all-gathered and each pruned block's weights
+      broadcast from its owner, so every rank ends with the same model. A rank holds the
+      inputs of one block at a time and stops its walk after its last block; one process
+      gives the same result as any number of ranks.
+    """
     by_block: dict[str, list[Site]] = {}
     for s in sites:
         by_block.setdefault(s.block, []).append(s)
     order = [n for n, _ in model.named_modules() if n in by_block]
     chain = [(n, get_module(model, n)) for n in order]
-    perms: dict[str, Permutation] = {}
-    reports: list[SiteReport] = []
-    history: list[StepLog] = []
-    guard: dict[str, float] = {}
-    kept: dict[str, int] = {"none": 0, "heuristic": 0, "learned": 0}
+    done: dict[str, dict] = {}  # block -> what it chose, as plain values (they cross ranks when spread)
     hessian = cfg.score == "sparsegpt"
+    spread = cfg.spread_blocks
+    owners = dist.block_owners(len(chain)) if spread else []
+    owner_of = dict(zip(order, owners))
+    if spread:
+        mine = [n for n, r in zip(order, owners) if r == dist.rank()]
+        log.info("spread blocks: rank %d/%d learns %d of %d blocks%s", dist.rank(), dist.world_size(), len(mine),
+                 len(chain), f" ({mine[0]} .. {mine[-1]})" if mine else "")
+    elif dist.world_size() > 1 and dist.is_main():
+        log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
+                 "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
 
     def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
         bsites = by_block[name]
         want_heur = permutation in ("heuristic", "learned")
         scores, heur = _scores_and_heuristic(model, bsites, pattern, cfg, stats, want_heur)
         chosen: dict[str, Permutation] = {}
+        rec: dict = {"history": [], "guard": {}, "kept": None}
         if permutation == "heuristic":
             chosen = heur
         elif permutation == "learned":
             calls = list(zip(inputs.args, inputs.kwargs))
-            with torch.no_grad():
-                targets = [block_output(block(*a, **k)).detach() for a, k in calls]
+            targets = inputs.outputs  # the dense outputs, when run_blocks computed them already
+            if targets is None:
+                with torch.no_grad():
+                    targets = [block_output(block(*a, **k)).detach() for a, k in calls]
             learned, hist = train_block(block, name, bsites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
                                         start=heur if cfg.learn.init == "heuristic" else None)
-            history.extend(hist)
             candidates = {"none": _identity_perms(bsites, cfg.groups), "heuristic": heur, "learned": learned}
             losses = {k: block_loss(block, name, bsites, c, scores, pattern, calls, targets, cfg.learn.bf16)
                       for k, c in candidates.items()}
             best = min(losses, key=lambda k: (losses[k], k != "learned"))
-            kept[best] += 1
-            for k, v in losses.items():
-                guard[f"{name}:{k}"] = v
+            rec.update(history=[h.to_json() for h in hist], guard={f"{name}:{k}": v for k, v in losses.items()},
+                       kept=best)
             chosen = candidates[best]
-        perms.update(chosen)
-        for s in bsites:
-            reports.append(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
-                                       [scores[c] for c in s.consumers]))
+        rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
+        rec["reports"] = [
+            asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
+                               [scores[c] for c in s.consumers]))
+            for s in bsites
+        ]
+        done[name] = rec
 
     device = None
     if cfg.offload:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block, hessian,
-               cfg.progress and dist.is_main(), offload=cfg.offload, device=device)
+               cfg.progress and dist.is_main(), offload=cfg.offload, device=device,
+               owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread)
+    if spread:
+        for part in dist.all_gather_object(done):
+            done.update(part)
+        with torch.no_grad():  # the pruned weights, from each block's owner, in the same order on every rank
+            for (name, _), owner in zip(chain, owners):
+                for s in by_block[name]:
+                    for c in s.consumers:
+                        dist.broadcast_(get_module(model, c).weight.data, owner)
+    perms: dict[str, Permutation] = {}
+    reports: list[SiteReport] = []
+    history: list[StepLog] = []
+    guard: dict[str, float] = {}
+    kept: dict[str, int] = {"none": 0, "heuristic": 0, "learned": 0}
+    for name in order:
+        rec = done[name]
+        perms.update({n: Permutation(torch.tensor(idx), groups) for n, (idx, groups) in rec["perms"].items()})
+        reports += [SiteReport(**r) for r in rec["reports"]]
+        history += [StepLog(**h) for h in rec["history"]]
+        guard.update(rec["guard"])
+        if rec["kept"] is not None:
+            kept[rec["kept"]] += 1
     if permutation == "learned":
         plan = ", ".join(f"{k} {v}/{len(chain)}" for k, v in kept.items() if v)
         log.info("block-wise guard kept: %s", plan)

@@ -1,0 +1,466 @@
+"""The paper's ablations and open questions as one sweep on the embedded default.
+
+    python bench/sweep.py                     # the full grid on SmolLM2-135M + Wikipedia (~1.5 h, 2 CPU cores)
+    python bench/sweep.py --preset tiny       # two points per axis on a tiny random LLaMA (CI, < 1 min)
+    python bench/sweep.py --axes groups,init  # only some axes
+    python bench/sweep.py --render            # re-render sweep.md and sweep.png from sweep.json
+    python bench/sweep.py --merge A B         # join the sweep.json of runs split over processes (--axes)
+
+Axes (each varies one setting of the base configuration, everything else fixed):
+
+1. ``groups``    G in {1, 2, 4, 8, 16} (G = 1: one global permutation per site)
+2. ``tau``       temperature start/end, annealing schedule, Sinkhorn iterations
+3. ``init``      heuristic warm start, identity-biased, zero + noise, a random permutation
+4. ``sync``      one permutation per site (Q/K/V and gate/up share it, paid by one gather
+                 after the norm) vs one per layer (a gather in front of every layer); with
+                 the profiled time of the gathers in the deployed model
+5. ``predictor`` the paper's free cost table vs a data-driven predictor (permsparse.predictor)
+6. ``epochs``    1 vs 5 epochs, with the held-out perplexity after every epoch
+7. ``score``     magnitude, Wanda, RIA, SparseGPT under learned permutations, 2:4 and 4:8
+
+Every point reports the held-out perplexity of the *learned* permutations (not of whatever
+the final guard would keep; the kept plan is recorded too) beside the same score's
+heuristic and unpermuted perplexity, the cost parameters, the steps and training seconds.
+Calibration statistics, scores and the heuristic are computed once per (score, pattern,
+groups, sync) and shared; the dense weights are restored between points. Writes
+``bench/results/sweep.json`` (``rows`` of flat records), ``sweep.md`` and ``sweep.png``
+(``--out`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from permsparse.apply import prune_site_  # noqa: E402
+from permsparse.evaluate import perplexity  # noqa: E402
+from permsparse.learn import LearnConfig, make_batches  # noqa: E402
+from permsparse.pipeline import PruneConfig, learn_permutations, score_sites  # noqa: E402
+from permsparse.sites import find_sites, get_module  # noqa: E402
+
+AXES = ("groups", "tau", "init", "sync", "predictor", "epochs", "score")
+
+#: Per preset: the values tried on each axis. Each entry is (label, overrides of the base
+#: PruneConfig; "learn" overrides go to its LearnConfig).
+GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
+    "full": {
+        "groups": [(f"G={g}", {"groups": g}) for g in (1, 2, 4, 8, 16)],
+        "tau": [
+            ("tau 1->0.05 exp, 10 it", {}),
+            ("tau 1->0.3 exp", {"learn": {"tau_end": 0.3}}),
+            ("tau 3->0.05 exp", {"learn": {"tau_start": 3.0}}),
+            ("tau 1->0.05 linear", {"learn": {"tau_schedule": "linear"}}),
+            ("5 Sinkhorn it", {"learn": {"sinkhorn_iters": 5}}),
+        ],
+        "init": [(i, {"learn": {"init": i}}) for i in ("heuristic", "identity", "noise", "random")],
+        "sync": [("synchronised", {"sync": True}), ("independent", {"sync": False})],
+        "predictor": [("table", {}), ("predictor", {"learn": {"cost_model": "predictor"}})],
+        "epochs": [("1 epoch", {}), ("5 epochs", {"learn": {"epochs": 5.0}})],
+        "score": [(f"{s} {p}", {"score": s, "pattern": p})
+                  for p in ("2:4", "4:8") for s in ("magnitude", "wanda", "ria", "sparsegpt")],
+    },
+    "tiny": {
+        "groups": [(f"G={g}", {"groups": g}) for g in (1, 2)],
+        "tau": [("tau 1->0.05 exp, 10 it", {}), ("5 Sinkhorn it", {"learn": {"sinkhorn_iters": 5}})],
+        "init": [(i, {"learn": {"init": i}}) for i in ("heuristic", "random")],
+        "sync": [("synchronised", {"sync": True}), ("independent", {"sync": False})],
+        "predictor": [("table", {}), ("predictor", {"learn": {"cost_model": "predictor"}})],
+        "epochs": [("1 epoch", {}), ("3 epochs", {"learn": {"epochs": 3.0}})],
+        "score": [(f"{s} 2:4", {"score": s, "pattern": "2:4"}) for s in ("magnitude", "sparsegpt")],
+    },
+}
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """The model and data every point shares."""
+
+    name: str
+    model: torch.nn.Module
+    calib: torch.Tensor
+    eval: torch.Tensor
+    base: PruneConfig
+    describe: str
+
+
+def embedded_setup(n_calib: int, window: int, eval_tokens: int, batch_size: int) -> Setup:
+    from permsparse.data import load_text_windows
+    from permsparse.loading import load_model
+
+    model, tok = load_model("smollm2-135m")
+    # Calibration windows of `window` tokens; evaluation always in 512-token windows (as quality.md).
+    calib = load_text_windows("wikipedia", tok, window, n_calib, 0, eval_tokens=eval_tokens).calib
+    ev = load_text_windows("wikipedia", tok, 512, 1, 0, eval_tokens=eval_tokens).eval
+    base = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, progress=False,
+                       learn=LearnConfig(batch_size=batch_size, epochs=1.0))
+    desc = (f"SmolLM2-135M-Instruct (GGUF, float32), embedded Wikipedia: calibration {n_calib} windows of {window} "
+            f"tokens (batch {batch_size}: {math.ceil(n_calib / batch_size)} steps per epoch); held-out perplexity on "
+            f"the last {ev.numel()} tokens in 512-token windows")
+    return Setup("smollm2-135m", model, calib, ev, base, desc)
+
+
+def tiny_setup() -> Setup:
+    """A tiny random LLaMA (vocabulary 256) on the embedded Wikipedia text read as bytes:
+    real data, no tokenizer, seconds per point."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from permsparse.data import load_wikipedia_articles, split_token_stream
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    text = "\n\n".join(load_wikipedia_articles()[:3]).encode("utf-8")
+    ids = torch.tensor(list(text[:40_000]), dtype=torch.long)
+    w = split_token_stream(ids, window=32, eval_tokens=256, n_calib=8, seed=0, source="wikipedia bytes")
+    base = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=2, progress=False,
+                       learn=LearnConfig(batch_size=2, epochs=1.0, lr=0.05))
+    return Setup("tiny-llama", model, w.calib, w.eval, base,
+                 "tiny random LLaMA (2 blocks, hidden 64), embedded Wikipedia as bytes: 8 calibration windows of 32")
+
+
+# -- one point -----------------------------------------------------------------------------------
+
+
+def configure(base: PruneConfig, overrides: dict) -> PruneConfig:
+    over = dict(overrides)
+    learn = dataclasses.replace(base.learn, **over.pop("learn", {}))
+    return dataclasses.replace(base, learn=learn, **over)
+
+
+class Sweep:
+    """Runs points against one :class:`Setup`, sharing statistics and heuristics."""
+
+    def __init__(self, setup: Setup, eval_batch: int = 4) -> None:
+        self.s = setup
+        self.eval_batch = eval_batch
+        self.model = setup.model
+        self.model.requires_grad_(False)
+        self._prep: dict[tuple, dict] = {}
+        self.learned: dict[tuple[str, str], dict] = {}  # (axis, setting) -> learned permutations
+        self.dense_ppl = self._ppl()
+        # Every linear layer's dense weight, restored after each pruned evaluation.
+        self._dense = {n: m.weight.detach().clone() for n, m in self.model.named_modules()
+                       if isinstance(m, torch.nn.Linear)}
+
+    def _ppl(self) -> float:
+        return perplexity(self.model, self.s.eval, batch_size=self.eval_batch, progress=False)
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for n, w in self._dense.items():
+                get_module(self.model, n).weight.copy_(w)
+
+    def ppl_of(self, prep: dict, cfg: PruneConfig, perms: dict | None) -> float:
+        """Held-out perplexity of the model pruned with ``perms`` (dense weights restored after)."""
+        from permsparse.apply import parse_pattern
+
+        pattern = parse_pattern(cfg.pattern)
+        try:
+            for site in prep["sites"]:
+                prune_site_(self.model, site, pattern, cfg.score, prep["stats"], (perms or {}).get(site.name),
+                            [prep["scores"][c] for c in site.consumers])
+            return self._ppl()
+        finally:
+            self._restore()
+
+    def prepare(self, cfg: PruneConfig) -> dict:
+        key = (cfg.score, cfg.pattern, cfg.groups, cfg.sync, cfg.learn.batch_size)
+        if key not in self._prep:
+            t0 = time.perf_counter()
+            sites = find_sites(self.model, sync=cfg.sync, attn_out=cfg.attn_out)
+            batches = make_batches(self.s.calib, cfg.learn.batch_size)
+            stats, scores, heur = score_sites(self.model, sites, cfg, batches)
+            prep = {"sites": sites, "stats": stats, "scores": scores, "heuristic": heur, "batches": batches,
+                    "prepare_seconds": time.perf_counter() - t0}
+            prep["ppl_none"] = self.ppl_of(prep, cfg, None)
+            prep["ppl_heuristic"] = self.ppl_of(prep, cfg, heur)
+            self._prep[key] = prep
+        return self._prep[key]
+
+    def point(self, axis: str, label: str, cfg: PruneConfig, epoch_eval: bool = False) -> list[dict]:
+        prep = self.prepare(cfg)
+        info: dict = {}
+        epochs: list[dict] = []
+        steps_per_epoch = len(prep["batches"])
+
+        def on_step(rec, state) -> None:
+            if "cost_params" not in info:
+                info["cost_params"] = sum(p.numel() for p in state.bank.parameters())
+            if epoch_eval and (rec.step + 1) % steps_per_epoch == 0:
+                perms = state.bank.hard()
+                epochs.append({"epoch": (rec.step + 1) // steps_per_epoch, "step": rec.step,
+                               "ppl_learned": self.ppl_of(prep, cfg, perms)})
+
+        t0 = time.perf_counter()
+        cands, hist, guard, kept = learn_permutations(self.model, prep["sites"], prep["scores"], prep["heuristic"],
+                                                      cfg, prep["batches"], on_step=on_step)
+        learn_s = time.perf_counter() - t0
+        train_s = sum(h.seconds for h in hist)
+        row = {
+            "axis": axis, "setting": label, "model": self.s.name, "pattern": cfg.pattern, "score": cfg.score,
+            "groups": cfg.groups, "sync": cfg.sync, "init": cfg.learn.init, "cost_model": cfg.learn.cost_model,
+            "tau_start": cfg.learn.tau_start, "tau_end": cfg.learn.tau_end, "tau_schedule": cfg.learn.tau_schedule,
+            "sinkhorn_iters": cfg.learn.sinkhorn_iters, "epochs": cfg.learn.epochs, "steps": len(hist),
+            "ppl_dense": self.dense_ppl, "ppl_none": prep["ppl_none"], "ppl_heuristic": prep["ppl_heuristic"],
+            "ppl_learned": self.ppl_of(prep, cfg, cands["learned"]),
+            "kept_plan": kept, "cost_params": info.get("cost_params", 0),
+            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(len(hist), 1), 2),
+            "guard_seconds": round(learn_s - train_s, 1), "prepare_seconds": round(prep["prepare_seconds"], 1),
+            "moved_last_step": hist[-1].changed if hist else 0.0,
+            "moved_vs_heuristic": _moved(cands["learned"], prep["heuristic"]),
+        }
+        row["gain_vs_heuristic_pct"] = round(100.0 * (1 - row["ppl_learned"] / row["ppl_heuristic"]), 2)
+        rows = [row]
+        if epoch_eval:
+            n_steps = max(len(hist), 1)
+            for e in epochs:
+                part = hist[(e["epoch"] - 1) * steps_per_epoch: e["epoch"] * steps_per_epoch]
+                rows.append({**{k: row[k] for k in ("model", "pattern", "score", "groups", "epochs")},
+                             "axis": "epochs-curve", "setting": f"after epoch {e['epoch']}", "epoch": e["epoch"],
+                             "ppl_learned": e["ppl_learned"], "train_loss": sum(h.loss for h in part) / len(part),
+                             "tau": hist[min(e["step"], n_steps - 1)].tau})
+        if axis == "sync":
+            row.update(self.gather_cost(prep, cands["learned"], cfg))
+        self.learned[(axis, label)] = cands["learned"]
+        return rows
+
+    def gather_cost(self, prep: dict, perms: dict, cfg: PruneConfig) -> dict:
+        """Deploy the pruned model with ``perms`` and profile the time of its gathers."""
+        from permsparse.apply import parse_pattern
+        from permsparse.deploy import GatheredOutput, PermutedLinear, deploy
+
+        sys.path.insert(0, str(HERE))
+        from deploy import _gather_time  # the profiler attribution of bench/deploy.py
+
+        pattern = parse_pattern(cfg.pattern)
+        try:
+            for site in prep["sites"]:
+                prune_site_(self.model, site, pattern, cfg.score, prep["stats"], perms.get(site.name),
+                            [prep["scores"][c] for c in site.consumers])
+            masked = copy.deepcopy(self.model).eval()
+        finally:
+            self._restore()
+        deployed = deploy(copy.deepcopy(masked), prep["sites"], perms).eval()
+        gathers = sum(isinstance(m, GatheredOutput) for m in deployed.modules()) + sum(
+            isinstance(m, PermutedLinear) and m.input_perm is not None for m in deployed.modules())
+        ids = self.s.eval[:1]
+        gather_ms, total_ms = _gather_time(deployed, masked, ids, rounds=3)
+        return {"deployed_gathers": gathers, "gather_ms": round(gather_ms, 2), "forward_ms": round(total_ms, 2),
+                "gather_pct": round(100.0 * gather_ms / total_ms, 2)}
+
+
+def _moved(a: dict, b: dict) -> float:
+    """Share of channels placed differently by two plans."""
+    moved = sum(int((a[n].indices != b[n].indices).sum()) for n in a)
+    return round(moved / max(sum(p.d_in for p in a.values()), 1), 4)
+
+
+def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = print,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every point of ``grid`` on ``axes``; ``on_rows(rows so far)`` after each point."""
+    sweep = Sweep(setup)
+    log(f"[sweep] dense ppl {sweep.dense_ppl:.2f}")
+    rows: list[dict] = []
+    baseline: dict | None = None  # the base configuration's row, shared by the axes that contain it
+    base_key: tuple[str, str] | None = None
+    for axis in axes:
+        for label, over in grid[axis]:
+            cfg = configure(setup.base, over)
+            if baseline is not None and cfg == setup.base:
+                got = [{**baseline, "axis": axis, "setting": label}]
+                if axis == "sync":  # the same learned run, deployed and profiled
+                    got[0].update(sweep.gather_cost(sweep.prepare(cfg), sweep.learned[base_key], cfg))
+            else:
+                t0 = time.perf_counter()
+                got = sweep.point(axis, label, cfg, epoch_eval=axis == "epochs" and cfg.learn.epochs > 1)
+                got[0]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+                if cfg == setup.base and baseline is None:
+                    baseline, base_key = dict(got[0]), (axis, label)
+            rows.extend(got)
+            if on_rows:
+                on_rows(rows)
+            r = got[0]
+            log(f"[sweep] {axis:9s} {label:24s} learned {r['ppl_learned']:8.2f}  heuristic {r['ppl_heuristic']:8.2f}"
+                f"  none {r['ppl_none']:8.2f}  ({r.get('wall_seconds', 0):.0f}s)")
+    return rows
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+
+def merge(runs: list[dict]) -> tuple[list[dict], dict]:
+    """Rows of several runs of the same setup, in axis order; an axis present in several runs
+    is taken from the first that completed it (all its points), else the first that has it."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    setups = {r["meta"]["setup"] for r in runs}
+    if len(setups) > 1:
+        raise ValueError(f"cannot merge sweeps of different setups: {sorted(setups)}")
+    rows: list[dict] = []
+    for axis in (*AXES, "epochs-curve"):
+        have = [[row for row in r["rows"] if row["axis"] == axis] for r in runs]
+        have = [h for h in have if h]
+        if have:
+            rows.extend(max(have, key=len))
+    meta = dict(runs[0]["meta"])
+    meta["command"] = " + ".join(r["meta"]["command"] for r in runs)
+    meta["complete"] = all(r["meta"].get("complete") for r in runs)
+    meta["total_minutes"] = max(r["meta"].get("total_minutes", 0) for r in runs)
+    meta["note"] = meta["note"] + f"; {len(runs)} processes ran axes side by side"
+    return rows, meta
+
+
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
+    from permsparse.io import atomic_write_json, atomic_write_text
+    from permsparse.report import markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "sweep.json", {"rows": rows, "meta": meta})
+    cols = ["setting", "ppl_learned", "ppl_heuristic", "ppl_none", "gain_vs_heuristic_pct", "kept_plan",
+            "cost_params", "steps", "train_seconds", "seconds_per_step", "moved_vs_heuristic"]
+    md = [f"# Sweep: the paper's ablations and open questions\n\nCommand: `{meta['command']}`\n\n{meta['setup']}. "
+          f"Base configuration: {meta['base']}. Dense perplexity {meta['ppl_dense']:.2f}. Each axis changes one "
+          f"setting; `ppl_learned` is the learned permutations' held-out perplexity, `ppl_heuristic` / `ppl_none` "
+          f"the same score with the zig-zag heuristic / without permutation, `kept_plan` what the final guard "
+          f"would keep. Times on {meta['machine']} ({meta['note']}). {meta['date']}.\n"]
+    for axis in AXES:
+        sub = [r for r in rows if r["axis"] == axis]
+        if not sub:
+            continue
+        extra = ["deployed_gathers", "gather_ms", "gather_pct"] if axis == "sync" else []
+        if axis == "score":
+            extra = ["pattern", "score"]
+        md.append(f"\n## {axis}\n\n")
+        md.append(markdown_table(sub, cols + extra))
+        if axis == "epochs":
+            curve = [r for r in rows if r["axis"] == "epochs-curve"]
+            if curve:
+                md.append("\nHeld-out perplexity after each epoch of the long run:\n\n")
+                md.append(markdown_table(curve, ["setting", "ppl_learned", "train_loss", "tau"]))
+    md.append("\n![sweep](sweep.png)\n")
+    atomic_write_text(out / "sweep.md", "".join(md))
+    plot(rows, out / "sweep.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
+    fig, grid = plt.subplots(2, 4, figsize=(18, 8))
+    flat = grid.flatten()
+    for ax, axis in zip(flat, axes):
+        sub = [r for r in rows if r["axis"] == axis]
+        x = range(len(sub))
+        ax.plot(x, [r["ppl_none"] for r in sub], "v", color="tab:red", ms=8, label="no permutation")
+        ax.plot(x, [r["ppl_heuristic"] for r in sub], "s", color="tab:orange", ms=8, label="heuristic")
+        ax.plot(x, [r["ppl_learned"] for r in sub], "o", color="tab:blue", ms=9, label="learned")
+        ax.set_xticks(list(x), [r["setting"] for r in sub], rotation=35, ha="right", fontsize=8)
+        ax.set_title(axis)
+        ax.set_ylabel("held-out perplexity")
+        lo = min(min(r["ppl_learned"], r["ppl_heuristic"]) for r in sub)
+        hi = max(max(r["ppl_none"], r["ppl_learned"]) for r in sub)
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
+        ax.set_xlim(-0.5, len(sub) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
+    if axes:
+        flat[0].legend(fontsize=8)
+    curve = [r for r in rows if r["axis"] == "epochs-curve"]
+    ax = flat[len(axes)] if len(axes) < len(flat) else None
+    if ax is not None and curve:
+        ax.plot([r["epoch"] for r in curve], [r["ppl_learned"] for r in curve], "o-", label="held-out ppl")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("long run: held-out perplexity per epoch")
+        tw = ax.twinx()
+        tw.plot([r["epoch"] for r in curve], [r["train_loss"] for r in curve], "s--", color="tab:gray",
+                label="calibration loss")
+        tw.set_ylabel("calibration loss (mean over the epoch)")
+        ax.grid(alpha=0.3)
+    for extra in flat[len(axes) + (1 if curve else 0):]:
+        extra.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="full", choices=sorted(GRIDS))
+    ap.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of " + ",".join(AXES))
+    ap.add_argument("--out", default=str(HERE / "results"), help="directory for sweep.json/.md/.png")
+    ap.add_argument("--n-calib", type=int, default=32, help="calibration windows (full preset)")
+    ap.add_argument("--window", type=int, default=256, help="tokens per calibration window (full preset)")
+    ap.add_argument("--batch-size", type=int, default=2, help="windows per step (full preset)")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (full preset)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
+    ap.add_argument("--render", action="store_true", help="only re-render sweep.md and sweep.png from sweep.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="join the sweep.json of several runs (e.g. axes split over processes) into --out")
+    opts = ap.parse_args(argv)
+    out = Path(opts.out)
+    if opts.render:
+        saved = json.loads((out / "sweep.json").read_text())
+        write_outputs(saved["rows"], saved["meta"], out)
+        return 0
+    if opts.merge:
+        rows, meta = merge([json.loads((Path(d) / "sweep.json").read_text()) for d in opts.merge])
+        write_outputs(rows, meta, out)
+        return 0
+    axes = [a for a in opts.axes.split(",") if a]
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        ap.error(f"unknown axes {unknown}; choose from {AXES}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    t0 = time.time()
+    if opts.preset == "tiny":
+        setup = tiny_setup()
+    else:
+        setup = embedded_setup(opts.n_calib, opts.window, opts.eval_tokens, opts.batch_size)
+    b = setup.base
+    meta = {
+        "command": "python bench/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "preset": opts.preset, "setup": setup.describe,
+        "base": (f"{b.pattern} {b.score}, G={b.groups}, synchronised sites, learned from the heuristic warm start, "
+                 f"cost table, lr {b.learn.lr}, tau {b.learn.tau_start}->{b.learn.tau_end} {b.learn.tau_schedule}, "
+                 f"{b.learn.sinkhorn_iters} Sinkhorn iterations, {b.learn.epochs:g} epoch, alpha {b.learn.alpha}"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "note": "wall-clock seconds; other jobs shared the cores during part of the run, so compare seconds only "
+                "within an axis",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+    def save(rows: list[dict], done: bool = False) -> None:
+        meta.update(ppl_dense=rows[0]["ppl_dense"] if rows else float("nan"), complete=done,
+                    total_minutes=round((time.time() - t0) / 60, 1))
+        write_outputs(rows, meta, out)
+
+    rows = run(setup, GRIDS[opts.preset], axes, on_rows=save)  # partial results are on disk after every point
+    save(rows, done=True)
+    print(f"[sweep] wrote {out / 'sweep.json'} ({meta['total_minutes']} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
