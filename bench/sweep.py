@@ -1,10 +1,11 @@
 """The paper's ablations and open questions as one sweep on the embedded default.
 
-    python bench/sweep.py                     # the full grid on SmolLM2-135M + Wikipedia (~1.5 h, 2 CPU cores)
+    python bench/sweep.py                     # the full grid on SmolLM2-135M + Wikipedia (~3 h on 2 CPU cores)
     python bench/sweep.py --preset tiny       # two points per axis on a tiny random LLaMA (CI, < 1 min)
     python bench/sweep.py --axes groups,init  # only some axes
     python bench/sweep.py --render            # re-render sweep.md and sweep.png from sweep.json
-    python bench/sweep.py --merge A B         # join the sweep.json of runs split over processes (--axes)
+    python bench/sweep.py --axes score --only "ria 2:4,wanda 4:8" --out A   # some points, in their own process
+    python bench/sweep.py --merge A B         # join the sweep.json of runs split over processes
 
 Axes (each varies one setting of the base configuration, everything else fixed):
 
@@ -87,6 +88,25 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
 
 # -- setup -------------------------------------------------------------------------------------
 
+#: Per preset: the base configuration every axis varies (argument: windows per step).
+BASES: dict[str, Callable[[int], PruneConfig]] = {
+    "full": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4,
+                                           progress=False, learn=LearnConfig(batch_size=batch_size, epochs=1.0)),
+    "tiny": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=2,
+                                           progress=False, learn=LearnConfig(batch_size=batch_size, epochs=1.0,
+                                                                             lr=0.05)),
+}
+#: Row fields that identify a point's configuration.
+_CONFIG_FIELDS = ("pattern", "score", "groups", "sync", "init", "cost_model", "tau_start", "tau_end", "tau_schedule",
+                  "sinkhorn_iters", "epochs")
+
+
+def _config_fields(cfg: PruneConfig) -> dict:
+    lc = cfg.learn
+    return {"pattern": cfg.pattern, "score": cfg.score, "groups": cfg.groups, "sync": cfg.sync, "init": lc.init,
+            "cost_model": lc.cost_model, "tau_start": lc.tau_start, "tau_end": lc.tau_end,
+            "tau_schedule": lc.tau_schedule, "sinkhorn_iters": lc.sinkhorn_iters, "epochs": lc.epochs}
+
 
 @dataclasses.dataclass
 class Setup:
@@ -108,8 +128,7 @@ def embedded_setup(n_calib: int, window: int, eval_tokens: int, batch_size: int)
     # Calibration windows of `window` tokens; evaluation always in 512-token windows (as quality.md).
     calib = load_text_windows("wikipedia", tok, window, n_calib, 0, eval_tokens=eval_tokens).calib
     ev = load_text_windows("wikipedia", tok, 512, 1, 0, eval_tokens=eval_tokens).eval
-    base = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, progress=False,
-                       learn=LearnConfig(batch_size=batch_size, epochs=1.0))
+    base = BASES["full"](batch_size)
     desc = (f"SmolLM2-135M-Instruct (GGUF, float32), embedded Wikipedia: calibration {n_calib} windows of {window} "
             f"tokens (batch {batch_size}: {math.ceil(n_calib / batch_size)} steps per epoch); held-out perplexity on "
             f"the last {ev.numel()} tokens in 512-token windows")
@@ -130,8 +149,7 @@ def tiny_setup() -> Setup:
     text = "\n\n".join(load_wikipedia_articles()[:3]).encode("utf-8")
     ids = torch.tensor(list(text[:40_000]), dtype=torch.long)
     w = split_token_stream(ids, window=32, eval_tokens=256, n_calib=8, seed=0, source="wikipedia bytes")
-    base = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=2, progress=False,
-                       learn=LearnConfig(batch_size=2, epochs=1.0, lr=0.05))
+    base = BASES["tiny"](2)
     return Setup("tiny-llama", model, w.calib, w.eval, base,
                  "tiny random LLaMA (2 blocks, hidden 64), embedded Wikipedia as bytes: 8 calibration windows of 32")
 
@@ -184,6 +202,11 @@ class Sweep:
     def prepare(self, cfg: PruneConfig) -> dict:
         key = (cfg.score, cfg.pattern, cfg.groups, cfg.sync, cfg.learn.batch_size)
         if key not in self._prep:
+            # Scores and statistics are the size of the model: keep only the base setup's and this one.
+            base = self.s.base
+            base_key = (base.score, base.pattern, base.groups, base.sync, base.learn.batch_size)
+            for old in [k for k in self._prep if k != base_key]:
+                del self._prep[old]
             t0 = time.perf_counter()
             sites = find_sites(self.model, sync=cfg.sync, attn_out=cfg.attn_out)
             batches = make_batches(self.s.calib, cfg.learn.batch_size)
@@ -274,8 +297,9 @@ def _moved(a: dict, b: dict) -> float:
 
 
 def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = print,
-        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Every point of ``grid`` on ``axes``; ``on_rows(rows so far)`` after each point."""
+        on_rows: Callable[[list[dict]], None] | None = None, only: set[str] | None = None) -> list[dict]:
+    """Every point of ``grid`` on ``axes`` (only the settings named in ``only``, if given);
+    ``on_rows(rows so far)`` after each point."""
     sweep = Sweep(setup)
     log(f"[sweep] dense ppl {sweep.dense_ppl:.2f}")
     rows: list[dict] = []
@@ -283,6 +307,8 @@ def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = 
     base_key: tuple[str, str] | None = None
     for axis in axes:
         for label, over in grid[axis]:
+            if only is not None and label not in only:
+                continue
             cfg = configure(setup.base, over)
             if baseline is not None and cfg == setup.base:
                 got = [{**baseline, "axis": axis, "setting": label}]
@@ -307,19 +333,33 @@ def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = 
 
 
 def merge(runs: list[dict]) -> tuple[list[dict], dict]:
-    """Rows of several runs of the same setup, in axis order; an axis present in several runs
-    is taken from the first that completed it (all its points), else the first that has it."""
+    """Rows of several runs of the same setup (axes or settings split over processes), in the
+    grid's order; a point present in several runs is taken from the first."""
     if not runs:
         raise ValueError("nothing to merge")
     setups = {r["meta"]["setup"] for r in runs}
     if len(setups) > 1:
         raise ValueError(f"cannot merge sweeps of different setups: {sorted(setups)}")
+    grid = GRIDS.get(runs[0]["meta"].get("preset", "full"), {})
     rows: list[dict] = []
     for axis in (*AXES, "epochs-curve"):
-        have = [[row for row in r["rows"] if row["axis"] == axis] for r in runs]
-        have = [h for h in have if h]
-        if have:
-            rows.extend(max(have, key=len))
+        seen: dict[str, dict] = {}
+        for r in runs:
+            for row in r["rows"]:
+                if row["axis"] == axis:
+                    seen.setdefault(row["setting"], row)
+        order = [label for label, _ in grid.get(axis, [])]
+        # The base configuration's point of an axis may have run under another axis's name
+        # (it is the same run): take it from there.
+        base = BASES[runs[0]["meta"].get("preset", "full")](2)
+        want = _config_fields(base)
+        base_rows = [row for r in runs for row in r["rows"]
+                     if row["axis"] in AXES and all(row.get(k) == v for k, v in want.items())]
+        for label, over in grid.get(axis, []):
+            if label not in seen and base_rows and _config_fields(configure(base, over)) == want:
+                seen[label] = {**base_rows[0], "axis": axis, "setting": label}
+        rows.extend(sorted(seen.values(), key=lambda row: (order.index(row["setting"]) if row["setting"] in order
+                                                            else len(order), row["setting"])))
     meta = dict(runs[0]["meta"])
     meta["command"] = " + ".join(r["meta"]["command"] for r in runs)
     meta["complete"] = all(r["meta"].get("complete") for r in runs)
@@ -415,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (full preset)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     ap.add_argument("--render", action="store_true", help="only re-render sweep.md and sweep.png from sweep.json")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated settings to run (e.g. 'ria 2:4,G=8'), to split one axis over processes")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="join the sweep.json of several runs (e.g. axes split over processes) into --out")
     opts = ap.parse_args(argv)
@@ -456,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                     total_minutes=round((time.time() - t0) / 60, 1))
         write_outputs(rows, meta, out)
 
-    rows = run(setup, GRIDS[opts.preset], axes, on_rows=save)  # partial results are on disk after every point
+    only = {x.strip() for x in opts.only.split(",")} if opts.only else None
+    rows = run(setup, GRIDS[opts.preset], axes, on_rows=save, only=only)  # partial results are on disk after every point
     save(rows, done=True)
     print(f"[sweep] wrote {out / 'sweep.json'} ({meta['total_minutes']} min)")
     return 0

@@ -62,7 +62,10 @@ def test_tiny_sweep_writes_every_axis(tmp_path):
     assert "## predictor" in (tmp_path / "sweep.md").read_text()
     # Axes split over two processes join back into the same table.
     half = [a for a in sweep.AXES[:3]]
-    for name, keep in (("a", lambda r: r["axis"] in half), ("b", lambda r: r["axis"] not in half)):
+    # Part a lacks the base point of its groups axis: the merge takes it from another axis
+    # where the very same configuration ran.
+    for name, keep in (("a", lambda r: r["axis"] in half and r["setting"] != "G=2"),
+                       ("b", lambda r: r["axis"] not in half)):
         (tmp_path / name).mkdir()
         part = {"rows": [r for r in rows if keep(r)], "meta": {**data["meta"], "command": f"part {name}"}}
         (tmp_path / name / "sweep.json").write_text(json.dumps(part))
