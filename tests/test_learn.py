@@ -268,3 +268,29 @@ def test_time_budget_stops_early_and_anneals(tiny):
     print(f"\ntime budget {budget}s: {len(history)} steps, last tau {taus[-1]:.4g} ({share:.1%} of the log range)")
     assert share > 0.7, (taus[-1], share, len(history))
     assert taus[-1] >= cfg.tau_end - 1e-12
+
+
+# -- groups="auto" ----------------------------------------------------------------------------------
+
+
+def test_auto_groups_picks_the_fewest_groups_of_at_most_768_channels(tiny):
+    from types import SimpleNamespace
+
+    from permsparse.pipeline import resolve_groups
+
+    def sites(*widths, tied=()):
+        return [SimpleNamespace(d_in=w, head_tied=False) for w in widths] + [
+            SimpleNamespace(d_in=w, head_tied=True) for w in tied]
+
+    assert resolve_groups(sites(576, 1536, tied=[576]), PATTERN) == 2  # SmolLM2-135M
+    assert resolve_groups(sites(4096, 11008), PATTERN) == 16  # LLaMA-2-7B: 11008 / 16 = 688
+    assert resolve_groups(sites(2048, 8192), NMPattern.parse("4:8")) == 16  # LLaMA-3.2-1B
+    assert resolve_groups(sites(64, 128), PATTERN) == 1
+    with pytest.raises(ValueError, match="groups=auto"):
+        resolve_groups(sites(770), PATTERN)  # 770 = 2·5·7·11: no power of two works
+    # Through prune(): the resolved G is what the permutations and the result use.
+    t = tiny("llama")
+    res = prune(t.model, None, PruneConfig(permutation="heuristic", progress=False), _calib())
+    assert res.groups == 1 and all(p.groups == 1 for s, p in zip(res.sites, res.perms.values()) if not s.head_tied)
+    with pytest.raises(ValueError, match="groups"):
+        PruneConfig(groups="many")

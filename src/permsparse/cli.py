@@ -34,6 +34,15 @@ class UsageError(Exception):
     """An error in the user's input: reported in one line, exit status 2."""
 
 
+def _groups_arg(text: str) -> "int | str":
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"groups must be an integer or 'auto', got {text!r}") from None
+
+
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--pattern", default="2:4", help="N:M pattern, N weights KEPT in every M inputs (2:4, 4:8), "
@@ -42,8 +51,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="pruning score [wanda]")
     g.add_argument("--permutation", default="learned", choices=["none", "heuristic", "learned"],
                    help="how input channels are permuted before masking [learned]")
-    g.add_argument("--groups", type=int, default=None,
-                   help="permutation groups G per site; G=1 is global [4; digits-vit on digits: 1]")
+    g.add_argument("--groups", type=_groups_arg, default=None,
+                   help="permutation groups G per site, or auto: the fewest groups of at most 768 channels "
+                   "(SmolLM2: 2; a 7B model: 16); G=1 is global [auto; digits-vit on digits: 1]")
     g.add_argument("--heuristic", default="zigzag", choices=["zigzag", "zigzag+swap"],
                    help="heuristic search (also the learned run's warm start) [zigzag]")
     g.add_argument("--swap-seconds", type=float, default=1.0, help="time budget per site of zigzag+swap [1.0]")
@@ -260,7 +270,7 @@ class _Workload:
 
 def _fill_defaults(args: argparse.Namespace, task: str) -> None:
     """Flags left unset take the defaults of what is pruned (windows or images)."""
-    defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": 4}
+    defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": "auto"}
     if task == "image-classification":
         from .vision import DIGITS_PRUNE
 
@@ -350,7 +360,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         # _check_out let through only --overwrite or an existing EMPTY folder; export
         # refuses any existing folder without overwrite=True, so pass it for the empty one.
         export(model, out, result.sites, result.perms, pattern=config.pattern, score=config.score,
-               groups=config.groups, tokenizer=tokenizer, metrics=metrics, overwrite=args.overwrite or out.exists(),
+               groups=result.groups, tokenizer=tokenizer, metrics=metrics, overwrite=args.overwrite or out.exists(),
                config=config.to_json(), extra_files=extras)
     _print_table(summary)
     print(f"wrote {out} (report: {out / 'report.md'})")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .apply import parse_pattern, prune_site_
 from .learn import LearnConfig, make_batches
-from .pipeline import PruneConfig, PruneResult, learn_permutations, score_sites
+from .pipeline import PruneConfig, PruneResult, learn_permutations, resolved, score_sites
 from .sites import find_sites
 
 __all__ = ["PRESETS", "SharedRun", "shared_run", "run_demo"]
@@ -57,13 +57,15 @@ class SharedRun:
         nm = parse_pattern(self.cfg.pattern)
         reports = [prune_site_(model, s, nm, self.cfg.score, self.stats, perms[s.name],
                                [self.scores[c] for c in s.consumers]) for s in self.sites]
-        return model, PruneResult(self.sites, perms, reports, self.history, self.kept, self.guard)
+        return model, PruneResult(self.sites, perms, reports, self.history, self.kept, self.guard,
+                                  groups=self.cfg.groups)
 
 
 def shared_run(dense: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -> SharedRun:
     """Calibrate ``dense`` once, search the heuristic and learn the permutations (``cfg``)."""
     t0 = time.perf_counter()
     sites = find_sites(dense)
+    cfg = resolved(cfg, sites)  # groups="auto" -> the G it means for this model
     stats, scores, heur = score_sites(dense, sites, cfg, batches, heuristic=True)
     shared = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -109,7 +111,7 @@ def run_demo(preset: str = "quick", out: "str | Path | None" = None, overwrite: 
         from .io import export
         from .report import write_report
 
-        export(model, out, run.sites, result.perms, pattern=pattern, score="wanda", groups=cfg.groups,
+        export(model, out, run.sites, result.perms, pattern=pattern, score="wanda", groups=result.groups,
                tokenizer=tokenizer, metrics={"demo": rows}, overwrite=overwrite, config=cfg.to_json())
         write_report(out, f"permsparse demo ({preset})", rows, cfg.to_json(), result.reports, run.history,
                      run.guard, kept)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -37,7 +37,8 @@ from .permutation import Permutation
 from .scores import SCORES
 from .sites import Site, find_sites, get_module
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "score_sites", "learn_permutations", "PERMUTATIONS"]
+__all__ = ["PruneConfig", "PruneResult", "prune", "score_sites", "learn_permutations", "resolve_groups",
+           "PERMUTATIONS", "AUTO_MAX_GROUP"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class PruneConfig:
     pattern: str = "2:4"
     score: str = "wanda"
     permutation: str = "learned"
-    groups: int = 4
+    groups: int | str = "auto"  # or "auto": see resolve_groups
     heuristic: str = "zigzag"  # or "zigzag+swap"
     swap_seconds: float = 1.0  # per site, for "zigzag+swap"
     sequential: bool = False  # statistics block by block from the already-pruned blocks
@@ -72,8 +73,8 @@ class PruneConfig:
             raise ValueError(f"unknown score {self.score!r}: use one of {SCORES}")
         if self.permutation not in PERMUTATIONS:
             raise ValueError(f"unknown permutation {self.permutation!r}: use one of {PERMUTATIONS}")
-        if self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        if self.groups != "auto" and not (isinstance(self.groups, int) and self.groups >= 1):
+            raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
         if isinstance(self.learn, dict):
             self.learn = LearnConfig(**self.learn)
         if self.spread_blocks and self.sequential:
@@ -97,6 +98,7 @@ class PruneResult:
     guard: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     learned: dict[str, Permutation] = field(default_factory=dict)  # what training ended with, kept or not
+    groups: int = 0  # the G used (``PruneConfig.groups`` resolved)
 
     def retained(self) -> dict[str, float]:
         """Mean retained score fraction over sites, plain N:M vs with the permutations."""
@@ -149,6 +151,7 @@ def prune(
     batches = make_batches(calib, cfg.learn.batch_size) if calib is not None else []
     example = {k: v for k, v in batches[0].items() if k != "labels"} if batches else None
     sites = find_sites(model, sync=cfg.sync, attn_out=cfg.attn_out, example_inputs=example)
+    cfg = resolved(cfg, sites)
     if pattern is not None:
         for s in sites:
             s.structure(cfg.groups, pattern)  # fail early, naming the site, before any work
@@ -160,8 +163,42 @@ def prune(
     else:
         result = _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step, resume)
     result.seconds = time.perf_counter() - t0
+    result.groups = cfg.groups
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result
+
+
+#: ``groups="auto"``: the largest permutation group, in channels. Fewer, larger groups gave
+#: lower perplexity in bench/results/sweep.md (SmolLM2: G=2 best, then G=1, G=4), while one
+#: Sinkhorn + assignment per group and step costs ~0.1 s at 1,024 channels and ~1.5 s at
+#: 2,048 (bench/results/core.md): 768 keeps SmolLM2 at G=2 and a 7B model's 11,008-wide
+#: down_proj at G=16.
+AUTO_MAX_GROUP = 768
+
+
+def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group: int = AUTO_MAX_GROUP) -> int:
+    """``groups="auto"``: the smallest power of two G whose groups hold at most ``max_group``
+    channels at every site and divide into N:M blocks (head-tied sites keep one group per head)."""
+    free = [s for s in sites if not s.head_tied]
+    if not free:
+        return 1
+    m = pattern.m if pattern is not None else 1
+    widest = max(s.d_in for s in free)
+    g = 1
+    while g <= widest:
+        if all(s.d_in % (g * m) == 0 for s in free) and widest // g <= max_group:
+            log.info("groups=auto: G=%d (widest site %d channels, groups of at most %d)", g, widest, widest // g)
+            return g
+        g *= 2
+    raise ValueError(f"groups=auto: no power-of-two G divides every site width into groups of at most {max_group} "
+                     f"channels that are multiples of M={m}; pass groups explicitly")
+
+
+def resolved(cfg: PruneConfig, sites: Sequence[Site]) -> PruneConfig:
+    """``cfg`` with ``groups="auto"`` replaced by the G it means for these ``sites``."""
+    if cfg.groups != "auto":
+        return cfg
+    return replace(cfg, groups=resolve_groups(sites, parse_pattern(cfg.pattern)))
 
 
 def _scores_and_heuristic(
@@ -182,6 +219,7 @@ def score_sites(
 ) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, Permutation]]:
     """One-shot calibration, each consumer's score and (optionally) each site's heuristic
     permutation: ``(stats, scores, heuristic_perms)``."""
+    cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
     hessian = cfg.score == "sparsegpt"
@@ -211,6 +249,7 @@ def learn_permutations(
     ``candidates`` maps ``none`` / ``heuristic`` / ``learned`` to their permutations;
     ``kept_plan`` is the one with the lowest calibration loss (ties favour ``learned``).
     """
+    cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
