@@ -290,6 +290,32 @@ class Sweep:
                 "gather_pct": round(100.0 * gather_ms / total_ms, 2)}
 
 
+def solver_rows(model: torch.nn.Module, groups: tuple[int, ...], repeats: int = 3) -> list[dict]:
+    """Per training step, the time of the permutation machinery alone (Sinkhorn forward and
+    backward, and the batched hard assignment, for every site) at each G: what the groups
+    axis costs apart from the model's forward and backward, measured on an idle machine."""
+    import statistics
+
+    from permsparse.learn import PermutationBank
+    from permsparse.nm import NMPattern
+
+    pattern = NMPattern.parse("2:4")
+    sites = find_sites(model)
+    rows = []
+    for g in groups:
+        bank = PermutationBank(sites, g, pattern, init="noise")
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out, _ = bank(0.5, 10)
+            sum(p.sum() for p, _ in out.values()).backward()
+            times.append(time.perf_counter() - t0)
+        rows.append({"axis": "groups-solver", "setting": f"G={g}", "groups": g,
+                     "cost_params": sum(p.numel() for p in bank.parameters()),
+                     "solver_seconds_per_step": round(statistics.median(times), 3), "threads": torch.get_num_threads()})
+    return rows
+
+
 def _moved(a: dict, b: dict) -> float:
     """Share of channels placed differently by two plans."""
     moved = sum(int((a[n].indices != b[n].indices).sum()) for n in a)
@@ -337,12 +363,12 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
     grid's order; a point present in several runs is taken from the first."""
     if not runs:
         raise ValueError("nothing to merge")
-    setups = {r["meta"]["setup"] for r in runs}
+    setups = {r["meta"]["setup"] for r in runs} - {"solver only"}  # solver timings fit any setup
     if len(setups) > 1:
         raise ValueError(f"cannot merge sweeps of different setups: {sorted(setups)}")
     grid = GRIDS.get(runs[0]["meta"].get("preset", "full"), {})
     rows: list[dict] = []
-    for axis in (*AXES, "epochs-curve"):
+    for axis in (*AXES, "epochs-curve", "groups-solver"):
         seen: dict[str, dict] = {}
         for r in runs:
             for row in r["rows"]:
@@ -360,7 +386,7 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
                 seen[label] = {**base_rows[0], "axis": axis, "setting": label}
         rows.extend(sorted(seen.values(), key=lambda row: (order.index(row["setting"]) if row["setting"] in order
                                                             else len(order), row["setting"])))
-    meta = dict(runs[0]["meta"])
+    meta = dict(next(r["meta"] for r in runs if r["meta"]["setup"] != "solver only"))
     meta["command"] = " + ".join(r["meta"]["command"] for r in runs)
     meta["complete"] = all(r["meta"].get("complete") for r in runs)
     meta["total_minutes"] = max(r["meta"].get("total_minutes", 0) for r in runs)
@@ -390,6 +416,12 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
             extra = ["pattern", "score"]
         md.append(f"\n## {axis}\n\n")
         md.append(markdown_table(sub, cols + extra))
+        if axis == "groups":
+            solver = [r for r in rows if r["axis"] == "groups-solver"]
+            if solver:
+                md.append("\nThe permutation machinery alone per training step (Sinkhorn forward + backward and the "
+                          "hard assignment, all sites; `--solver`, idle machine):\n\n")
+                md.append(markdown_table(solver, ["setting", "cost_params", "solver_seconds_per_step", "threads"]))
         if axis == "epochs":
             curve = [r for r in rows if r["axis"] == "epochs-curve"]
             if curve:
@@ -457,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="only re-render sweep.md and sweep.png from sweep.json")
     ap.add_argument("--only", default=None,
                     help="comma-separated settings to run (e.g. 'ria 2:4,G=8'), to split one axis over processes")
+    ap.add_argument("--solver", action="store_true",
+                    help="only time the permutation machinery per step for G in 1..16 on SmolLM2's sites "
+                    "(writes sweep.json with those rows; merge it with the others)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="join the sweep.json of several runs (e.g. axes split over processes) into --out")
     opts = ap.parse_args(argv)
@@ -476,6 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     t0 = time.time()
+    if opts.solver:
+        from permsparse.loading import load_model
+
+        model = tiny_setup().model if opts.preset == "tiny" else load_model("smollm2-135m")[0]
+        groups = (1, 2) if opts.preset == "tiny" else (1, 2, 4, 8, 16)
+        rows = solver_rows(model, groups)
+        meta = {"command": "python bench/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "preset": opts.preset, "setup": "solver only", "complete": True, "date": time.strftime("%Y-%m-%d")}
+        from permsparse.io import atomic_write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "sweep.json", {"rows": rows, "meta": meta})
+        for r in rows:
+            print(f"[sweep] solver {r['setting']}: {r['solver_seconds_per_step']} s/step, {r['cost_params']} costs")
+        return 0
     if opts.preset == "tiny":
         setup = tiny_setup()
     else:

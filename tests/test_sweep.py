@@ -77,3 +77,17 @@ def test_tiny_sweep_writes_every_axis(tmp_path):
     assert again["meta"]["command"] == "part a + part b"
     with pytest.raises(ValueError, match="different setups"):
         sweep.merge([data, {**data, "meta": {**data["meta"], "setup": "another model"}}])
+
+
+def test_solver_timing_rows_merge_under_the_groups_axis(tmp_path):
+    sweep = _sweep_module()
+    assert sweep.main(["--preset", "tiny", "--solver", "--out", str(tmp_path / "solver")]) == 0
+    rows = json.loads((tmp_path / "solver" / "sweep.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["G=1", "G=2"]
+    assert all(r["solver_seconds_per_step"] > 0 for r in rows)
+    assert rows[0]["cost_params"] > rows[1]["cost_params"]  # one k x k table per group: G=1 has the most
+    assert sweep.main(["--preset", "tiny", "--axes", "groups", "--out", str(tmp_path / "groups")]) == 0
+    assert sweep.main(["--merge", str(tmp_path / "groups"), str(tmp_path / "solver"), "--out",
+                       str(tmp_path / "merged")]) == 0
+    md = (tmp_path / "merged" / "sweep.md").read_text()
+    assert "solver_seconds_per_step" in md and "## groups" in md
