@@ -114,7 +114,10 @@ class CostPredictor(nn.Module):
     def forward(self) -> torch.Tensor:
         phi = self.mlp(self.features)  # (N, k, D)
         psi = self.psi.repeat_interleave(self.m, dim=1)  # (N, k, D): slot j -> its block j // M
-        return self.base + torch.einsum("nid,njd->nij", phi, psi)
+        # / D: an optimiser step of about lr on every psi entry then moves a predicted cost
+        # about as far as it moves one entry of a table (a sum of D such moves otherwise:
+        # every channel's cost jumps past the warm start's margin after one step).
+        return self.base + torch.einsum("nid,njd->nij", phi, psi) / psi.shape[-1]
 
 
 def make_mlp(n_in: int, hidden: int, dim: int, generator: torch.Generator | None = None) -> nn.Sequential:
