@@ -18,6 +18,7 @@ Axes (each varies one setting of the base configuration, everything else fixed):
 5. ``predictor`` the paper's free cost table vs a data-driven predictor (permsparse.predictor)
 6. ``epochs``    1 vs 5 epochs, with the held-out perplexity after every epoch
 7. ``score``     magnitude, Wanda, RIA, SparseGPT under learned permutations, 2:4 and 4:8
+8. ``defaults``  the winners of the axes above together, against the base
 
 Every point reports the held-out perplexity of the *learned* permutations (not of whatever
 the final guard would keep; the kept plan is recorded too) beside the same score's
@@ -53,7 +54,7 @@ from permsparse.learn import LearnConfig, make_batches  # noqa: E402
 from permsparse.pipeline import PruneConfig, learn_permutations, score_sites  # noqa: E402
 from permsparse.sites import find_sites, get_module  # noqa: E402
 
-AXES = ("groups", "tau", "init", "sync", "predictor", "epochs", "score")
+AXES = ("groups", "tau", "init", "sync", "predictor", "epochs", "score", "defaults")
 
 #: Per preset: the values tried on each axis. Each entry is (label, overrides of the base
 #: PruneConfig; "learn" overrides go to its LearnConfig).
@@ -73,6 +74,8 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
         "epochs": [("1 epoch", {}), ("5 epochs", {"learn": {"epochs": 5.0}})],
         "score": [(f"{s} {p}", {"score": s, "pattern": p})
                   for p in ("2:4", "4:8") for s in ("magnitude", "wanda", "ria", "sparsegpt")],
+        # The winners of the axes above, together (what the CLI's defaults became).
+        "defaults": [("base", {}), ("G=2 + 5 Sinkhorn it", {"groups": 2, "learn": {"sinkhorn_iters": 5}})],
     },
     "tiny": {
         "groups": [(f"G={g}", {"groups": g}) for g in (1, 2)],
@@ -82,19 +85,24 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
         "predictor": [("table", {}), ("predictor", {"learn": {"cost_model": "predictor"}})],
         "epochs": [("1 epoch", {}), ("3 epochs", {"learn": {"epochs": 3.0}})],
         "score": [(f"{s} 2:4", {"score": s, "pattern": "2:4"}) for s in ("magnitude", "sparsegpt")],
+        "defaults": [("base", {}), ("G=1 + 5 Sinkhorn it", {"groups": 1, "learn": {"sinkhorn_iters": 5}})],
     },
 }
 
 
 # -- setup -------------------------------------------------------------------------------------
 
+#: The trainer settings of the base configuration, pinned: the library's defaults moved
+#: after this sweep (groups auto, 5 Sinkhorn iterations), the base it was run with did not.
+_BASE_LEARN = dict(epochs=1.0, init="heuristic", cost_model="table", lr=0.02, tau_start=1.0, tau_end=0.05,
+                   tau_schedule="exponential", sinkhorn_iters=10, alpha=1.0)
 #: Per preset: the base configuration every axis varies (argument: windows per step).
 BASES: dict[str, Callable[[int], PruneConfig]] = {
     "full": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4,
-                                           progress=False, learn=LearnConfig(batch_size=batch_size, epochs=1.0)),
+                                           progress=False, learn=LearnConfig(batch_size=batch_size, **_BASE_LEARN)),
     "tiny": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=2,
-                                           progress=False, learn=LearnConfig(batch_size=batch_size, epochs=1.0,
-                                                                             lr=0.05)),
+                                           progress=False,
+                                           learn=LearnConfig(batch_size=batch_size, **{**_BASE_LEARN, "lr": 0.05})),
 }
 #: Row fields that identify a point's configuration.
 _CONFIG_FIELDS = ("pattern", "score", "groups", "sync", "init", "cost_model", "tau_start", "tau_end", "tau_schedule",
@@ -439,7 +447,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
-    fig, grid = plt.subplots(2, 4, figsize=(18, 8))
+    fig, grid = plt.subplots(3, 3, figsize=(16, 13))
     flat = grid.flatten()
     for ax, axis in zip(flat, axes):
         sub = [r for r in rows if r["axis"] == axis]
