@@ -382,7 +382,7 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
             for row in r["rows"]:
                 if row["axis"] == axis:
                     seen.setdefault(row["setting"], row)
-        order = [label for label, _ in grid.get(axis, [])]
+        order = [label for label, _ in grid.get("groups" if axis == "groups-solver" else axis, [])]
         # The base configuration's point of an axis may have run under another axis's name
         # (it is the same run): take it from there.
         base = BASES[runs[0]["meta"].get("preset", "full")](2)

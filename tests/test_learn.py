@@ -290,7 +290,7 @@ def test_auto_groups_picks_the_fewest_groups_of_at_most_768_channels(tiny):
         resolve_groups(sites(770), PATTERN)  # 770 = 2·5·7·11: no power of two works
     # Through prune(): the resolved G is what the permutations and the result use.
     t = tiny("llama")
-    res = prune(t.model, None, PruneConfig(permutation="heuristic", progress=False), _calib())
+    res = prune(t.model, None, PruneConfig(permutation="heuristic", groups="auto", progress=False), _calib())
     assert res.groups == 1 and all(p.groups == 1 for s, p in zip(res.sites, res.perms.values()) if not s.head_tied)
     with pytest.raises(ValueError, match="groups"):
         PruneConfig(groups="many")

@@ -53,7 +53,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="how input channels are permuted before masking [learned]")
     g.add_argument("--groups", type=_groups_arg, default=None,
                    help="permutation groups G per site, or auto: the fewest groups of at most 768 channels "
-                   "(SmolLM2: 2; a 7B model: 16); G=1 is global [auto; digits-vit on digits: 1]")
+                   "(SmolLM2: 2; a 7B model: 16); G=1 is global [4; digits-vit on digits: 1]")
     g.add_argument("--heuristic", default="zigzag", choices=["zigzag", "zigzag+swap"],
                    help="heuristic search (also the learned run's warm start) [zigzag]")
     g.add_argument("--swap-seconds", type=float, default=1.0, help="time budget per site of zigzag+swap [1.0]")
@@ -270,7 +270,7 @@ class _Workload:
 
 def _fill_defaults(args: argparse.Namespace, task: str) -> None:
     """Flags left unset take the defaults of what is pruned (windows or images)."""
-    defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": "auto"}
+    defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": 4}
     if task == "image-classification":
         from .vision import DIGITS_PRUNE
 

@@ -53,7 +53,7 @@ class PruneConfig:
     pattern: str = "2:4"
     score: str = "wanda"
     permutation: str = "learned"
-    groups: int | str = "auto"  # or "auto": see resolve_groups
+    groups: int | str = 4  # or "auto": see resolve_groups
     heuristic: str = "zigzag"  # or "zigzag+swap"
     swap_seconds: float = 1.0  # per site, for "zigzag+swap"
     sequential: bool = False  # statistics block by block from the already-pruned blocks
@@ -168,11 +168,11 @@ def prune(
     return result
 
 
-#: ``groups="auto"``: the largest permutation group, in channels. Fewer, larger groups gave
-#: lower perplexity in bench/results/sweep.md (SmolLM2: G=2 best, then G=1, G=4), while one
-#: Sinkhorn + assignment per group and step costs ~0.1 s at 1,024 channels and ~1.5 s at
-#: 2,048 (bench/results/core.md): 768 keeps SmolLM2 at G=2 and a 7B model's 11,008-wide
-#: down_proj at G=16.
+#: ``groups="auto"``: the largest permutation group, in channels, so that the per-step
+#: solver cost stays bounded on wide models: one Sinkhorn + assignment per group and step
+#: costs ~0.1 s at 1,024 channels and ~1.5 s at 2,048 (bench/results/core.md). 768 gives
+#: SmolLM2 G=2 and a 7B model's 11,008-wide down_proj G=16. (In bench/results/sweep.md the
+#: perplexity showed no reliable trend in G at 16 steps, so the default stays G=4.)
 AUTO_MAX_GROUP = 768
 
 
