@@ -85,10 +85,15 @@ def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None
     for a in axes.flat:
         a.set_xlabel("step")
         a.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def _finish(fig, path: "str | Path") -> Path:
+    """Lay out, save (atomically) and close ``fig``."""
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -108,11 +113,7 @@ def plot_retained(reports: Sequence[SiteReport], path: "str | Path") -> Path | N
     ax.set_title("score kept by the mask, per site")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def write_report(
