@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from permsparse.apply import prune_site_  # noqa: E402
-from permsparse.deploy import GatheredOutput, PermutedLinear, deploy  # noqa: E402
+from permsparse.deploy import count_gathers, deploy  # noqa: E402
 from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.nm import NMPattern, count_violations, nm_mask  # noqa: E402
 from permsparse.sites import find_sites, get_module  # noqa: E402
@@ -132,9 +132,7 @@ def cpu_overhead(n: int, warmup: int, batch: int, seq: int, seed: int) -> tuple[
     gather_ms, total_ms = _gather_time(deployed, masked, ids, rounds=3)
     rows[-1]["gather_ms_profiled"] = round(gather_ms, 2)
     rows[-1]["gather_pct_profiled"] = round(100.0 * gather_ms / total_ms, 2)
-    gathers = sum(isinstance(m, GatheredOutput) for m in deployed.modules()) + sum(
-        isinstance(m, PermutedLinear) and m.input_perm is not None for m in deployed.modules()
-    )
+    gathers = count_gathers(deployed)
     folds = sum(s.payment == "fold" for s in sites)
     info = {
         "load_s": round(load_s, 1),

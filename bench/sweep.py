@@ -32,6 +32,7 @@ groups, sync) and shared; the dense weights are restored between points. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -48,9 +49,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.apply import prune_site_  # noqa: E402
+from permsparse.apply import parse_pattern, prune_site_  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
-from permsparse.learn import LearnConfig, make_batches  # noqa: E402
+from permsparse.learn import LearnConfig, make_batches, moved_share  # noqa: E402
 from permsparse.pipeline import PruneConfig, learn_permutations, score_sites  # noqa: E402
 from permsparse.sites import find_sites, get_module  # noqa: E402
 
@@ -194,18 +195,23 @@ class Sweep:
             for n, w in self._dense.items():
                 get_module(self.model, n).weight.copy_(w)
 
-    def ppl_of(self, prep: dict, cfg: PruneConfig, perms: dict | None) -> float:
-        """Held-out perplexity of the model pruned with ``perms`` (dense weights restored after)."""
-        from permsparse.apply import parse_pattern
-
+    @contextlib.contextmanager
+    def pruned(self, prep: dict, cfg: PruneConfig, perms: dict | None):
+        """The model pruned in place with ``perms`` (none: plain N:M) inside the block; the
+        dense weights are restored on the way out."""
         pattern = parse_pattern(cfg.pattern)
         try:
             for site in prep["sites"]:
                 prune_site_(self.model, site, pattern, cfg.score, prep["stats"], (perms or {}).get(site.name),
                             [prep["scores"][c] for c in site.consumers])
-            return self._ppl()
+            yield self.model
         finally:
             self._restore()
+
+    def ppl_of(self, prep: dict, cfg: PruneConfig, perms: dict | None) -> float:
+        """Held-out perplexity of the model pruned with ``perms``."""
+        with self.pruned(prep, cfg, perms):
+            return self._ppl()
 
     def prepare(self, cfg: PruneConfig) -> dict:
         key = (cfg.score, cfg.pattern, cfg.groups, cfg.sync, cfg.learn.batch_size)
@@ -256,7 +262,7 @@ class Sweep:
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(len(hist), 1), 2),
             "guard_seconds": round(learn_s - train_s, 1), "prepare_seconds": round(prep["prepare_seconds"], 1),
             "moved_last_step": hist[-1].changed if hist else 0.0,
-            "moved_vs_heuristic": _moved(cands["learned"], prep["heuristic"]),
+            "moved_vs_heuristic": round(moved_share(prep["heuristic"], cands["learned"]), 4),
         }
         row["gain_vs_heuristic_pct"] = round(100.0 * (1 - row["ppl_learned"] / row["ppl_heuristic"]), 2)
         rows = [row]
@@ -275,23 +281,15 @@ class Sweep:
 
     def gather_cost(self, prep: dict, perms: dict, cfg: PruneConfig) -> dict:
         """Deploy the pruned model with ``perms`` and profile the time of its gathers."""
-        from permsparse.apply import parse_pattern
-        from permsparse.deploy import GatheredOutput, PermutedLinear, deploy
+        from permsparse.deploy import count_gathers, deploy
 
         sys.path.insert(0, str(HERE))
         from deploy import _gather_time  # the profiler attribution of bench/deploy.py
 
-        pattern = parse_pattern(cfg.pattern)
-        try:
-            for site in prep["sites"]:
-                prune_site_(self.model, site, pattern, cfg.score, prep["stats"], perms.get(site.name),
-                            [prep["scores"][c] for c in site.consumers])
-            masked = copy.deepcopy(self.model).eval()
-        finally:
-            self._restore()
+        with self.pruned(prep, cfg, perms) as model:
+            masked = copy.deepcopy(model).eval()
         deployed = deploy(copy.deepcopy(masked), prep["sites"], perms).eval()
-        gathers = sum(isinstance(m, GatheredOutput) for m in deployed.modules()) + sum(
-            isinstance(m, PermutedLinear) and m.input_perm is not None for m in deployed.modules())
+        gathers = count_gathers(deployed)
         ids = self.s.eval[:1]
         gather_ms, total_ms = _gather_time(deployed, masked, ids, rounds=3)
         return {"deployed_gathers": gathers, "gather_ms": round(gather_ms, 2), "forward_ms": round(total_ms, 2),
@@ -322,12 +320,6 @@ def solver_rows(model: torch.nn.Module, groups: tuple[int, ...], repeats: int = 
                      "cost_params": sum(p.numel() for p in bank.parameters()),
                      "solver_seconds_per_step": round(statistics.median(times), 3), "threads": torch.get_num_threads()})
     return rows
-
-
-def _moved(a: dict, b: dict) -> float:
-    """Share of channels placed differently by two plans."""
-    moved = sum(int((a[n].indices != b[n].indices).sum()) for n in a)
-    return round(moved / max(sum(p.d_in for p in a.values()), 1), 4)
 
 
 def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = print,

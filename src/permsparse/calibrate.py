@@ -177,10 +177,10 @@ def capture_block_inputs(
     try:
         extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
         for batch in tqdm(list(batches), desc="capture inputs", disable=not progress, leave=False):
-            try:
+            # The hook raises _StopForward once the block's inputs are captured: the rest of
+            # the model need not run.
+            with contextlib.suppress(_StopForward):
                 model(**_as_inputs(batch, device), **extra)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return got

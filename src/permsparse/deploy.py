@@ -20,7 +20,7 @@ from .nm import NMPattern, count_violations
 from .permutation import Permutation
 from .sites import Site, get_module, set_module
 
-__all__ = ["PermutedLinear", "GatheredOutput", "deploy", "deployed_violations", "to_semi_structured"]
+__all__ = ["PermutedLinear", "GatheredOutput", "deploy", "count_gathers", "deployed_violations", "to_semi_structured"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ def deploy(model: nn.Module, sites: Sequence[Site], perms: Mapping[str, Permutat
             for producer in site.producers:
                 _permute_rows_(get_module(model, producer.module), rows, producer.row_offset)
     return model
+
+
+def count_gathers(model: nn.Module) -> int:
+    """Gathers the deployed form pays at run time: one per norm output gathered for a site,
+    one per layer that gathers its own input (folded sites pay none)."""
+    return sum(isinstance(m, GatheredOutput) or (isinstance(m, PermutedLinear) and m.input_perm is not None)
+               for m in model.modules())
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -56,6 +56,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "site_features",
+    "moved_share",
     "INIT_CHOICES",
     "COST_MODELS",
 ]
@@ -304,7 +305,8 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _changed(prev: Mapping[str, Permutation] | None, cur: Mapping[str, Permutation]) -> float:
+def moved_share(prev: Mapping[str, Permutation] | None, cur: Mapping[str, Permutation]) -> float:
+    """Share of all channels whose position differs between two plans (0 when ``prev`` is None)."""
     if prev is None:
         return 0.0
     moved = sum(int((prev[n].indices != p.indices).sum()) for n, p in cur.items())
@@ -594,7 +596,7 @@ def train_end_to_end(
             dist.all_reduce_grads_(bank.parameters())
             opt.step()
             cur = {n: p for n, (_, p) in out.items()}
-            rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, _changed(prev, cur), time.perf_counter() - t0)
+            rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, moved_share(prev, cur), time.perf_counter() - t0)
             prev = cur
             history.append(rec)
             bar.update(1)
@@ -697,7 +699,7 @@ def train_block(
         loss.backward()
         opt.step()
         cur = {n: p for n, (_, p) in out.items()}
-        history.append(StepLog(step, loss.item(), float("nan"), float("nan"), tau, ent, _changed(prev, cur),
+        history.append(StepLog(step, loss.item(), float("nan"), float("nan"), tau, ent, moved_share(prev, cur),
                                time.perf_counter() - t0))
         prev = cur
     return bank.hard(), history

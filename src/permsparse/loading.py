@@ -254,7 +254,7 @@ def _check_tied_embeddings(model: Any) -> None:
         return
     try:
         inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError):  # a model without embedding accessors: nothing to tie
         return
     if inp is None or out is None:
         return
