@@ -2,6 +2,7 @@
 
     python bench/quality.py            # the full table (about 1 h on 2 CPU cores)
     python bench/quality.py --quick    # a smoke run: fewer windows, 2:4 only
+    python bench/quality.py --update --methods wanda+heuristic,wanda+learned   # re-run some rows, keep the rest
 
 Every row runs in a fresh subprocess (so ``peak_rss_mb`` is that method's own peak) on
 SmolLM2-135M-Instruct and the embedded Wikipedia split (evaluation = the last 32,768
@@ -60,7 +61,8 @@ def worker(args: argparse.Namespace) -> None:
         score, permutation, pattern = METHODS[args.method]
         learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
-                          groups=args.groups, learn=learn, progress=False)
+                          groups=args.groups, learn=learn, progress=False, sync=not args.independent,
+                          heuristic_power=args.heuristic_power)
         curve: list[dict] = []
         on_step = None
         if permutation == "learned" and args.curve_every:
@@ -68,6 +70,9 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         result = prune(model, tok, cfg, windows.calib, on_step=on_step)
         seconds = time.perf_counter() - t0 - sum(c.get("eval_seconds", 0.0) for c in curve)
+        if permutation != "none":
+            row.update(sites="independent" if args.independent else "synchronised",
+                       heuristic_power=args.heuristic_power)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -120,7 +125,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--pattern", pattern, "--json-out", str(out),
            "--n-calib", str(opts.n_calib), "--learned-n-calib", str(opts.learned_n_calib), "--eval-tokens", str(opts.eval_tokens), "--groups", str(opts.groups),
            "--epochs", str(opts.epochs), "--batch-size", str(opts.batch_size),
-           "--curve-every", str(opts.curve_every), "--curve-windows", str(opts.curve_windows)]
+           "--curve-every", str(opts.curve_every), "--curve-windows", str(opts.curve_windows),
+           "--heuristic-power", str(opts.heuristic_power)] + (["--independent"] if opts.independent else [])
     if opts.train_seconds:
         cmd += ["--train-seconds", str(opts.train_seconds)]
     t0 = time.perf_counter()
@@ -130,6 +136,11 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
     row["wall_seconds"] = time.perf_counter() - t0
     print(f"[quality] {method} {pattern}: ppl {row['ppl']:.2f} ({row['wall_seconds']:.0f}s)", flush=True)
     return row
+
+
+def _key(row: dict) -> tuple:
+    """A row's identity: method, pattern and, for permuted rows, the sites setting."""
+    return row["method"], row["pattern"], row.get("sites")
 
 
 def add_gap_closed(rows: list[dict]) -> None:
@@ -150,20 +161,23 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    curves = [dict(method=r["method"], pattern=r["pattern"], **c) for r in rows for c in r.get("curve", [])]
+    curves = [dict(method=r["method"], pattern=r["pattern"], sites=r.get("sites"), **c)
+              for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb", "kept_plan", "train_steps",
-            "retained_plain", "retained"]
+    cols = ["method", "pattern", "sites", "heuristic_power", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
+            "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
           f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
           f"{meta['eval_tokens']} tokens in 512-token windows, calibration = {meta['n_calib']} windows of 512 drawn "
           f"before them ({meta['learned_n_calib']} for the learned rows, trained for at most {meta['epochs']} epochs "
-          f"or {meta['train_seconds']:.0f} s, batch 4 x 512, sites synchronised as in DESIGN.md). G = {meta['groups']}. gap_closed = (ppl wanda − ppl method) / (ppl wanda − ppl wanda "
+          f"or {meta['train_seconds']:.0f} s, batch 4 x 512). Permuted rows: G = {meta['groups']}; `sites` says whether "
+          f"layers reading the same input share one permutation (synchronised, DESIGN.md) or each layer has its own "
+          f"(independent); the heuristic (also the learned rows' warm start) keeps the most Σ score^`heuristic_power`. gap_closed = (ppl wanda − ppl method) / (ppl wanda − ppl wanda "
           f"unstructured 50%). Machine: {meta['machine']}. {meta['date']}.\n\n",
           markdown_table(flat, cols), _targets(flat)]
     if curves:
         md.append("\n## Learned run: perplexity against training minutes\n\n")
-        md.append(markdown_table(curves, ["pattern", "train_minutes", "step", "ppl"]))
+        md.append(markdown_table(curves, ["pattern", "sites", "train_minutes", "step", "ppl"]))
         md.append("\n(perplexity here on the first %d evaluation windows; the table above uses all)\n\n"
                   "![curve](quality_curve.png)\n" % meta["curve_windows"])
         _plot_curve(curves, rows, RESULTS / "quality_curve.png")
@@ -171,23 +185,23 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
 
 
 def _targets(rows: list[dict]) -> str:
-    """The issue's targets, checked against the rows."""
-    def get(method, pattern):
-        return next((r for r in rows if r["method"] == method and r["pattern"] == pattern), None)
-
+    """The issue's targets, checked against the rows (one set of lines per sites setting)."""
     lines = ["\n## Targets\n"]
-    learned, heur = get("wanda+learned", "2:4"), get("wanda+heuristic", "2:4")
-    if learned and learned.get("gap_closed") is not None:
-        ok = learned["gap_closed"] >= 0.75
-        lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4: {100 * learned['gap_closed']:.1f}% "
-                     f"(ppl {learned['ppl']:.1f}) — **{'met' if ok else 'not met'}**")
-    if learned and heur:
-        ok = learned["ppl"] < heur["ppl"]
-        lines.append(f"- learned beats the heuristic in the same run: {learned['ppl']:.1f} vs {heur['ppl']:.1f} — "
-                     f"**{'met' if ok else 'not met'}**")
-    if learned:
+    for learned in [r for r in rows if r["method"] == "wanda+learned" and r["pattern"] == "2:4"]:
+        sites = learned.get("sites", "synchronised")
+        heur = next((r for r in rows if r["method"] == "wanda+heuristic" and r["pattern"] == "2:4"
+                     and r.get("sites", "synchronised") == sites), None)
+        tag = f" ({sites} sites)"
+        if learned.get("gap_closed") is not None:
+            ok = learned["gap_closed"] >= 0.75
+            lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4{tag}: "
+                         f"{100 * learned['gap_closed']:.1f}% (ppl {learned['ppl']:.1f}) — **{'met' if ok else 'not met'}**")
+        if heur:
+            ok = learned["ppl"] < heur["ppl"]
+            lines.append(f"- learned beats the heuristic in the same run{tag}: {learned['ppl']:.1f} vs "
+                         f"{heur['ppl']:.1f} — **{'met' if ok else 'not met'}**")
         ok = learned["prune_seconds"] <= 900
-        lines.append(f"- the full learned prune (calibration included) within 15 min on 2 CPU cores: "
+        lines.append(f"- the full learned prune (calibration included) within 15 min on 2 CPU cores{tag}: "
                      f"{learned['prune_seconds'] / 60:.1f} min — **{'met' if ok else 'not met'}**")
     return "\n".join(lines) + "\n"
 
@@ -199,9 +213,9 @@ def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for pattern in sorted({c["pattern"] for c in curves}):
-        cs = [c for c in curves if c["pattern"] == pattern]
-        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {pattern}")
+    for key in sorted({(c["pattern"], c.get("sites") or "synchronised") for c in curves}):
+        cs = [c for c in curves if (c["pattern"], c.get("sites") or "synchronised") == key]
+        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {key[0]}, {key[1]}")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("perplexity (eval subset)")
     ax.set_title("SmolLM2-135M, Wanda score: learned permutations over training")
@@ -221,6 +235,12 @@ def main() -> None:
     ap.add_argument("--learned-n-calib", type=int, default=96, help="calibration windows of the learned rows")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--independent", action="store_true",
+                    help="permuted rows: one permutation per layer instead of one per site (the CLI's --independent)")
+    ap.add_argument("--heuristic-power", type=float, default=2.0, help="the heuristic keeps the most Σ score^p [2]")
+    ap.add_argument("--update", action="store_true",
+                    help="run only --methods x --patterns and replace those rows in bench/results/quality.json "
+                    "(the other rows, e.g. dense and the baselines, are kept)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-seconds", type=float, default=600.0,
@@ -242,8 +262,8 @@ def main() -> None:
         saved = json.loads((RESULTS / "quality.json").read_text())
         rows = [dict(r) for r in saved["rows"]]
         for c in saved.get("curve", []):
-            row = next(r for r in rows if r["method"] == c["method"] and r["pattern"] == c["pattern"])
-            row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern")})
+            row = next(r for r in rows if _key(r) == _key(c))
+            row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern", "sites")})
         meta = {"learned_n_calib": next((r["n_calib"] for r in rows if r["method"] == "wanda+learned"), None),
                 "epochs": opts.epochs, "train_seconds": opts.train_seconds, **saved["meta"]}
         write_outputs(rows, meta)
@@ -255,14 +275,32 @@ def main() -> None:
     rows = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(run_row("dense", "-", opts, Path(tmp)))
+        if not opts.update:
+            rows.append(run_row("dense", "-", opts, Path(tmp)))
         for pattern in opts.patterns.split(","):
             for method in opts.methods.split(","):
                 if METHODS[method][2] is not None and pattern != opts.patterns.split(",")[0]:
                     continue  # the unstructured ceiling does not depend on the N:M pattern
                 rows.append(run_row(method, METHODS[method][2] or pattern, opts, Path(tmp)))
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    if opts.update:
+        saved = json.loads((RESULTS / "quality.json").read_text())
+        new = {_key(r) for r in rows}
+        for r in rows:
+            r["command"] = command
+        kept = [dict(r) for r in saved["rows"] if _key(r) not in new]
+        for c in saved.get("curve", []):
+            row = next((r for r in kept if _key(r) == _key(c)), None)
+            if row is not None:
+                row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern", "sites")})
+        order = [(r["method"], r["pattern"]) for r in saved["rows"]]
+        # Next to the row of the same method and pattern (new variants after the old ones).
+        rows = sorted(kept + rows, key=lambda r: (order.index((r["method"], r["pattern"]))
+                                                   if (r["method"], r["pattern"]) in order else len(order),
+                                                   r in rows))
+        command = saved["meta"]["command"] + "; then " + command
     add_gap_closed(rows)
-    meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "n_calib": opts.n_calib,
+    meta = {"command": command, "n_calib": opts.n_calib,
             "eval_tokens": opts.eval_tokens, "groups": opts.groups, "curve_windows": opts.curve_windows,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "learned_n_calib": opts.learned_n_calib, "epochs": opts.epochs, "train_seconds": opts.train_seconds,

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -388,9 +389,13 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
                                                             else len(order), row["setting"])))
     meta = dict(next(r["meta"] for r in runs if r["meta"]["setup"] != "solver only"))
     meta["command"] = " + ".join(r["meta"]["command"] for r in runs)
-    meta["complete"] = all(r["meta"].get("complete") for r in runs)
+    # Complete when every point of the grid is there (the runs themselves may each be partial).
+    have = {(row["axis"], row["setting"]) for row in rows}
+    meta["complete"] = all((axis, label) in have for axis in AXES for label, _ in grid.get(axis, []))
     meta["total_minutes"] = max(r["meta"].get("total_minutes", 0) for r in runs)
-    meta["note"] = meta["note"] + f"; {len(runs)} processes ran axes side by side"
+    n_proc = len(meta["command"].split(" + "))
+    meta["note"] = re.sub(r"; \d+ processes ran axes side by side", "", meta["note"]) + \
+        f"; {n_proc} processes ran axes side by side"
     return rows, meta
 
 

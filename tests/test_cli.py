@@ -22,7 +22,7 @@ from permsparse.io import PLAN_FILE, read_plan
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
                  "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
-                 "--no-bf16", "--seed")
+                 "--no-bf16", "--seed", "--heuristic-power", "--independent")
 
 
 @pytest.fixture(autouse=True)

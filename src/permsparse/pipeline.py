@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .apply import SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
+from .apply import HEURISTIC_POWER, SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
 from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
 from .learn import (
     LearnConfig,
@@ -56,6 +56,7 @@ class PruneConfig:
     groups: int | str = 4  # or "auto": see resolve_groups
     heuristic: str = "zigzag"  # or "zigzag+swap"
     swap_seconds: float = 1.0  # per site, for "zigzag+swap"
+    heuristic_power: float = HEURISTIC_POWER  # the search keeps the most Σ score**power (2: output error energy)
     sequential: bool = False  # statistics block by block from the already-pruned blocks
     sync: bool = True  # one permutation per site of layers reading the same input
     attn_out: str = "fold"
@@ -75,6 +76,8 @@ class PruneConfig:
             raise ValueError(f"unknown permutation {self.permutation!r}: use one of {PERMUTATIONS}")
         if self.groups != "auto" and not (isinstance(self.groups, int) and self.groups >= 1):
             raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
+        if not self.heuristic_power > 0:
+            raise ValueError(f"heuristic_power must be positive, got {self.heuristic_power}")
         if isinstance(self.learn, dict):
             self.learn = LearnConfig(**self.learn)
         if self.spread_blocks and self.sequential:
@@ -210,7 +213,8 @@ def _scores_and_heuristic(
         sc = site_scores(model, site, cfg.score, stats)
         scores.update(zip(site.consumers, sc))
         if want_heuristic and pattern is not None:
-            heur[site.name] = heuristic_permutation(site, sc, pattern, cfg.groups, cfg.heuristic, cfg.swap_seconds)
+            heur[site.name] = heuristic_permutation(site, sc, pattern, cfg.groups, cfg.heuristic, cfg.swap_seconds,
+                                                   power=cfg.heuristic_power)
     return scores, heur
 
 
