@@ -59,7 +59,8 @@ def worker(args: argparse.Namespace) -> None:
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=0.0)
     else:
         score, permutation, pattern = METHODS[args.method]
-        learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds)
+        learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds,
+                            tau_schedule=args.tau_schedule)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
                           groups=args.groups, learn=learn, progress=False, sync=not args.independent,
                           heuristic_power=args.heuristic_power)
@@ -73,6 +74,8 @@ def worker(args: argparse.Namespace) -> None:
         if permutation != "none":
             row.update(sites="independent" if args.independent else "synchronised",
                        heuristic_power=args.heuristic_power)
+        if permutation == "learned":
+            row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -126,7 +129,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
            "--n-calib", str(opts.n_calib), "--learned-n-calib", str(opts.learned_n_calib), "--eval-tokens", str(opts.eval_tokens), "--groups", str(opts.groups),
            "--epochs", str(opts.epochs), "--batch-size", str(opts.batch_size),
            "--curve-every", str(opts.curve_every), "--curve-windows", str(opts.curve_windows),
-           "--heuristic-power", str(opts.heuristic_power)] + (["--independent"] if opts.independent else [])
+           "--heuristic-power", str(opts.heuristic_power), "--tau-schedule", opts.tau_schedule]
+    cmd += ["--independent"] if opts.independent else []
     if opts.train_seconds:
         cmd += ["--train-seconds", str(opts.train_seconds)]
     t0 = time.perf_counter()
@@ -140,7 +144,12 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 def _key(row: dict) -> tuple:
     """A row's identity: method, pattern and, for permuted rows, the sites setting."""
-    return row["method"], row["pattern"], row.get("sites")
+    return row["method"], row["pattern"], row.get("sites"), _schedule(row)
+
+
+def _schedule(row: dict) -> str | None:
+    """The learned rows' τ schedule (rows from before the column: exponential)."""
+    return row.get("tau_schedule") or ("exponential" if row["method"] == "wanda+learned" else None)
 
 
 def add_gap_closed(rows: list[dict]) -> None:
@@ -161,10 +170,10 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    curves = [dict(method=r["method"], pattern=r["pattern"], sites=r.get("sites"), **c)
+    curves = [dict(method=r["method"], pattern=r["pattern"], sites=r.get("sites"), tau_schedule=_schedule(r), **c)
               for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
           f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
@@ -177,7 +186,7 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
           markdown_table(flat, cols), _targets(flat)]
     if curves:
         md.append("\n## Learned run: perplexity against training minutes\n\n")
-        md.append(markdown_table(curves, ["pattern", "sites", "train_minutes", "step", "ppl"]))
+        md.append(markdown_table(curves, ["pattern", "sites", "tau_schedule", "train_minutes", "step", "ppl"]))
         md.append("\n(perplexity here on the first %d evaluation windows; the table above uses all)\n\n"
                   "![curve](quality_curve.png)\n" % meta["curve_windows"])
         _plot_curve(curves, rows, RESULTS / "quality_curve.png")
@@ -191,7 +200,7 @@ def _targets(rows: list[dict]) -> str:
         sites = learned.get("sites", "synchronised")
         heur = next((r for r in rows if r["method"] == "wanda+heuristic" and r["pattern"] == "2:4"
                      and r.get("sites", "synchronised") == sites), None)
-        tag = f" ({sites} sites)"
+        tag = f" ({sites} sites, τ {_schedule(learned)})"
         if learned.get("gap_closed") is not None:
             ok = learned["gap_closed"] >= 0.75
             lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4{tag}: "
@@ -213,9 +222,12 @@ def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in sorted({(c["pattern"], c.get("sites") or "synchronised") for c in curves}):
-        cs = [c for c in curves if (c["pattern"], c.get("sites") or "synchronised") == key]
-        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {key[0]}, {key[1]}")
+    def key(c: dict) -> tuple:
+        return c["pattern"], c.get("sites") or "synchronised", c.get("tau_schedule") or "exponential"
+
+    for k in sorted({key(c) for c in curves}):
+        cs = [c for c in curves if key(c) == k]
+        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {k[0]}, {k[1]}, τ {k[2]}")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("perplexity (eval subset)")
     ax.set_title("SmolLM2-135M, Wanda score: learned permutations over training")
@@ -238,6 +250,7 @@ def main() -> None:
     ap.add_argument("--independent", action="store_true",
                     help="permuted rows: one permutation per layer instead of one per site (the CLI's --independent)")
     ap.add_argument("--heuristic-power", type=float, default=2.0, help="the heuristic keeps the most Σ score^p [2]")
+    ap.add_argument("--tau-schedule", default="linear", help="learned rows: τ schedule [linear, the library default]")
     ap.add_argument("--update", action="store_true",
                     help="run only --methods x --patterns and replace those rows in bench/results/quality.json "
                     "(the other rows, e.g. dense and the baselines, are kept)")
@@ -263,7 +276,8 @@ def main() -> None:
         rows = [dict(r) for r in saved["rows"]]
         for c in saved.get("curve", []):
             row = next(r for r in rows if _key(r) == _key(c))
-            row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern", "sites")})
+            row.setdefault("curve", []).append({k: v for k, v in c.items()
+                                                if k not in ("method", "pattern", "sites", "tau_schedule")})
         meta = {"learned_n_calib": next((r["n_calib"] for r in rows if r["method"] == "wanda+learned"), None),
                 "epochs": opts.epochs, "train_seconds": opts.train_seconds, **saved["meta"]}
         write_outputs(rows, meta)
@@ -292,7 +306,8 @@ def main() -> None:
         for c in saved.get("curve", []):
             row = next((r for r in kept if _key(r) == _key(c)), None)
             if row is not None:
-                row.setdefault("curve", []).append({k: v for k, v in c.items() if k not in ("method", "pattern", "sites")})
+                row.setdefault("curve", []).append({k: v for k, v in c.items()
+                                                    if k not in ("method", "pattern", "sites", "tau_schedule")})
         order = [(r["method"], r["pattern"]) for r in saved["rows"]]
         # Next to the row of the same method and pattern (new variants after the old ones).
         rows = sorted(kept + rows, key=lambda r: (order.index((r["method"], r["pattern"]))

@@ -92,11 +92,15 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     metrics = tmp_path / "steps.jsonl"
     res = prune(t.model, None, cfg, calib, metrics_path=metrics, on_step=lambda rec, state: seen.append(rec.step))
 
-    # The guard compares the three plans and keeps the argmin.
-    assert set(res.guard) == {"none", "heuristic", "learned"}
+    # The guard compares the three plans (the learned one: the best of the run's last plan
+    # and its snapshots) and keeps the argmin.
+    plans = {k: v for k, v in res.guard.items() if not k.startswith("learned@")}
+    assert set(plans) == {"none", "heuristic", "learned"}
+    assert len(res.guard) == 3 + LearnConfig().snapshots
     assert all(math.isfinite(v) for v in res.guard.values())
-    assert res.kept_plan == min(res.guard, key=res.guard.get)
-    assert res.guard["learned"] < res.guard["none"], res.guard
+    best_learned = min(v for k, v in res.guard.items() if k.startswith("learned"))
+    assert res.kept_plan == min(plans, key=lambda k: best_learned if k == "learned" else plans[k])
+    assert best_learned < res.guard["none"], res.guard
 
     # One record per step, all finite; τ anneals from start to end.
     n_steps = 16 * 4
@@ -249,13 +253,43 @@ def test_non_finite_loss_restores_last_good_costs(tiny, monkeypatch, tmp_path):
     assert len(metrics.read_text().splitlines()) == 2  # only the good steps were logged
 
 
+@pytest.mark.parametrize("n_snap", [0, 3])
+def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
+    """The guard also weighs hard plans taken at 1/4, 1/2, 3/4 of the run; the learned
+    result is the best of the run's plans by calibration loss."""
+    from permsparse.pipeline import learn_permutations
+
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    cfg = PruneConfig(groups=2, progress=False, learn=LearnConfig(epochs=4, batch_size=2, snapshots=n_snap))
+    batches = make_batches(calib, 2)
+    scores, heur = _scores_and_heuristic(t.model, sites, batches, 2)
+    seen: list = []
+    cands, history, guard, kept = learn_permutations(
+        t.model, sites, scores, heur, cfg, batches, on_step=lambda rec, st: seen.append(
+            {n: p for n, p in st.bank.hard().items()}))
+    assert len(history) == 16 and set(cands) == {"none", "heuristic", "learned"}
+    snaps = sorted(int(k.split("@")[1]) for k in guard if k.startswith("learned@"))
+    # progress = step / 15 first reaches 1/4, 1/2, 3/4 at steps 4, 8, 12
+    assert snaps == ([4, 8, 12] if n_snap else [])
+    learned_keys = ["learned"] + [f"learned@{s}" for s in snaps]
+    best = min(learned_keys, key=lambda k: (guard[k], k != "learned"))
+    # A snapshot is the plan its step ran with: the costs after the step before it.
+    want = seen[-1] if best == "learned" else seen[int(best.split("@")[1]) - 1]
+    assert {n: p.indices.tolist() for n, p in cands["learned"].items()} == \
+        {n: p.indices.tolist() for n, p in want.items()}
+    assert kept == min(("none", "heuristic", "learned"), key=lambda k: (
+        guard[k] if k != "learned" else guard[best], k != "learned"))
+
+
 def test_time_budget_stops_early_and_anneals(tiny):
     t = tiny("llama")
     sites = find_sites(t.model)
     calib = _calib()
     scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
     budget = 1.0
-    cfg = LearnConfig(epochs=1000, batch_size=2, time_budget=budget)
+    cfg = LearnConfig(epochs=1000, batch_size=2, time_budget=budget, tau_schedule="exponential")
     perms, history = train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False)
     assert 2 <= len(history) < 1000 * 4
     assert set(perms) == {s.name for s in sites}

@@ -162,7 +162,7 @@ def test_tiny_vit_prune_export_load(tiny, tmp_path, one_thread):
     calib = [{**b, "labels": torch.randint(0, 5, (2,), generator=gen)} for b in t.batches(4)]
     cfg = permsparse.PruneConfig(pattern="2:4", permutation="learned", groups=4, progress=False, learn=_learn())
     result = permsparse.prune(t.model, None, cfg, calib=calib)
-    assert len(result.history) == 4 and set(result.guard) == {"none", "heuristic", "learned"}
+    assert len(result.history) == 4 and {"none", "heuristic", "learned"} <= set(result.guard)
     assert all(np.isfinite(h.ce) and h.ce > 0 for h in result.history)  # label cross-entropy reached the loss
     assert not any("classifier" in c for s in result.sites for c in s.consumers)  # the head stays dense
     _round_trip(t.model, result.sites, result.perms, t.inputs, tmp_path / "vit", 4, "AutoModelForImageClassification")

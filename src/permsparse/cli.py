@@ -91,7 +91,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--margin", type=float, default=None, help="initial cost advantage of the start permutation")
     t.add_argument("--tau-start", type=float, default=None, help="initial Sinkhorn temperature")
     t.add_argument("--tau-end", type=float, default=None, help="final Sinkhorn temperature")
-    t.add_argument("--tau-schedule", default=None, choices=["exponential", "linear", "cosine", "constant"])
+    t.add_argument("--tau-schedule", default=None, choices=["exponential", "linear", "cosine", "constant"],
+                   help="how τ goes from --tau-start to --tau-end over the run [linear]")
     t.add_argument("--sinkhorn-iters", type=int, default=None, help="Sinkhorn iterations per step")
     t.add_argument("--alpha", type=float, default=None, help="weight of the distillation KL")
     t.add_argument("--steps-per-block", type=int, default=None, help="steps per block (blockwise objective)")
@@ -101,6 +102,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="optimizer of the costs [group-adam: one second moment per group]")
     t.add_argument("--noise", type=float, default=None, help="std of the initial cost noise")
     t.add_argument("--guard-batches", type=int, default=None, help="calibration batches the final guard compares on")
+    t.add_argument("--snapshots", type=int, default=None,
+                   help="hard plans taken evenly during training that the guard weighs beside the last one [3]")
     t.add_argument("--exact-sinkhorn-grad", action="store_true",
                    help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
@@ -218,7 +221,7 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
-                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model"):
+                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
     return PruneConfig(

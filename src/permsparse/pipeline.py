@@ -252,15 +252,21 @@ def learn_permutations(
 
     ``candidates`` maps ``none`` / ``heuristic`` / ``learned`` to their permutations;
     ``kept_plan`` is the one with the lowest calibration loss (ties favour ``learned``).
+    ``learned`` is the best of the run's own plans: the last one, or one of the
+    ``cfg.learn.snapshots`` taken during training when its calibration loss is lower
+    (``guard_losses`` holds them as ``learned@<step>``).
     """
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
+    snapshots: dict[int, dict[str, Permutation]] = {}
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-        on_step=on_step, resume=resume,
+        on_step=on_step, resume=resume, snapshots=snapshots,
     )
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
+    last = len(history) - 1
+    candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
     guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
     teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
     weights = _weights(model, sites)
@@ -271,6 +277,14 @@ def learn_permutations(
     }
     plan = min(guard, key=lambda k: (guard[k], k != "learned"))
     log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
+    if plan.startswith("learned@"):
+        # The learned result is the best of its own plans: an earlier one won the guard.
+        candidates["learned"] = candidates[plan]
+        log.info("the learned plan is the one of step %s of %d (calibration loss %.4f against %.4f at the end)",
+                 plan.split("@")[1], last + 1, guard[plan], guard["learned"])
+        plan = "learned"
+    for k in [k for k in candidates if k.startswith("learned@")]:
+        del candidates[k]
     return candidates, history, guard, plan
 
 
