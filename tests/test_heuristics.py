@@ -227,7 +227,7 @@ def test_energy_objective_lowers_real_perplexity(smollm2, one_thread):
     """SmolLM2-135M, all 210 layers each with its own permutation (G = 4), Wanda 2:4 from
     Wikipedia statistics: the squared-score search (the default) gives a lower held-out
     perplexity than the plain kept score. Here (16 x 256 calibration tokens, 4,096 held out)
-    141.5 against 146.0; with 32 x 512 windows 101.8 against 120.6 (bench/results/quality.md)."""
+    141.5 against 146.0; with 32 x 512 windows 101.8 against 120.4 (bench/results/heuristic.md)."""
     import copy
 
     from permsparse.apply import heuristic_permutation, prune_site_
