@@ -75,7 +75,8 @@ def worker(args: argparse.Namespace) -> None:
             row.update(sites="independent" if args.independent else "synchronised",
                        heuristic_power=args.heuristic_power)
         if permutation == "learned":
-            row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots)
+            row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
+                       train_seconds=args.train_seconds)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -144,7 +145,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 def _key(row: dict) -> tuple:
     """A row's identity: method, pattern and, for permuted rows, the sites setting."""
-    return row["method"], row["pattern"], row.get("sites"), _schedule(row)
+    learned = row["method"] == "wanda+learned"
+    return row["method"], row["pattern"], row.get("sites"), _schedule(row), row.get("batch_size", 4 if learned else None)
 
 
 def _schedule(row: dict) -> str | None:
@@ -173,13 +175,13 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
     curves = [dict(method=r["method"], pattern=r["pattern"], sites=r.get("sites"), tau_schedule=_schedule(r), **c)
               for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
           f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
           f"{meta['eval_tokens']} tokens in 512-token windows, calibration = {meta['n_calib']} windows of 512 drawn "
           f"before them ({meta['learned_n_calib']} for the learned rows, trained for at most {meta['epochs']} epochs "
-          f"or {meta['train_seconds']:.0f} s, batch 4 x 512). Permuted rows: G = {meta['groups']}; `sites` says whether "
+          f"or {meta['train_seconds']:.0f} s, batch 4 x 512 unless `batch_size` says otherwise). Permuted rows: G = {meta['groups']}; `sites` says whether "
           f"layers reading the same input share one permutation (synchronised, DESIGN.md) or each layer has its own "
           f"(independent); the heuristic (also the learned rows' warm start) keeps the most Σ score^`heuristic_power`. gap_closed = (ppl wanda − ppl method) / (ppl wanda − ppl wanda "
           f"unstructured 50%). Machine: {meta['machine']}. {meta['date']}.\n\n",
