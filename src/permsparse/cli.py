@@ -57,7 +57,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heuristic", default="zigzag", choices=["zigzag", "zigzag+swap"],
                    help="heuristic search (also the learned run's warm start) [zigzag]")
     g.add_argument("--swap-seconds", type=float, default=1.0, help="time budget per site of zigzag+swap [1.0]")
-    g.add_argument("--heuristic-power", type=float, default=2.0,
+    g.add_argument("--heuristic-power", type=float, default=None,
                    help="the heuristic keeps the most sum(score**p): 2 = the output error energy w^2*|x|^2 "
                    "(Wanda), 1 = the plain kept score of RIA/Apex [2]")
     g.add_argument("--sequential", action="store_true",
@@ -226,8 +226,8 @@ def _prune_config(args: argparse.Namespace):
             learn_kw[name] = getattr(args, name)
     return PruneConfig(
         pattern=args.pattern, score=args.score, permutation=args.permutation, groups=args.groups,
-        heuristic=args.heuristic, swap_seconds=args.swap_seconds, heuristic_power=args.heuristic_power,
-        sequential=args.sequential,
+        heuristic=args.heuristic, swap_seconds=args.swap_seconds, sequential=args.sequential,
+        heuristic_power=PruneConfig.heuristic_power if args.heuristic_power is None else args.heuristic_power,
         sync=not args.independent, attn_out=args.attn_out, learn=LearnConfig(**learn_kw),
         progress=not args.quiet, offload=getattr(args, "offload", False), device=getattr(args, "device", None),
         spread_blocks=getattr(args, "spread_blocks", False),
