@@ -253,3 +253,12 @@ def test_energy_objective_lowers_real_perplexity(smollm2, one_thread):
         del model
     print(f"\nSmolLM2 2:4 Wanda + heuristic, held-out perplexity: power 1 {ppl[1.0]:.1f}, power 2 {ppl[2.0]:.1f}")
     assert ppl[2.0] < ppl[1.0], ppl
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zigzag_on_cuda_equals_cpu():
+    # The gains are computed where the score lives; only the assignment goes to the host.
+    s = torch.rand(96, 64, generator=_gen(3)) ** 3
+    for groups in (1, 2):
+        assert zigzag_permutation(s.cuda(), "2:4", groups) == zigzag_permutation(s, "2:4", groups)

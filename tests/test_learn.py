@@ -328,3 +328,19 @@ def test_auto_groups_picks_the_fewest_groups_of_at_most_768_channels(tiny):
     assert res.groups == 1 and all(p.groups == 1 for s, p in zip(res.sites, res.perms.values()) if not s.head_tied)
     with pytest.raises(ValueError, match="groups"):
         PruneConfig(groups="many")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_learned_prune_on_cuda(tiny):
+    # The whole learned path with the model on the GPU: statistics, heuristic, training,
+    # guard and the in-place prune; the result is a valid plan and beats no permutation.
+    t = tiny("llama")
+    t.model.cuda()
+    cfg = PruneConfig(permutation="learned", groups=2, learn=LearnConfig(**{**TINY_LEARN, "epochs": 4}),
+                      progress=False)
+    res = prune(t.model, None, cfg, _calib())
+    assert next(t.model.parameters()).is_cuda
+    assert len(res.history) == 16 and all(math.isfinite(h.loss) for h in res.history)
+    assert min(v for k, v in res.guard.items() if k.startswith("learned")) < res.guard["none"], res.guard
+    check_plan(t.model.cpu(), res.sites, res.perms, "2:4", 2)

@@ -101,7 +101,7 @@ def heuristic_permutation(
         raise ValueError(f"heuristic power must be positive, got {power}")
     g, _ = site.structure(groups, pattern)
     free_g = site.free_groups(groups)
-    stacked = site.tied_score(torch.cat([s.double().pow(power).float() for s in scores], dim=0), groups)
+    stacked = site.tied_score(torch.cat([s.detach().double().pow(power).float() for s in scores], dim=0), groups)
     stacked = stacked / stacked.mean().clamp_min(1e-30)  # consumers weigh by their share of the score
     free = zigzag_permutation(stacked, pattern, free_g)
     if method == "zigzag+swap":

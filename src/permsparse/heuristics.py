@@ -46,8 +46,11 @@ def zigzag_permutation(
     """RIA-style zig-zag allocation plus ``refine_rounds`` rounds of linear assignment.
 
     Per group, the result never keeps less score than the identity (it falls back to it).
+    The score may live on a GPU: the sorting and the gains are computed where it is, only
+    each assignment's ``(B, B)`` gain matrix goes to the host for scipy.
     """
     s, pattern = _prepare(score, pattern, groups)
+    dev = s.device
     d_out, d_in = s.shape
     k, m = d_in // groups, pattern.m
     n_blocks = k // m
@@ -55,20 +58,20 @@ def zigzag_permutation(
     for g in range(groups):
         sg = s[:, g * k : (g + 1) * k]  # (O, k)
         order = torch.argsort(sg.sum(0), descending=True, stable=True)
-        rank = torch.arange(k)
+        rank = torch.arange(k, device=dev)
         rnd, pos = rank // n_blocks, rank % n_blocks
         block = torch.where(rnd % 2 == 0, pos, n_blocks - 1 - pos)
-        layout = torch.empty(k, dtype=torch.long)
+        layout = torch.empty(k, dtype=torch.long, device=dev)
         layout[block * m + rnd] = order  # slot (block, round) holds the channel of that rank
         for _ in range(refine_rounds):
             for slot in range(m):
                 layout = _reassign_slot(sg, layout, slot, pattern, chunk)
         # The zig-zag deal is a heuristic and can lose to the identity (mostly on small or
         # structured scores); the refinement never lowers the score, so keep the better.
-        identity = torch.arange(k)
+        identity = torch.arange(k, device=dev)
         if _layout_kept(sg, layout, pattern) < _layout_kept(sg, identity, pattern):
             layout = identity
-        local.append(layout)
+        local.append(layout.cpu())
     return Permutation.from_local(torch.stack(local))
 
 
@@ -97,16 +100,16 @@ def _reassign_slot(sg: torch.Tensor, layout: torch.Tensor, slot: int, pattern: N
     r_n = r_sorted[..., n - 1]  # (O, B)
     gain = sum_of_max(sg[:, cand], r_n, chunk)  # (C, B)
     gain += base.double().unsqueeze(0)
-    rows, cols = linear_sum_assignment(gain.numpy(), maximize=True)  # channel rows[i] -> block cols[i]
+    rows, cols = linear_sum_assignment(gain.cpu().numpy(), maximize=True)  # channel rows[i] -> block cols[i]
     new = blocks.clone()
-    new[torch.from_numpy(cols), slot] = cand[torch.from_numpy(rows)]
+    new[torch.from_numpy(cols).to(new.device), slot] = cand[torch.from_numpy(rows).to(new.device)]
     return new.reshape(-1)
 
 
 def sum_of_max(x: torch.Tensor, t: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """``out[c, j] = Σ_rows max(x[:, c], t[:, j])`` in float64, ``chunk`` columns of ``x`` at a time
     (the ``(rows, chunk, J)`` intermediate bounds the memory)."""
-    out = torch.empty(x.shape[1], t.shape[1], dtype=torch.float64)
+    out = torch.empty(x.shape[1], t.shape[1], dtype=torch.float64, device=x.device)
     for c0 in range(0, x.shape[1], chunk):
         out[c0 : c0 + chunk] = torch.maximum(x[:, c0 : c0 + chunk].unsqueeze(2), t.unsqueeze(1)).sum(0).double()
     return out
@@ -133,7 +136,7 @@ def insertion_gain(score: torch.Tensor, perm: Permutation, pattern: "NMPattern |
     # The n-th largest of the *other* slots: value at rank n (0-based) for a slot among the
     # top n, at rank n-1 otherwise.
     r_n = torch.where(rank < n, vals[..., n : n + 1], vals[..., n - 1 : n]).reshape(d_out, d_in)
-    out = torch.empty(g, k, k, dtype=torch.float64)
+    out = torch.empty(g, k, k, dtype=torch.float64, device=s.device)
     for j in range(g):
         cols = slice(j * k, (j + 1) * k)
         out[j] = sum_of_max(s[:, cols], r_n[:, cols], chunk)

@@ -8,6 +8,8 @@ maximises ``Σ_j -C[π_j, j]``.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,10 +110,28 @@ def hard_assignment(cost: torch.Tensor) -> torch.Tensor:
     distinct = torch.sort(best, dim=1).values.diff(dim=1).ne(0).all(dim=1)  # (G,)
     out = best.numpy().copy()
     arr = c.numpy()
-    for g in (~distinct).nonzero().flatten().tolist():
-        rows, cols = linear_sum_assignment(arr[g])  # row i -> column cols[i]
+    todo = (~distinct).nonzero().flatten().tolist()
+    # scipy's solver releases the GIL, so the groups are solved on all host cores at once:
+    # at LLaMA-2-7B widths the assignments are most of a GPU training step
+    # (bench/results/gpu_block.md).
+    solved = _solver_pool().map(linear_sum_assignment, (arr[g] for g in todo)) if len(todo) > 1 else (
+        linear_sum_assignment(arr[g]) for g in todo)
+    for g, (rows, cols) in zip(todo, solved):  # row i -> column cols[i]
         out[g, cols] = rows
     return torch.from_numpy(out)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _solver_pool() -> ThreadPoolExecutor:
+    """One pool of host threads for the assignments, as many as the cores this process may
+    use; a forked child (whose copy of the pool has no threads) makes its own."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="permsparse-assign"))
+    return _POOL[1]
 
 
 def permutation_entropy(p: torch.Tensor) -> torch.Tensor:
