@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
                        heuristic_power=args.heuristic_power)
         if permutation == "learned":
             row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
-                       train_seconds=args.train_seconds)
+                       average=learn.average, train_seconds=args.train_seconds)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -143,10 +143,20 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
     return row
 
 
+#: What tells rows apart (curve points carry the same fields, to find their row).
+KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average")
+
+
 def _key(row: dict) -> tuple:
-    """A row's identity: method, pattern and, for permuted rows, the sites setting."""
+    """A row's identity: method, pattern, for permuted rows the sites setting, and for learned
+    rows the trainer's variant (rows from before a column: the setting they ran with)."""
     learned = row["method"] == "wanda+learned"
-    return row["method"], row["pattern"], row.get("sites"), _schedule(row), row.get("batch_size", 4 if learned else None)
+    return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
+            row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None))
+
+
+def _curve_point(c: dict) -> dict:
+    return {k: v for k, v in c.items() if k not in KEY_FIELDS}
 
 
 def _schedule(row: dict) -> str | None:
@@ -172,10 +182,9 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    curves = [dict(method=r["method"], pattern=r["pattern"], sites=r.get("sites"), tau_schedule=_schedule(r), **c)
-              for r in rows for c in r.get("curve", [])]
+    curves = [dict(zip(KEY_FIELDS, _key(r)), **_curve_point(c)) for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
           f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
@@ -188,7 +197,8 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
           markdown_table(flat, cols), _targets(flat)]
     if curves:
         md.append("\n## Learned run: perplexity against training minutes\n\n")
-        md.append(markdown_table(curves, ["pattern", "sites", "tau_schedule", "train_minutes", "step", "ppl"]))
+        md.append(markdown_table(curves, ["pattern", "sites", "tau_schedule", "batch_size", "average", "train_minutes",
+                                          "step", "ppl"]))
         md.append("\n(perplexity here on the first %d evaluation windows; the table above uses all)\n\n"
                   "![curve](quality_curve.png)\n" % meta["curve_windows"])
         _plot_curve(curves, rows, RESULTS / "quality_curve.png")
@@ -202,7 +212,7 @@ def _targets(rows: list[dict]) -> str:
         sites = learned.get("sites", "synchronised")
         heur = next((r for r in rows if r["method"] == "wanda+heuristic" and r["pattern"] == "2:4"
                      and r.get("sites", "synchronised") == sites), None)
-        tag = f" ({sites} sites, τ {_schedule(learned)})"
+        tag = f" ({sites} sites, τ {_schedule(learned)}, batch {_key(learned)[4]}, average {_key(learned)[5]})"
         if learned.get("gap_closed") is not None:
             ok = learned["gap_closed"] >= 0.75
             lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4{tag}: "
@@ -225,11 +235,14 @@ def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     def key(c: dict) -> tuple:
-        return c["pattern"], c.get("sites") or "synchronised", c.get("tau_schedule") or "exponential"
+        return (c["pattern"], c.get("sites") or "synchronised", c.get("tau_schedule") or "exponential",
+                c.get("batch_size") or 4, c.get("average") or 0.0)
 
     for k in sorted({key(c) for c in curves}):
         cs = [c for c in curves if key(c) == k]
-        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-", label=f"learned {k[0]}, {k[1]}, τ {k[2]}")
+        extra = (f", batch {k[3]}" if k[3] != 4 else "") + (f", average {k[4]}" if k[4] else "")
+        ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-",
+                label=f"learned {k[0]}, {k[1]}, τ {k[2]}{extra}")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("perplexity (eval subset)")
     ax.set_title("SmolLM2-135M, Wanda score: learned permutations over training")
@@ -278,8 +291,7 @@ def main() -> None:
         rows = [dict(r) for r in saved["rows"]]
         for c in saved.get("curve", []):
             row = next(r for r in rows if _key(r) == _key(c))
-            row.setdefault("curve", []).append({k: v for k, v in c.items()
-                                                if k not in ("method", "pattern", "sites", "tau_schedule")})
+            row.setdefault("curve", []).append(_curve_point(c))
         meta = {"learned_n_calib": next((r["n_calib"] for r in rows if r["method"] == "wanda+learned"), None),
                 "epochs": opts.epochs, "train_seconds": opts.train_seconds, **saved["meta"]}
         write_outputs(rows, meta)
@@ -308,8 +320,7 @@ def main() -> None:
         for c in saved.get("curve", []):
             row = next((r for r in kept if _key(r) == _key(c)), None)
             if row is not None:
-                row.setdefault("curve", []).append({k: v for k, v in c.items()
-                                                    if k not in ("method", "pattern", "sites", "tau_schedule")})
+                row.setdefault("curve", []).append(_curve_point(c))
         order = [(r["method"], r["pattern"]) for r in saved["rows"]]
         # Next to the row of the same method and pattern (new variants after the old ones).
         rows = sorted(kept + rows, key=lambda r: (order.index((r["method"], r["pattern"]))

@@ -124,10 +124,10 @@ def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
     assert len(sites) == 8 and set(perms) == {s.name for s in sites}  # 4 sites per LLaMA block
     metrics = meta["metrics"]
     guard = metrics["guard"]
-    # The three plans, and the snapshots of the run (4 steps: taken at steps 1 and 2; the
-    # one at step 3 is the last plan itself).
-    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2"}
-    best_learned = min(guard["learned"], guard["learned@1"], guard["learned@2"])
+    # The three plans, the snapshots of the run (4 steps: taken at steps 1 and 2; the one at
+    # step 3 is the last plan itself) and the plan of the averaged costs.
+    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2", "learned@avg"}
+    best_learned = min(v for k, v in guard.items() if k.startswith("learned"))
     kept = min(("none", "heuristic", "learned"), key=lambda k: best_learned if k == "learned" else guard[k])
     assert metrics["kept_plan"] == kept
     assert math.isfinite(metrics["ppl"]) and math.isfinite(metrics["ppl_dense"])

@@ -7,6 +7,7 @@ default (SmolLM2-135M), lowers the calibration loss below the unpermuted Wanda l
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import math
 
@@ -96,7 +97,8 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     # and its snapshots) and keeps the argmin.
     plans = {k: v for k, v in res.guard.items() if not k.startswith("learned@")}
     assert set(plans) == {"none", "heuristic", "learned"}
-    assert len(res.guard) == 3 + LearnConfig().snapshots
+    assert len(res.guard) == 3 + LearnConfig().snapshots + 1  # + the plan of the averaged costs
+    assert "learned@avg" in res.guard
     assert all(math.isfinite(v) for v in res.guard.values())
     best_learned = min(v for k, v in res.guard.items() if k.startswith("learned"))
     assert res.kept_plan == min(plans, key=lambda k: best_learned if k == "learned" else plans[k])
@@ -253,6 +255,37 @@ def test_non_finite_loss_restores_last_good_costs(tiny, monkeypatch, tmp_path):
     assert len(metrics.read_text().splitlines()) == 2  # only the good steps were logged
 
 
+def test_averaged_plan_is_the_plan_of_the_running_average_of_the_costs(tiny):
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
+    cfg = LearnConfig(epochs=2, batch_size=2, average=0.5)
+    weights = {c: t.model.get_submodule(c).weight.detach() for s in sites for c in s.consumers}
+    # The average starts at the initial costs (the same seeded bank the trainer builds) ...
+    avg = {k: p.detach().clone()
+           for k, p in learn._make_bank(sites, 2, PATTERN, heur, cfg, scores, weights).named_parameters()}  # noqa: SLF001
+    banks: list = []
+
+    def on_step(rec, st):  # ... and folds in the costs after every optimizer step.
+        banks.append(st.bank)
+        for k, p in st.bank.named_parameters():
+            avg[k] = avg[k].lerp(p.detach(), 0.5)
+
+    averaged: dict = {}
+    last, history = learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur,
+                                           progress=False, on_step=on_step, averaged=averaged)
+    assert len(history) == 8 and set(averaged) == {s.name for s in sites}
+    assert learn._plan_with(banks[-1], avg) == averaged  # noqa: SLF001
+    assert banks[-1].hard() == last  # the bank's own costs were put back
+    off: dict = {}
+    learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, replace(cfg, average=0.0), start=heur,
+                           progress=False, averaged=off)
+    assert off == {}
+    with pytest.raises(ValueError, match="average"):
+        LearnConfig(average=1.0)
+
+
 @pytest.mark.parametrize("n_snap", [0, 3])
 def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
     """The guard also weighs hard plans taken at 1/4, 1/2, 3/4 of the run; the learned
@@ -262,7 +295,8 @@ def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
     t = tiny("llama")
     sites = find_sites(t.model)
     calib = _calib()
-    cfg = PruneConfig(groups=2, progress=False, learn=LearnConfig(epochs=4, batch_size=2, snapshots=n_snap))
+    cfg = PruneConfig(groups=2, progress=False, learn=LearnConfig(epochs=4, batch_size=2, snapshots=n_snap,
+                                                                 average=0.0))
     batches = make_batches(calib, 2)
     scores, heur = _scores_and_heuristic(t.model, sites, batches, 2)
     seen: list = []

@@ -104,6 +104,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--guard-batches", type=int, default=None, help="calibration batches the final guard compares on")
     t.add_argument("--snapshots", type=int, default=None,
                    help="hard plans taken evenly during training that the guard weighs beside the last one [3]")
+    t.add_argument("--average", type=float, default=None,
+                   help="decay of the running average of the costs whose hard plan the guard also weighs; 0: off [0.8]")
     t.add_argument("--exact-sinkhorn-grad", action="store_true",
                    help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
@@ -221,7 +223,8 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
-                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots"):
+                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots",
+                 "average"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
     return PruneConfig(

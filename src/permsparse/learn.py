@@ -102,6 +102,10 @@ class LearnConfig:
     # End to end: hard plans taken at 1/(n+1), 2/(n+1), ... of the run, which the guard weighs
     # beside the last one (the training loss is noisy at low τ and a late plan can be worse).
     snapshots: int = 3
+    # End to end: also the hard plan of a running average of the costs (decay per step; 0: off).
+    # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
+    # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
+    average: float = 0.8
     time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
     seed: int = 0
     checkpoint_path: str | None = None  # end to end: resumable state (one safetensors file), written atomically
@@ -123,6 +127,8 @@ class LearnConfig:
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
         if self.snapshots < 0:
             raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
+        if not 0.0 <= self.average < 1.0:
+            raise ValueError(f"average must be in [0, 1), got {self.average}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -491,11 +497,14 @@ def train_end_to_end(
     on_step: Callable[[StepLog, TrainState], None] | None = None,
     resume: bool = False,
     snapshots: dict[int, dict[str, Permutation]] | None = None,
+    averaged: dict[str, Permutation] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
-    ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh).
+    ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
+    ``averaged``: a dict this fills with the hard plan of the running average of the
+    costs at the end (decay ``cfg.average`` per step; left empty when it is 0).
 
     ``scores`` hold each consumer's score in original coordinates; ``start`` the warm
     start (heuristic) permutations when ``cfg.init == "heuristic"``.
@@ -553,6 +562,9 @@ def train_end_to_end(
     taken = snapshots if snapshots is not None else {}
     marks = [i / (cfg.snapshots + 1) for i in range(1, cfg.snapshots + 1)] if snapshots is not None else []
     good = copy.deepcopy(bank.state_dict())
+    ema = {k: p.detach().clone() for k, p in bank.named_parameters()} if cfg.average > 0 else None
+    if ema is not None and resume and ckpt is not None and ckpt.exists():
+        ema = {k: tensors[f"ema/{k}"].to(v.device, v.dtype) for k, v in ema.items()}
     main = dist.is_main()
     metrics_file = open(metrics_path, "a") if metrics_path and main else None
     masks: dict = {}
@@ -564,6 +576,8 @@ def train_end_to_end(
         if ckpt is None or not main:
             return
         tensors = {f"param/{k}": p.detach() for k, p in bank.named_parameters()}
+        if ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in ema.items()})
         opt_t, opt_s = _optimizer_tensors(opt, bank)
         tensors.update(opt_t)
         if prev is not None:
@@ -617,6 +631,10 @@ def train_end_to_end(
             loss.backward()
             dist.all_reduce_grads_(bank.parameters())
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, p in bank.named_parameters():
+                        ema[k].lerp_(p.detach(), 1.0 - cfg.average)
             cur = {n: p for n, (_, p) in out.items()}
             rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, moved_share(prev, cur), time.perf_counter() - t0)
             prev = cur
@@ -645,7 +663,23 @@ def train_end_to_end(
         bar.close()
         if metrics_file:
             metrics_file.close()
+    if averaged is not None and ema is not None and history:
+        averaged.update(_plan_with(bank, ema))
     return bank.hard(), history
+
+
+def _plan_with(bank: "PermutationBank", params: Mapping[str, torch.Tensor]) -> dict[str, Permutation]:
+    """The hard plan of ``bank`` with its parameters replaced by ``params`` (restored after)."""
+    saved = {k: p.detach().clone() for k, p in bank.named_parameters()}
+    with torch.no_grad():
+        for k, p in bank.named_parameters():
+            p.copy_(params[k])
+    try:
+        return bank.hard()
+    finally:
+        with torch.no_grad():
+            for k, p in bank.named_parameters():
+                p.copy_(saved[k])
 
 
 def site_features(

@@ -252,21 +252,25 @@ def learn_permutations(
 
     ``candidates`` maps ``none`` / ``heuristic`` / ``learned`` to their permutations;
     ``kept_plan`` is the one with the lowest calibration loss (ties favour ``learned``).
-    ``learned`` is the best of the run's own plans: the last one, or one of the
-    ``cfg.learn.snapshots`` taken during training when its calibration loss is lower
-    (``guard_losses`` holds them as ``learned@<step>``).
+    ``learned`` is the best of the run's own plans: the last one, one of the
+    ``cfg.learn.snapshots`` taken during training, or the plan of the running average of
+    the costs (``cfg.learn.average``), whichever has the lowest calibration loss
+    (``guard_losses`` holds the others as ``learned@<step>`` and ``learned@avg``).
     """
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     snapshots: dict[int, dict[str, Permutation]] = {}
+    averaged: dict[str, Permutation] = {}
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-        on_step=on_step, resume=resume, snapshots=snapshots,
+        on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged,
     )
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
     last = len(history) - 1
     candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
+    if averaged:
+        candidates["learned@avg"] = averaged
     guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
     teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
     weights = _weights(model, sites)
@@ -280,8 +284,10 @@ def learn_permutations(
     if plan.startswith("learned@"):
         # The learned result is the best of its own plans: an earlier one won the guard.
         candidates["learned"] = candidates[plan]
-        log.info("the learned plan is the one of step %s of %d (calibration loss %.4f against %.4f at the end)",
-                 plan.split("@")[1], last + 1, guard[plan], guard["learned"])
+        which = plan.split("@")[1]
+        log.info("the learned plan is %s (calibration loss %.4f against %.4f at the end)",
+                 "that of the averaged costs" if which == "avg" else f"the one of step {which} of {last + 1}",
+                 guard[plan], guard["learned"])
         plan = "learned"
     for k in [k for k in candidates if k.startswith("learned@")]:
         del candidates[k]
