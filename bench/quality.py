@@ -144,7 +144,7 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 
 #: What tells rows apart (curve points carry the same fields, to find their row).
-KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average")
+KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds")
 
 
 def _key(row: dict) -> tuple:
@@ -152,7 +152,8 @@ def _key(row: dict) -> tuple:
     rows the trainer's variant (rows from before a column: the setting they ran with)."""
     learned = row["method"] == "wanda+learned"
     return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
-            row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None))
+            row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None),
+            row.get("train_seconds", 600.0 if learned else None))
 
 
 def _curve_point(c: dict) -> dict:
@@ -212,7 +213,8 @@ def _targets(rows: list[dict]) -> str:
         sites = learned.get("sites", "synchronised")
         heur = next((r for r in rows if r["method"] == "wanda+heuristic" and r["pattern"] == "2:4"
                      and r.get("sites", "synchronised") == sites), None)
-        tag = f" ({sites} sites, τ {_schedule(learned)}, batch {_key(learned)[4]}, average {_key(learned)[5]})"
+        tag = (f" ({sites} sites, τ {_schedule(learned)}, batch {_key(learned)[4]}, average {_key(learned)[5]}, "
+               f"{_key(learned)[6]:.0f} s of training)")
         if learned.get("gap_closed") is not None:
             ok = learned["gap_closed"] >= 0.75
             lines.append(f"- learned closes >= 75% of the Wanda -> ceiling gap at 2:4{tag}: "
@@ -236,11 +238,12 @@ def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     def key(c: dict) -> tuple:
         return (c["pattern"], c.get("sites") or "synchronised", c.get("tau_schedule") or "exponential",
-                c.get("batch_size") or 4, c.get("average") or 0.0)
+                c.get("batch_size") or 4, c.get("average") or 0.0, c.get("train_seconds") or 600.0)
 
     for k in sorted({key(c) for c in curves}):
         cs = [c for c in curves if key(c) == k]
-        extra = (f", batch {k[3]}" if k[3] != 4 else "") + (f", average {k[4]}" if k[4] else "")
+        extra = ((f", batch {k[3]}" if k[3] != 4 else "") + (f", average {k[4]}" if k[4] else "")
+                 + (f", {k[5]:.0f} s" if k[5] != 600 else ""))
         ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-",
                 label=f"learned {k[0]}, {k[1]}, τ {k[2]}{extra}")
     ax.set_xlabel("training minutes (2 CPU cores)")

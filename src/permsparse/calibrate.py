@@ -83,13 +83,19 @@ def collect_stats(
     layers: Sequence[str],
     hessian: bool = False,
     progress: bool = True,
+    on_output: Callable[[int, object], None] | None = None,
 ) -> dict[str, ColumnStats]:
-    """One-shot statistics of the inputs of ``layers`` over the calibration ``batches``."""
+    """One-shot statistics of the inputs of ``layers`` over the calibration ``batches``.
+
+    ``on_output(i, output)`` sees the model's output for batch ``i`` (e.g. to keep the
+    dense logits as the distillation teacher instead of recomputing them later)."""
     device = _device(model)
     batches = list(batches)
     with stat_hooks(model, layers, hessian) as stats:
-        for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            model(**_as_inputs(batch, device))
+        for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
+            out = model(**_as_inputs(batch, device))
+            if on_output is not None:
+                on_output(i, out)
     _warn_unreached(stats)
     return stats
 

@@ -48,6 +48,7 @@ __all__ = [
     "block_loss",
     "evaluate_plan",
     "teacher_logits",
+    "TeacherCache",
     "hard_params",
     "TrainState",
     "sparse_weights",
@@ -106,6 +107,10 @@ class LearnConfig:
     # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
     # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
     average: float = 0.8
+    # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
+    # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
+    # step (a quarter of the model's work per step); 0: always recompute.
+    teacher_cache_gb: float = 8.0
     time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
     seed: int = 0
     checkpoint_path: str | None = None  # end to end: resumable state (one safetensors file), written atomically
@@ -129,6 +134,8 @@ class LearnConfig:
             raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
         if not 0.0 <= self.average < 1.0:
             raise ValueError(f"average must be in [0, 1), got {self.average}")
+        if self.teacher_cache_gb < 0:
+            raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -310,7 +317,7 @@ def task_loss(
     if t is None or alpha == 0:
         kl = torch.zeros((), device=logits.device)
     else:
-        t_logp = F.log_softmax(t.float(), -1)
+        t_logp = F.log_softmax(t.to(logits.device).float(), -1)  # a cached teacher may sit on the host
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
     return ce + alpha * kl, ce, kl
 
@@ -366,6 +373,35 @@ class TrainState:
     def hard_params(self, perms: Mapping[str, Permutation] | None = None) -> dict[str, torch.Tensor]:
         """Pruned weights at the current (or given) hard permutations, for ``functional_call``."""
         return hard_params(self.sites, perms or self.bank.hard(), self.weights, self.scores, self.pattern)
+
+
+class TeacherCache:
+    """Collects the dense model's logits batch by batch (``collect_stats``'s ``on_output``),
+    in float16 on the host, up to ``budget_gb``; past it, it drops them and keeps none
+    (``logits`` is then ``None``) so that the trainer recomputes its teacher instead."""
+
+    def __init__(self, budget_gb: float) -> None:
+        self.budget = budget_gb * 2**30
+        self.bytes = 0
+        self._logits: list[torch.Tensor] | None = []
+
+    def __call__(self, index: int, output) -> None:
+        if self._logits is None:
+            return
+        if index != len(self._logits):
+            raise ValueError(f"teacher cache: batch {index} arrived after {len(self._logits)} batches")
+        t = output.logits.detach().to("cpu", torch.float16)
+        self.bytes += t.numel() * t.element_size()
+        if self.bytes > self.budget:
+            log.info("teacher logits exceed %.1f GiB: the trainer recomputes them at every step",
+                     self.budget / 2**30)
+            self._logits = None
+            return
+        self._logits.append(t)
+
+    @property
+    def logits(self) -> list[torch.Tensor] | None:
+        return self._logits
 
 
 def teacher_logits(model: nn.Module, batches: Sequence[dict], bf16: bool) -> list[torch.Tensor | None]:
@@ -498,13 +534,16 @@ def train_end_to_end(
     resume: bool = False,
     snapshots: dict[int, dict[str, Permutation]] | None = None,
     averaged: dict[str, Permutation] | None = None,
+    teachers: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
     ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
     ``averaged``: a dict this fills with the hard plan of the running average of the
-    costs at the end (decay ``cfg.average`` per step; left empty when it is 0).
+    costs at the end (decay ``cfg.average`` per step; left empty when it is 0);
+    ``teachers``: the dense logits of each calibration batch (see :class:`TeacherCache`),
+    used instead of a teacher forward at every step.
 
     ``scores`` hold each consumer's score in original coordinates; ``start`` the warm
     start (heuristic) permutations when ``cfg.init == "heuristic"``.
@@ -524,6 +563,8 @@ def train_end_to_end(
     bank = _make_bank(sites, groups, pattern, start, cfg, scores, weights).to(device)
     opt = _optimizer(bank, cfg)
     batches = make_batches(calib, cfg.batch_size)
+    if teachers is not None and len(teachers) != len(batches):
+        raise ValueError(f"{len(teachers)} teacher logits for {len(batches)} calibration batches")
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -607,14 +648,20 @@ def train_end_to_end(
                 progress_frac = max(progress_frac, dist.mean_float(elapsed) / cfg.time_budget)
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
-            batch = {k: v.to(device) for k, v in dist.shard_batch(batches[order.pop()]).items()}
+            idx = order.pop()
+            batch = {k: v.to(device) for k, v in dist.shard_batch(batches[idx]).items()}
             tau = schedule.at(progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
             params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks,
                                     grad_dtype=torch.bfloat16 if cfg.bf16 else None)
             with _autocast(cfg.bf16, device):
-                with torch.no_grad():
-                    teacher = model(**_model_inputs(batch)).logits if cfg.alpha > 0 else None
+                if cfg.alpha <= 0:
+                    teacher = None
+                elif teachers is not None:
+                    teacher = teachers[idx].to(device)
+                else:
+                    with torch.no_grad():
+                        teacher = model(**_model_inputs(batch)).logits
                 logits = functional_call(model, params, (), _model_inputs(batch), strict=False).logits
             loss, ce, kl = task_loss(logits, batch, teacher, cfg.alpha)
             # The global mean (equal shards) so that every rank takes the same decisions.

@@ -28,6 +28,7 @@ from .learn import (
     make_batches,
     block_loss,
     evaluate_plan,
+    TeacherCache,
     teacher_logits,
     train_block,
     train_end_to_end,
@@ -219,10 +220,12 @@ def _scores_and_heuristic(
 
 
 def score_sites(
-    model: nn.Module, sites: Sequence[Site], cfg: PruneConfig, batches: Sequence[dict], heuristic: bool = True
+    model: nn.Module, sites: Sequence[Site], cfg: PruneConfig, batches: Sequence[dict], heuristic: bool = True,
+    on_output=None,
 ) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, Permutation]]:
     """One-shot calibration, each consumer's score and (optionally) each site's heuristic
-    permutation: ``(stats, scores, heuristic_perms)``."""
+    permutation: ``(stats, scores, heuristic_perms)``. ``on_output(i, output)`` sees the dense
+    model's output on each (sharded) calibration batch."""
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
@@ -231,7 +234,7 @@ def score_sites(
     if cfg.score != "magnitude":
         # Each rank its shard; the sums are then all-reduced (identity in one process).
         stats = collect_stats(model, [dist.shard_batch(b) for b in batches], layers, hessian,
-                              cfg.progress and dist.is_main())
+                              cfg.progress and dist.is_main(), on_output=on_output)
         dist.all_reduce_stats_(stats)
     scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, heuristic)
     return stats, scores, heur
@@ -247,6 +250,7 @@ def learn_permutations(
     metrics_path: "str | Path | None" = None,
     on_step=None,
     resume: bool = False,
+    teachers: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, dict[str, Permutation]], list[StepLog], dict[str, float], str]:
     """Train end to end, then the guard: ``(candidates, history, guard_losses, kept_plan)``.
 
@@ -264,7 +268,7 @@ def learn_permutations(
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-        on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged,
+        on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged, teachers=teachers,
     )
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
     last = len(history) - 1
@@ -272,7 +276,12 @@ def learn_permutations(
     if averaged:
         candidates["learned@avg"] = averaged
     guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
-    teachers = teacher_logits(model, guard_batches, cfg.learn.bf16) if cfg.learn.alpha > 0 else None
+    if cfg.learn.alpha <= 0:
+        teachers = None
+    elif teachers is not None:
+        teachers = list(teachers[: cfg.learn.guard_batches])
+    else:
+        teachers = teacher_logits(model, guard_batches, cfg.learn.bf16)
     weights = _weights(model, sites)
     guard = {  # each rank its shard of the guard batches; equal shards, so the mean is the global loss
         name: dist.mean_float(evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
@@ -297,7 +306,11 @@ def learn_permutations(
 def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_path, on_step=None,
                     resume=False) -> PruneResult:
     want_heur = permutation == "heuristic" or permutation == "learned"
-    stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur)
+    # The calibration pass runs the dense model over the very batches the trainer will use:
+    # keep its logits as the teacher (LearnConfig.teacher_cache_gb).
+    cache = (TeacherCache(cfg.learn.teacher_cache_gb) if permutation == "learned" and cfg.learn.alpha > 0
+             and cfg.learn.teacher_cache_gb > 0 else None)
+    stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur, on_output=cache)
     history: list[StepLog] = []
     guard: dict[str, float] = {}
     plan = "none"
@@ -306,7 +319,8 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
         perms, plan = heur, "heuristic"
     elif permutation == "learned":
         candidates, history, guard, plan = learn_permutations(model, sites, scores, heur, cfg, batches,
-                                                              metrics_path, on_step, resume)
+                                                              metrics_path, on_step, resume,
+                                                              teachers=cache.logits if cache else None)
         perms = candidates[plan]
     reports = [
         prune_site_(model, s, pattern, cfg.score, stats, perms.get(s.name), [scores[c] for c in s.consumers])
