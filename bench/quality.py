@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
                        heuristic_power=args.heuristic_power)
         if permutation == "learned":
             row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
-                       average=learn.average, train_seconds=args.train_seconds)
+                       average=",".join(f"{d:g}" for d in learn.average) or 0.0, train_seconds=args.train_seconds)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())

@@ -22,7 +22,8 @@ from permsparse.io import PLAN_FILE, read_plan
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
                  "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
-                 "--no-bf16", "--seed", "--heuristic-power", "--independent")
+                 "--no-bf16", "--seed", "--heuristic-power", "--independent", "--snapshots", "--average",
+                 "--teacher-cache-gb")
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +127,8 @@ def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
     guard = metrics["guard"]
     # The three plans, the snapshots of the run (4 steps: taken at steps 1 and 2; the one at
     # step 3 is the last plan itself) and the plan of the averaged costs.
-    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2", "learned@avg"}
+    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2", "learned@avg0.8",
+                          "learned@avg0.9", "learned@avg0.95"}
     best_learned = min(v for k, v in guard.items() if k.startswith("learned"))
     kept = min(("none", "heuristic", "learned"), key=lambda k: best_learned if k == "learned" else guard[k])
     assert metrics["kept_plan"] == kept
@@ -400,3 +402,15 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
     assert not out.exists()
     _no_leftovers(tmp_path, "run")
     assert os.listdir(tmp_path) == []
+
+
+def test_trainer_knobs_reach_the_config():
+    from permsparse.cli import _apply_recipe, _prune_config, build_parser
+
+    base = ["prune", "m", "--out", "o", "--epochs", "1", "--batch-size", "4", "--groups", "4"]
+    args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1"])
+    learn = _prune_config(args).learn
+    assert (learn.average, learn.teacher_cache_gb, learn.snapshots) == ((0.5, 0.7), 0.0, 1)
+    assert _prune_config(_apply_recipe(build_parser(), base + ["--average", "0"])).learn.average == ()
+    default = _prune_config(_apply_recipe(build_parser(), base)).learn
+    assert (default.average, default.teacher_cache_gb) == ((0.8, 0.9, 0.95), 8.0)

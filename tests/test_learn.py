@@ -97,8 +97,9 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     # and its snapshots) and keeps the argmin.
     plans = {k: v for k, v in res.guard.items() if not k.startswith("learned@")}
     assert set(plans) == {"none", "heuristic", "learned"}
-    assert len(res.guard) == 3 + LearnConfig().snapshots + 1  # + the plan of the averaged costs
-    assert "learned@avg" in res.guard
+    # + the plans of the averaged costs
+    assert len(res.guard) == 3 + LearnConfig().snapshots + len(LearnConfig().average)
+    assert {f"learned@avg{d:g}" for d in LearnConfig().average} <= set(res.guard)
     assert all(math.isfinite(v) for v in res.guard.values())
     best_learned = min(v for k, v in res.guard.items() if k.startswith("learned"))
     assert res.kept_plan == min(plans, key=lambda k: best_learned if k == "learned" else plans[k])
@@ -264,30 +265,35 @@ def test_averaged_plan_is_the_plan_of_the_running_average_of_the_costs(tiny):
     sites = find_sites(t.model)
     calib = _calib()
     scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
-    cfg = LearnConfig(epochs=2, batch_size=2, average=0.5)
+    cfg = LearnConfig(epochs=2, batch_size=2, average=(0.5, 0.25))
     weights = {c: t.model.get_submodule(c).weight.detach() for s in sites for c in s.consumers}
     # The average starts at the initial costs (the same seeded bank the trainer builds) ...
-    avg = {k: p.detach().clone()
-           for k, p in learn._make_bank(sites, 2, PATTERN, heur, cfg, scores, weights).named_parameters()}  # noqa: SLF001
+    start = {k: p.detach().clone()
+             for k, p in learn._make_bank(sites, 2, PATTERN, heur, cfg, scores, weights).named_parameters()}  # noqa: SLF001
+    avg = {d: dict(start) for d in cfg.average}
     banks: list = []
 
     def on_step(rec, st):  # ... and folds in the costs after every optimizer step.
         banks.append(st.bank)
-        for k, p in st.bank.named_parameters():
-            avg[k] = avg[k].lerp(p.detach(), 0.5)
+        for d, a in avg.items():
+            for k, p in st.bank.named_parameters():
+                a[k] = a[k].lerp(p.detach(), 1.0 - d)
 
     averaged: dict = {}
     last, history = learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur,
                                            progress=False, on_step=on_step, averaged=averaged)
-    assert len(history) == 8 and set(averaged) == {s.name for s in sites}
-    assert learn._plan_with(banks[-1], avg) == averaged  # noqa: SLF001
+    assert len(history) == 8 and set(averaged) == {0.5, 0.25}
+    for d, a in avg.items():
+        assert set(averaged[d]) == {s.name for s in sites}
+        assert learn._plan_with(banks[-1], a) == averaged[d]  # noqa: SLF001
     assert banks[-1].hard() == last  # the bank's own costs were put back
     off: dict = {}
     learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, replace(cfg, average=0.0), start=heur,
                            progress=False, averaged=off)
-    assert off == {}
-    with pytest.raises(ValueError, match="average"):
-        LearnConfig(average=1.0)
+    assert off == {} and LearnConfig(average=0.7).average == (0.7,)
+    for bad in (1.0, (0.5, 0.5), (-0.1,)):
+        with pytest.raises(ValueError, match="average"):
+            LearnConfig(average=bad)
 
 
 @pytest.mark.parametrize("n_snap", [0, 3])

@@ -104,8 +104,12 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--guard-batches", type=int, default=None, help="calibration batches the final guard compares on")
     t.add_argument("--snapshots", type=int, default=None,
                    help="hard plans taken evenly during training that the guard weighs beside the last one [3]")
-    t.add_argument("--average", type=float, default=None,
-                   help="decay of the running average of the costs whose hard plan the guard also weighs; 0: off [0.8]")
+    t.add_argument("--average", type=_decays, default=None,
+                   help="decays (comma-separated) of running averages of the costs whose hard plans the guard "
+                        "also weighs; 0: none [0.8,0.9,0.95]")
+    t.add_argument("--teacher-cache-gb", type=float, default=None,
+                   help="keep the calibration pass's dense logits as the teacher when they fit in this many GiB "
+                        "of host memory, instead of a teacher forward per step; 0: off [8]")
     t.add_argument("--exact-sinkhorn-grad", action="store_true",
                    help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
@@ -120,6 +124,14 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--spread-blocks", action="store_true",
                    help="--objective blockwise: learn each block against the dense model's inputs, so that "
                    "torchrun's processes split the blocks between them (README: Scaling)")
+
+
+def _decays(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated decays such as 0.8,0.9, got {text!r}") from None
+    return tuple(v for v in vals if v != 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +236,7 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
                  "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots",
-                 "average"):
+                 "average", "teacher_cache_gb"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
     return PruneConfig(

@@ -103,10 +103,11 @@ class LearnConfig:
     # End to end: hard plans taken at 1/(n+1), 2/(n+1), ... of the run, which the guard weighs
     # beside the last one (the training loss is noisy at low τ and a late plan can be worse).
     snapshots: int = 3
-    # End to end: also the hard plan of a running average of the costs (decay per step; 0: off).
+    # End to end: also the hard plans of running averages of the costs (one per decay per step;
+    # empty: none).
     # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
     # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
-    average: float = 0.8
+    average: tuple[float, ...] = (0.8, 0.9, 0.95)
     # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
     # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
     # step (a quarter of the model's work per step); 0: always recompute.
@@ -132,8 +133,11 @@ class LearnConfig:
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
         if self.snapshots < 0:
             raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
-        if not 0.0 <= self.average < 1.0:
-            raise ValueError(f"average must be in [0, 1), got {self.average}")
+        if isinstance(self.average, (int, float)):  # one decay given as a number (0: none)
+            self.average = (self.average,) if self.average else ()
+        self.average = tuple(float(d) for d in self.average)
+        if any(not 0.0 < d < 1.0 for d in self.average) or len(set(self.average)) != len(self.average):
+            raise ValueError(f"average must hold distinct decays in (0, 1), got {self.average}")
         if self.teacher_cache_gb < 0:
             raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         if self.checkpoint_every < 1:
@@ -533,15 +537,15 @@ def train_end_to_end(
     on_step: Callable[[StepLog, TrainState], None] | None = None,
     resume: bool = False,
     snapshots: dict[int, dict[str, Permutation]] | None = None,
-    averaged: dict[str, Permutation] | None = None,
+    averaged: dict[float, dict[str, Permutation]] | None = None,
     teachers: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
     ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
-    ``averaged``: a dict this fills with the hard plan of the running average of the
-    costs at the end (decay ``cfg.average`` per step; left empty when it is 0);
+    ``averaged``: a dict this fills with ``{decay: hard plan of the running average of
+    the costs at the end}`` for each decay per step in ``cfg.average``;
     ``teachers``: the dense logits of each calibration batch (see :class:`TeacherCache`),
     used instead of a teacher forward at every step.
 
@@ -603,9 +607,9 @@ def train_end_to_end(
     taken = snapshots if snapshots is not None else {}
     marks = [i / (cfg.snapshots + 1) for i in range(1, cfg.snapshots + 1)] if snapshots is not None else []
     good = copy.deepcopy(bank.state_dict())
-    ema = {k: p.detach().clone() for k, p in bank.named_parameters()} if cfg.average > 0 else None
-    if ema is not None and resume and ckpt is not None and ckpt.exists():
-        ema = {k: tensors[f"ema/{k}"].to(v.device, v.dtype) for k, v in ema.items()}
+    ema = {d: {k: p.detach().clone() for k, p in bank.named_parameters()} for d in cfg.average}
+    if ema and resume and ckpt is not None and ckpt.exists():
+        ema = {d: {k: tensors[f"ema/{d}/{k}"].to(v.device, v.dtype) for k, v in e.items()} for d, e in ema.items()}
     main = dist.is_main()
     metrics_file = open(metrics_path, "a") if metrics_path and main else None
     masks: dict = {}
@@ -617,8 +621,7 @@ def train_end_to_end(
         if ckpt is None or not main:
             return
         tensors = {f"param/{k}": p.detach() for k, p in bank.named_parameters()}
-        if ema is not None:
-            tensors.update({f"ema/{k}": v for k, v in ema.items()})
+        tensors.update({f"ema/{d}/{k}": v for d, e in ema.items() for k, v in e.items()})
         opt_t, opt_s = _optimizer_tensors(opt, bank)
         tensors.update(opt_t)
         if prev is not None:
@@ -678,10 +681,10 @@ def train_end_to_end(
             loss.backward()
             dist.all_reduce_grads_(bank.parameters())
             opt.step()
-            if ema is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                for d, e in ema.items():
                     for k, p in bank.named_parameters():
-                        ema[k].lerp_(p.detach(), 1.0 - cfg.average)
+                        e[k].lerp_(p.detach(), 1.0 - d)
             cur = {n: p for n, (_, p) in out.items()}
             rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, moved_share(prev, cur), time.perf_counter() - t0)
             prev = cur
@@ -710,8 +713,8 @@ def train_end_to_end(
         bar.close()
         if metrics_file:
             metrics_file.close()
-    if averaged is not None and ema is not None and history:
-        averaged.update(_plan_with(bank, ema))
+    if averaged is not None and history:
+        averaged.update({d: _plan_with(bank, e) for d, e in ema.items()})
     return bank.hard(), history
 
 

@@ -259,12 +259,12 @@ def learn_permutations(
     ``learned`` is the best of the run's own plans: the last one, one of the
     ``cfg.learn.snapshots`` taken during training, or the plan of the running average of
     the costs (``cfg.learn.average``), whichever has the lowest calibration loss
-    (``guard_losses`` holds the others as ``learned@<step>`` and ``learned@avg``).
+    (``guard_losses`` holds the others as ``learned@<step>`` and ``learned@avg<decay>``).
     """
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     snapshots: dict[int, dict[str, Permutation]] = {}
-    averaged: dict[str, Permutation] = {}
+    averaged: dict[float, dict[str, Permutation]] = {}
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
@@ -273,8 +273,7 @@ def learn_permutations(
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
     last = len(history) - 1
     candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
-    if averaged:
-        candidates["learned@avg"] = averaged
+    candidates.update({f"learned@avg{d:g}": plan for d, plan in averaged.items()})
     guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
     if cfg.learn.alpha <= 0:
         teachers = None
@@ -295,7 +294,8 @@ def learn_permutations(
         candidates["learned"] = candidates[plan]
         which = plan.split("@")[1]
         log.info("the learned plan is %s (calibration loss %.4f against %.4f at the end)",
-                 "that of the averaged costs" if which == "avg" else f"the one of step {which} of {last + 1}",
+                 f"that of the averaged costs (decay {which[3:]})" if which.startswith("avg")
+                 else f"the one of step {which} of {last + 1}",
                  guard[plan], guard["learned"])
         plan = "learned"
     for k in [k for k in candidates if k.startswith("learned@")]:
