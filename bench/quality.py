@@ -238,11 +238,11 @@ def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     def key(c: dict) -> tuple:
         return (c["pattern"], c.get("sites") or "synchronised", c.get("tau_schedule") or "exponential",
-                c.get("batch_size") or 4, c.get("average") or 0.0, c.get("train_seconds") or 600.0)
+                c.get("batch_size") or 4, str(c.get("average") or 0), c.get("train_seconds") or 600.0)
 
     for k in sorted({key(c) for c in curves}):
         cs = [c for c in curves if key(c) == k]
-        extra = ((f", batch {k[3]}" if k[3] != 4 else "") + (f", average {k[4]}" if k[4] else "")
+        extra = ((f", batch {k[3]}" if k[3] != 4 else "") + (f", average {k[4]}" if k[4] != "0" else "")
                  + (f", {k[5]:.0f} s" if k[5] != 600 else ""))
         ax.plot([c["train_minutes"] for c in cs], [c["ppl"] for c in cs], "o-",
                 label=f"learned {k[0]}, {k[1]}, τ {k[2]}{extra}")

@@ -106,7 +106,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="hard plans taken evenly during training that the guard weighs beside the last one [3]")
     t.add_argument("--average", type=_decays, default=None,
                    help="decays (comma-separated) of running averages of the costs whose hard plans the guard "
-                        "also weighs; 0: none [0.8,0.9,0.95]")
+                        "also weighs; 0: none [0.8]")
     t.add_argument("--teacher-cache-gb", type=float, default=None,
                    help="keep the calibration pass's dense logits as the teacher when they fit in this many GiB "
                         "of host memory, instead of a teacher forward per step; 0: off [8]")
