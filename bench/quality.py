@@ -76,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
                        heuristic_power=args.heuristic_power)
         if permutation == "learned":
             row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
-                       average=",".join(f"{d:g}" for d in learn.average) or 0.0, train_seconds=args.train_seconds)
+                       average=",".join(f"{d:g}" for d in learn.average) or 0.0, train_seconds=args.train_seconds,
+                       teacher_cache_gb=learn.teacher_cache_gb)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -144,7 +145,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 
 #: What tells rows apart (curve points carry the same fields, to find their row).
-KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds")
+KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds",
+              "teacher_cache_gb")
 
 
 def _key(row: dict) -> tuple:
@@ -153,7 +155,7 @@ def _key(row: dict) -> tuple:
     learned = row["method"] == "wanda+learned"
     return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
             row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None),
-            row.get("train_seconds", 600.0 if learned else None))
+            row.get("train_seconds", 600.0 if learned else None), row.get("teacher_cache_gb", 0.0 if learned else None))
 
 
 def _curve_point(c: dict) -> dict:
@@ -185,7 +187,8 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     curves = [dict(zip(KEY_FIELDS, _key(r)), **_curve_point(c)) for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb",
+            "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
           f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), embedded Wikipedia: evaluation = the last "
