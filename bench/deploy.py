@@ -37,6 +37,7 @@ from permsparse.apply import prune_site_  # noqa: E402
 from permsparse.deploy import count_gathers, deploy  # noqa: E402
 from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.nm import NMPattern, count_violations, nm_mask  # noqa: E402
+from permsparse.sinkhorn import host_cores  # noqa: E402
 from permsparse.sites import find_sites, get_module  # noqa: E402
 
 TARGET_PCT = 3.0
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the CUDA part, merged into the deploy.json already in --out (its CPU part kept)")
     args = ap.parse_args(argv)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = host_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = args.threads or max(1, min(cores, cores - round(load)))
     torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
     t0 = time.perf_counter()
     pool = sinkhorn_mod._solver_pool  # noqa: SLF001
     if assign == "serial":  # the solver as it was before it used every host core (one thread)
-        serial = __import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=1)
+        serial = ThreadPoolExecutor(max_workers=1)
         sinkhorn_mod._solver_pool = lambda: serial  # noqa: SLF001
     try:
         with _Timers(device) as timers:
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": rows[0]["device"], "torch": torch.__version__,
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "steps": args.steps, "batch": args.batch, "window": window,
-        "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "host_cores": sinkhorn_mod.host_cores(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_block" if not args.tiny else "gpu_block_tiny"

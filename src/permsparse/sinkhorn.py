@@ -124,13 +124,18 @@ def hard_assignment(cost: torch.Tensor) -> torch.Tensor:
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
+def host_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS says, else all)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def _solver_pool() -> ThreadPoolExecutor:
-    """One pool of host threads for the assignments, as many as the cores this process may
-    use; a forked child (whose copy of the pool has no threads) makes its own."""
+    """One pool of host threads for the assignments, one per core this process may use;
+    a forked child (whose copy of the pool has no threads) makes its own."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="permsparse-assign"))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=host_cores(), thread_name_prefix="permsparse-assign"))
     return _POOL[1]
 
 
