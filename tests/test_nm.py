@@ -94,6 +94,18 @@ def test_mask_validity(args):
     assert bool((lowest_kept >= highest_dropped).all())
 
 
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(score_and_pattern())
+def test_mask_equals_the_stable_sort_mask(args):
+    # Small M counts beating block-mates instead of sorting; ties must break the same way.
+    score, p = args
+    blocks = score.reshape(score.shape[0], -1, p.m)
+    order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices
+    ref = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order[..., : p.n_kept], True)
+    assert torch.equal(nm_mask(score, p), ref.reshape(score.shape))
+    assert torch.equal(nm_mask(score, p, validate=False), ref.reshape(score.shape))
+
+
 def test_hand_computed_masks():
     score = torch.tensor(
         [

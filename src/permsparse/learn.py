@@ -31,7 +31,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .nm import NMPattern
+from .distill import IGNORE_INDEX, lm_ce_kl
+from .nm import NMPattern, check_finite
 from .permutation import Permutation
 from .permuter import GroupAdam, hard_permuted_prune, init_cost, permuted_mask
 from .predictor import CostPredictor, channel_features, make_mlp
@@ -229,6 +230,10 @@ class PermutationBank(nn.Module):
                 for key, c in chunks.items()
             })
         self._ties = {s.name: s.tie_index(groups) for s in self.sites}
+        self._tied = {n: not torch.equal(t, torch.arange(len(t))) for n, t in self._ties.items()}
+        self._order: dict[str, list[str]] = {}  # per size, the sites in stacking order
+        for name, (key, off, _) in sorted(self._slot.items(), key=lambda kv: (kv[1][0], kv[1][1])):
+            self._order.setdefault(key, []).append(name)
 
     def cost_tensors(self) -> dict[str, torch.Tensor]:
         """The current cost ``(N, k, k)`` per group size: the table, or the predictor's output."""
@@ -266,9 +271,20 @@ class PermutationBank(nn.Module):
                 row_ent = -(soft * log_p).sum(-1).mean(-1) / math.log(max(cost.shape[-1], 2))  # (N,)
             ent_sum += float(row_ent.sum())
             ent_n += row_ent.numel()
+        # One split per size, not a slice per site: a slice's backward writes its gradient into a
+        # zero tensor the size of the whole stack, once per site (SmolLM2, 210 sites: ~3 s a step).
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        for key, names in self._order.items():
+            sizes = [self._slot[n][2] for n in names]
+            pieces[key] = dict(zip(names, torch.split(p_st[key], sizes)))
         for site in self.sites:
-            key, off, n = self._slot[site.name]
-            out[site.name] = (p_st[key][off : off + n][self._ties[site.name]], self._site_perm(site, local))
+            key = self._slot[site.name][0]
+            piece = pieces[key][site.name]
+            tie = self._ties[site.name]
+            if not self._tied[site.name]:  # every group its own: no gather (and no scatter back)
+                out[site.name] = (piece, self._site_perm(site, local))
+            else:
+                out[site.name] = (piece[tie], self._site_perm(site, local))
         return out, ent_sum / max(ent_n, 1)
 
 
@@ -292,16 +308,17 @@ def sparse_weights(
         p_st, perm = bank_out[site.name]
         for name in site.consumers:
             rel = name[len(prefix_strip) :] if prefix_strip and name.startswith(prefix_strip) else name
-            mask = None
+            mask_p = mask = None
             if mask_cache is not None:
                 hit = mask_cache.get(name)
                 if hit is not None and hit[0] == perm:
-                    mask = hit[1]
+                    mask_p, mask = hit[1], hit[2]
                 else:
-                    mask = permuted_mask(scores[name], perm, pattern)
-                    mask_cache[name] = (perm, mask)
+                    mask_p = permuted_mask(scores[name], perm, pattern).to(weights[name].device)
+                    mask = mask_p.index_select(1, perm.inverse().indices.to(mask_p.device))
+                    mask_cache[name] = (perm, mask_p, mask)
             params[f"{rel}.weight"] = hard_permuted_prune(
-                weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
+                weights[name], scores[name], perm, p_st, pattern, mask_p, grad_dtype, mask
             )
     return params
 
@@ -310,21 +327,22 @@ def task_loss(
     logits: torch.Tensor, batch: Mapping[str, torch.Tensor], teacher: torch.Tensor | None, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, kl)``: next-token CE (or label CE when the batch has labels) + α·KL."""
-    logits = logits.float()
-    if "labels" in batch:
-        ce = F.cross_entropy(logits, batch["labels"].to(logits.device))
+    teacher = teacher if alpha != 0 else None
+    if "labels" in batch:  # a classifier: few classes, the plain form
+        logits = logits.float()
         s_logp = F.log_softmax(logits, -1)
-        t = teacher
-    else:
-        ids = batch["input_ids"].to(logits.device)
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        s_logp = F.log_softmax(logits[:, :-1], -1)
-        t = teacher[:, :-1] if teacher is not None else None
-    if t is None or alpha == 0:
-        kl = torch.zeros((), device=logits.device)
-    else:
-        t_logp = F.log_softmax(t.to(logits.device).float(), -1)  # a cached teacher may sit on the host
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        ce = F.nll_loss(s_logp, batch["labels"].to(logits.device))
+        if teacher is None:
+            kl = torch.zeros((), device=logits.device)
+        else:
+            t_logp = F.log_softmax(teacher.to(logits.device).float(), -1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        return ce + alpha * kl, ce, kl
+    # Next token: the last position of each row has no target; the chunked form keeps the
+    # 49k-vocabulary softmax of the student and the teacher from being materialised.
+    ids = batch["input_ids"].to(logits.device)
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], 1)
+    ce, kl = lm_ce_kl(logits, targets, teacher)
     return ce + alpha * kl, ce, kl
 
 
@@ -567,6 +585,7 @@ def train_end_to_end(
     model.requires_grad_(False)
     weights = {c: _weight(model, c) for s in sites for c in s.consumers}
     bank = _make_bank(sites, groups, pattern, start, cfg, scores, weights).to(device)
+    step_weights = _step_weights(weights, cfg)
     opt = _optimizer(bank, cfg)
     batches = make_batches(calib, cfg.batch_size)
     if teachers is not None and len(teachers) != len(batches):
@@ -657,7 +676,7 @@ def train_end_to_end(
             batch = {k: v.to(device) for k, v in dist.shard_batch(batches[idx]).items()}
             tau = schedule.at(progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
-            params = sparse_weights(out, sites, weights, scores, pattern, mask_cache=masks,
+            params = sparse_weights(out, sites, step_weights, scores, pattern, mask_cache=masks,
                                     grad_dtype=torch.bfloat16 if cfg.bf16 else None)
             with _autocast(cfg.bf16, device):
                 if cfg.alpha <= 0:
@@ -748,6 +767,9 @@ def site_features(
 
 
 def _make_bank(sites, groups, pattern, start, cfg: LearnConfig, scores, weights) -> "PermutationBank":
+    for s in sites:  # once here: the steps re-mask these scores without checking them again
+        for c in s.consumers:
+            check_finite(scores[c], f"score of {c}")
     features = site_features(sites, groups, scores, weights) if cfg.cost_model == "predictor" else None
     return PermutationBank(
         sites, groups, pattern, start, _BANK_INIT[cfg.init], cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad,
@@ -759,6 +781,15 @@ def _optimizer(bank: nn.Module, cfg: LearnConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     return GroupAdam(bank.parameters(), lr=cfg.lr)
+
+
+def _step_weights(weights: Mapping[str, torch.Tensor], cfg: LearnConfig) -> Mapping[str, torch.Tensor]:
+    """The weights a training step builds ``W_eff`` from. Under bfloat16 autocast every linear
+    casts its weight to bfloat16 anyway, so casting once here gives the same forward and
+    spares the per-step casts and float32 gathers (SmolLM2, 2 cores: ~1 s a step)."""
+    if not cfg.bf16:
+        return weights
+    return {c: w.to(torch.bfloat16) for c, w in weights.items()}
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -786,6 +817,7 @@ def train_block(
     prefix = f"{block_name}."
     weights = {c: block.get_submodule(c[len(prefix) :]).weight.detach() for s in sites for c in s.consumers}
     bank = _make_bank(sites, groups, pattern, start, cfg, scores, weights).to(device)
+    step_weights = _step_weights(weights, cfg)
     opt = _optimizer(bank, cfg)
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, cfg.steps_per_block, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -798,7 +830,7 @@ def train_block(
         args, kwargs = inputs[i]
         tau = schedule(step)
         out, ent = bank(tau, cfg.sinkhorn_iters)
-        params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
+        params = sparse_weights(out, sites, step_weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
                                 grad_dtype=torch.bfloat16 if cfg.bf16 else None)
         with _autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()

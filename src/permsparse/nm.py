@@ -78,24 +78,48 @@ def check_finite(score: torch.Tensor, name: str = "score") -> None:
         raise ValueError(f"{name} has {bad} non-finite values (NaN or inf); cannot build a mask from it")
 
 
-def nm_mask(score: torch.Tensor, pattern: "NMPattern | str") -> torch.Tensor:
+def nm_mask(score: torch.Tensor, pattern: "NMPattern | str", validate: bool = True) -> torch.Tensor:
     """Boolean mask keeping the ``n_kept`` highest scores in every run of ``m`` columns.
 
     ``score`` is ``(d_out, d_in)``; blocks run along the input dimension. Ties break
     deterministically toward the lower column index (stable sort), so equal scores give
-    the same mask on every run and device.
+    the same mask on every run and device. ``validate=False`` skips the finiteness check,
+    for callers that re-mask the same, already checked score many times (the trainer).
     """
     pattern = NMPattern.parse(pattern)
     if score.dim() != 2:
         raise ValueError(f"score must be 2-D (d_out, d_in), got shape {tuple(score.shape)}")
     d_out, d_in = score.shape
     pattern.check_width(d_in)
-    check_finite(score)
+    if validate:
+        check_finite(score)
     blocks = score.detach().reshape(d_out, d_in // pattern.m, pattern.m)  # (O, B, M)
+    if pattern.m <= _RANK_MAX_M:
+        return _mask_by_rank(blocks, pattern.n_kept).reshape(d_out, d_in)
     order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices
     mask = torch.zeros_like(blocks, dtype=torch.bool)
     mask.scatter_(-1, order[..., : pattern.n_kept], True)
     return mask.reshape(d_out, d_in)
+
+
+#: Up to this M the mask counts, for each column, the block-mates that beat it (M(M-1)
+#: comparisons of 1/M-size slices) instead of sorting each tiny block: 2:4 on a 1536 x 576
+#: score, 2 cores: 1.3 ms against 8 ms. The trainer re-masks every moved site at every step.
+_RANK_MAX_M = 8
+
+
+def _mask_by_rank(blocks: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """The stable-sort mask of ``(O, B, M)`` blocks: column ``i`` is kept when fewer than
+    ``n_kept`` block-mates beat it (a higher score, or an equal one at a lower index)."""
+    cols = blocks.unbind(-1)
+    kept = []
+    for i, ci in enumerate(cols):
+        beaten = torch.zeros(ci.shape, dtype=torch.uint8, device=blocks.device)
+        for j, cj in enumerate(cols):
+            if j != i:
+                beaten += (cj >= ci) if j < i else (cj > ci)
+        kept.append(beaten < n_kept)
+    return torch.stack(kept, -1)
 
 
 def count_violations(weight_or_mask: torch.Tensor, pattern: "NMPattern | str") -> int:

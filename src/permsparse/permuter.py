@@ -230,22 +230,24 @@ def fit_to_score(
 
 
 class _HardPermutedPrune(torch.autograd.Function):
-    """``W_eff = (W P ⊙ M) Pᵀ`` at a hard ``P``: gathers forward, analytic gradient for ``P``.
+    """``W_eff = (W P ⊙ M) Pᵀ`` at a hard ``P``: one product forward, analytic gradient for ``P``.
 
     Same value and same gradient as :func:`permuted_prune` with a straight-through ``P``
     (whose value is the hard matrix), without the four dense ``(d_out, d_in, k)`` products.
+    At a hard ``P`` the value is ``W ⊙ (M Pᵀ)``: the mask brought back to the original
+    columns, which only changes when ``P`` does (the caller caches it).
     With ``A = W P``, ``B = A ⊙ M`` and upstream gradient ``Γ``:
     ``∂L/∂P = Wᵀ ((Γ P) ⊙ M) + Γᵀ B``, per group, where ``Γ P`` and ``W P`` are gathers.
     """
 
     @staticmethod
     def forward(ctx, p: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
-                grad_dtype: torch.dtype | None = None) -> torch.Tensor:
+                mask: torch.Tensor, grad_dtype: torch.dtype | None = None) -> torch.Tensor:
         ctx.save_for_backward(weight, idx, mask_p)
         ctx.groups = p.shape[0]
         ctx.grad_dtype = grad_dtype
-        b = weight.index_select(1, idx) * mask_p  # (O, d) permuted, pruned
-        return b.index_select(1, torch.argsort(idx))  # back to original coordinates
+        ctx.p_dtype = p.dtype
+        return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -253,18 +255,21 @@ class _HardPermutedPrune(torch.autograd.Function):
         o, d = weight.shape
         g, k = ctx.groups, d // ctx.groups
         dt = ctx.grad_dtype or weight.dtype  # bfloat16 halves the cost; the direction is what matters
-        grad, w, m = grad.to(dt), weight.to(dt), mask_p.to(dt)
-        gp = grad.index_select(1, idx) * m  # (Γ P) ⊙ M
-        b = w.index_select(1, idx) * m
-        grad_p = torch.einsum("ogi,ogj->gij", w.view(o, g, k), gp.view(o, g, k)).float()
-        grad_p = grad_p + torch.einsum("ogi,ogj->gij", grad.view(o, g, k), b.view(o, g, k)).float()
-        return grad_p.to(weight.dtype), None, None, None, None
+        grad, w = grad.to(dt), weight.to(dt)
+        gp = grad.index_select(1, idx)  # Γ P
+        a = w.index_select(1, idx)  # W P
+        # Both terms as one batched product over the stacked rows: [W, Γ]ᵀ [ΓP ⊙ M, A ⊙ M]
+        # (P is block-diagonal, so each group's rows of Wᵀ and Γᵀ are its own columns).
+        left = torch.cat([w, grad], 0).view(2 * o, g, k).transpose(0, 1)  # (g, 2O, k)
+        right = (torch.cat([gp, a], 0) * mask_p.repeat(2, 1)).view(2 * o, g, k).transpose(0, 1)
+        grad_p = torch.bmm(left.transpose(1, 2), right).float()
+        return grad_p.to(ctx.p_dtype), None, None, None, None, None
 
 
 def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
     """The N:M mask of ``S[:, π]``, in permuted coordinates."""
     with torch.no_grad():
-        return nm_mask(score.index_select(1, perm.indices.to(score.device)), pattern)
+        return nm_mask(score.index_select(1, perm.indices.to(score.device)), pattern, validate=False)
 
 
 def hard_permuted_prune(
@@ -275,14 +280,19 @@ def hard_permuted_prune(
     pattern: "NMPattern | str",
     mask_p: torch.Tensor | None = None,
     grad_dtype: torch.dtype | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W_eff`` of one weight at the hard permutation ``perm`` with the straight-through
-    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask_p`` may
-    be given when already known (it only changes when ``perm`` does)."""
+    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask_p`` (the
+    mask in permuted coordinates) and ``mask`` (the same in the weight's own) may be given
+    when already known: they only change when ``perm`` does."""
     idx = perm.indices.to(weight.device)
     if mask_p is None:
         mask_p = permuted_mask(score, perm, pattern)
-    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p.to(weight.device, weight.dtype), grad_dtype)
+    mask_p = mask_p.to(weight.device)
+    if mask is None:
+        mask = mask_p.index_select(1, perm.inverse().indices.to(weight.device))
+    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p, mask.to(weight.device), grad_dtype)
 
 
 class GroupAdam(torch.optim.Optimizer):

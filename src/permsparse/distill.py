@@ -1,0 +1,104 @@
+"""Next-token cross-entropy and distillation KL over a large vocabulary, in token chunks.
+
+The trainer's loss reads ``B x T x V`` logits (SmolLM2: 2,048 tokens x 49,152 entries, 400 MB
+in float32) for the student and the teacher. Written plainly (``log_softmax`` of each,
+``exp``, difference, product, sum) that is a dozen passes over full-size float32 tensors
+and ~3.5 s of a 15 s step on 2 cores. Here both terms share one pass per chunk of tokens,
+in float32 but never materialised at full size, and the backward recomputes the softmax
+from the kept logits instead of storing it. Same values and gradients as the plain form
+(tests/test_distill.py).
+
+Per token, with student logits ``z``, ``lse = log Σ exp z`` and teacher probabilities ``p``:
+``CE = lse − z[y]`` and ``KL(p ‖ softmax z) = Σ p log p − Σ p z + lse``;
+``∂CE/∂z = softmax(z) − onehot(y)``, ``∂KL/∂z = softmax(z) − p``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["lm_ce_kl", "IGNORE_INDEX"]
+
+#: Targets with this value count in neither the cross-entropy nor its mean (as in torch).
+IGNORE_INDEX = -100
+
+_CHUNK_TOKENS = 64  # 64 x 49k float32 = 12 MB: several temporaries stay near the caches
+
+
+class _ChunkedCEKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None, chunk: int):
+        n = logits.shape[0]
+        valid = targets != IGNORE_INDEX
+        n_valid = int(valid.sum())
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for a in range(0, n, chunk):
+            z = logits[a : a + chunk].float()
+            l = torch.logsumexp(z, -1)
+            lse[a : a + chunk] = l
+            y = targets[a : a + chunk]
+            ok = valid[a : a + chunk]
+            picked = z.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
+            ce_sum += ((l - picked) * ok).sum(dtype=torch.float64)
+            if teacher is not None:
+                t = teacher[a : a + chunk].to(z.device, torch.float32)
+                logp = t - torch.logsumexp(t, -1, keepdim=True)
+                p = logp.exp()
+                # Σ p (log p − z) + lse, per token (Σ p = 1).
+                kl_sum += (((p * (logp - z)).sum(-1) + l) * ok).sum(dtype=torch.float64)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.teacher = teacher  # may live on the host (a cached teacher); not a graph input
+        ctx.chunk = chunk
+        ctx.n_valid = n_valid
+        ce = (ce_sum / max(n_valid, 1)).float()
+        kl = (kl_sum / max(n_valid, 1)).float() if teacher is not None else torch.zeros((), device=logits.device)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, g_ce: torch.Tensor, g_kl: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        teacher, chunk = ctx.teacher, ctx.chunk
+        n = logits.shape[0]
+        w_ce = g_ce.float() / max(ctx.n_valid, 1)
+        w_kl = g_kl.float() / max(ctx.n_valid, 1) if teacher is not None else None
+        grad = torch.empty_like(logits)
+        for a in range(0, n, chunk):
+            z = logits[a : a + chunk].float()
+            soft = (z - lse[a : a + chunk].unsqueeze(1)).exp_()
+            y = targets[a : a + chunk]
+            ok = (y != IGNORE_INDEX).float().unsqueeze(1)
+            # CE part: (softmax − onehot) on valid rows.
+            g = soft * (w_ce * ok)
+            g.scatter_add_(1, y.clamp_min(0).unsqueeze(1), -(w_ce * ok))
+            if w_kl is not None:
+                t = teacher[a : a + chunk].to(z.device, torch.float32)
+                p = torch.softmax(t, -1)
+                g.add_(soft.sub_(p).mul_(w_kl * ok))
+            grad[a : a + chunk] = g.to(logits.dtype)
+        return grad, None, None, None
+
+
+def lm_ce_kl(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: torch.Tensor | None = None,
+    chunk: int = _CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce, kl)`` of ``(..., V)`` ``logits`` against ``(...)`` targets and, when given, the
+    teacher's ``(..., V)`` logits (any dtype, any device: moved a chunk at a time).
+
+    Both are means over the positions whose target is not :data:`IGNORE_INDEX`: ``ce`` of the
+    cross-entropy, ``kl`` of ``KL(teacher ‖ student)`` (0 without a teacher). Only ``logits``
+    receives a gradient.
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"logits must be (..., V) and targets (...), got {tuple(logits.shape)}, {tuple(targets.shape)}")
+    if teacher is not None and teacher.shape != logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match the student's {tuple(logits.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    v = logits.shape[-1]
+    flat_t = teacher.detach().reshape(-1, v) if teacher is not None else None
+    return _ChunkedCEKL.apply(logits.reshape(-1, v), targets.to(logits.device).reshape(-1), flat_t, chunk)
