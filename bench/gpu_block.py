@@ -32,51 +32,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import permsparse.learn as learn_mod  # noqa: E402
 import permsparse.sinkhorn as sinkhorn_mod  # noqa: E402
 from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.learn import LearnConfig  # noqa: E402
 from permsparse.pipeline import PruneConfig, prune  # noqa: E402
 from permsparse.sinkhorn import hard_assignment  # noqa: E402
+from steptimer import StepTimers  # noqa: E402  (bench/, beside this script)
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, blocks=32, params=6.74e9)
 TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=4,
             num_key_value_heads=4, blocks=4, params=None)
 PAPER_STEPS = 64  # 128 windows x 2048 tokens, 2 epochs, batch 4 (bench/scaling.py's assumption)
-
-
-class _Timers:
-    """Wall time of the bank's forward and of ``sparse_weights`` inside each training step
-    (CUDA synchronised around each, so that the GPU work is charged where it was queued)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.bank: list[float] = []
-        self.weights: list[float] = []
-        self._orig = (learn_mod.PermutationBank.forward, learn_mod.sparse_weights)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def _wrap(self, fn, into: list[float]):
-        def timed(*a, **k):
-            self._sync()
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            self._sync()
-            into.append(time.perf_counter() - t0)
-            return out
-        return timed
-
-    def __enter__(self) -> "_Timers":
-        learn_mod.PermutationBank.forward = self._wrap(self._orig[0], self.bank)
-        learn_mod.sparse_weights = self._wrap(self._orig[1], self.weights)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        learn_mod.PermutationBank.forward, learn_mod.sparse_weights = self._orig
 
 
 def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: int, window: int,
@@ -106,7 +73,7 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
         serial = ThreadPoolExecutor(max_workers=1)
         sinkhorn_mod._solver_pool = lambda: serial  # noqa: SLF001
     try:
-        with _Timers(device) as timers:
+        with StepTimers(device) as timers:
             res = prune(model, None, pc, calib)
     finally:
         sinkhorn_mod._solver_pool = pool  # noqa: SLF001
@@ -116,8 +83,8 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
     # The first step pays one-off costs (kernel selection, the mask cache); the median skips it.
     tail = slice(1, None) if len(step) > 2 else slice(None)
     step_s = statistics.median(step[tail])
-    bank_s = statistics.median(timers.bank[tail])
-    weights_s = statistics.median(timers.weights[tail])
+    parts = timers.medians(len(step))
+    bank_s, weights_s = parts["bank_s"], parts["weights_s"]
     row = {
         "kind": "e2e_step", "shape": "llama2-7b" if shape is LLAMA2_7B else "tiny", "init": init, "assign": assign, "blocks": depth,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import permsparse.permuter as permuter_mod
 from permsparse.heuristics import zigzag_permutation
@@ -141,7 +143,29 @@ def test_permuted_prune_bad_args():
         permuted_prune([w], [w.abs()], p, "4:2")
 
 
-@pytest.mark.skipif(not hasattr(permuter_mod, "hard_permuted_prune"), reason="no hard_permuted_prune")
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(d_out=st.integers(1, 12), groups=st.sampled_from([1, 2, 4]), blocks=st.integers(1, 3),
+       pattern=st.sampled_from(["2:4", "1:4", "4:8"]), seed=st.integers(0, 10_000))
+def test_hard_permuted_prune_value_and_gradient_law(d_out, groups, blocks, pattern, seed):
+    # Any shape: W_eff = (W P ⊙ M) Pᵀ and the cost gradient of the dense straight-through form.
+    m = int(pattern.split(":")[1])
+    d_in = groups * blocks * m
+    pm = LearnablePermuter(d_in, groups=groups, init="noise", generator=_gen(seed))
+    w = torch.randn(d_out, d_in, generator=_gen(seed + 1), dtype=torch.float64)
+    s = w.abs() * torch.rand(d_in, generator=_gen(seed + 2), dtype=torch.float64)
+    target = torch.randn(d_out, d_in, generator=_gen(seed + 3), dtype=torch.float64)
+    pm.double()
+    p_st, hard, _ = pm(0.5)
+    (dense,) = permuted_prune([w], [s], p_st, pattern)
+    g_dense = torch.autograd.grad((dense * target).sum(), pm.cost)[0]
+    p_st, hard, _ = pm(0.5)
+    fast = permuter_mod.hard_permuted_prune(w, s, hard, p_st, pattern)
+    g_fast = torch.autograd.grad((fast * target).sum(), pm.cost)[0]
+    assert torch.equal(fast.detach(), dense.detach())
+    assert torch.equal(fast.detach() != 0, permuter_mod.unpermuted_mask(s, hard, pattern) & (w != 0))
+    torch.testing.assert_close(g_fast, g_dense, rtol=1e-9, atol=1e-9)
+
+
 def test_hard_permuted_prune_matches_dense_straight_through():
     pm = LearnablePermuter(32, groups=4, init="noise", generator=_gen(17))
     w = torch.randn(8, 32, generator=_gen(18))

@@ -34,7 +34,7 @@ from . import distributed as dist
 from .distill import IGNORE_INDEX, lm_ce_kl
 from .nm import NMPattern, check_finite
 from .permutation import Permutation
-from .permuter import GroupAdam, hard_permuted_prune, init_cost, permuted_mask
+from .permuter import GroupAdam, hard_permuted_prune, init_cost, unpermuted_mask
 from .predictor import CostPredictor, channel_features, make_mlp
 from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
 from .sites import Site
@@ -308,17 +308,16 @@ def sparse_weights(
         p_st, perm = bank_out[site.name]
         for name in site.consumers:
             rel = name[len(prefix_strip) :] if prefix_strip and name.startswith(prefix_strip) else name
-            mask_p = mask = None
+            mask = None
             if mask_cache is not None:
                 hit = mask_cache.get(name)
                 if hit is not None and hit[0] == perm:
-                    mask_p, mask = hit[1], hit[2]
+                    mask = hit[1]
                 else:
-                    mask_p = permuted_mask(scores[name], perm, pattern).to(weights[name].device)
-                    mask = mask_p.index_select(1, perm.inverse().indices.to(mask_p.device))
-                    mask_cache[name] = (perm, mask_p, mask)
+                    mask = unpermuted_mask(scores[name], perm, pattern).to(weights[name].device)
+                    mask_cache[name] = (perm, mask)
             params[f"{rel}.weight"] = hard_permuted_prune(
-                weights[name], scores[name], perm, p_st, pattern, mask_p, grad_dtype, mask
+                weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
             )
     return params
 
@@ -379,7 +378,7 @@ def hard_params(
             perm = perms[site.name]
             for name in site.consumers:
                 rel = name[len(prefix_strip) :] if prefix_strip and name.startswith(prefix_strip) else name
-                mask = perm.inverse().apply_to_columns(permuted_mask(scores[name], perm, pattern))
+                mask = unpermuted_mask(scores[name], perm, pattern)
                 params[f"{rel}.weight"] = weights[name] * mask.to(weights[name].device, weights[name].dtype)
     return params
 

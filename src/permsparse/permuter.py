@@ -23,7 +23,7 @@ from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
 __all__ = [
     "init_cost",
     "LearnablePermuter", "permuted_prune", "hard_permuted_prune",
-    "permuted_mask",
+    "permuted_mask", "unpermuted_mask",
     "GroupAdam", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
 
 INITS = ("noise", "identity", "permutation")
@@ -234,36 +234,34 @@ class _HardPermutedPrune(torch.autograd.Function):
 
     Same value and same gradient as :func:`permuted_prune` with a straight-through ``P``
     (whose value is the hard matrix), without the four dense ``(d_out, d_in, k)`` products.
-    At a hard ``P`` the value is ``W ⊙ (M Pᵀ)``: the mask brought back to the original
-    columns, which only changes when ``P`` does (the caller caches it).
-    With ``A = W P``, ``B = A ⊙ M`` and upstream gradient ``Γ``:
-    ``∂L/∂P = Wᵀ ((Γ P) ⊙ M) + Γᵀ B``, per group, where ``Γ P`` and ``W P`` are gathers.
+    With ``M' = M Pᵀ`` (the mask brought back to the original columns, which only changes
+    when ``P`` does, so the caller caches it) the value is ``W ⊙ M'``, and with upstream
+    gradient ``Γ``:
+    ``∂L/∂P = Wᵀ ((Γ P) ⊙ M) + Γᵀ (W P ⊙ M) = [Wᵀ (Γ ⊙ M') + Γᵀ (W ⊙ M')] P``, per group:
+    two products in the original coordinates and a gather of the small ``k x k`` result,
+    instead of gathering the columns of ``W`` and ``Γ`` (2-3x faster on CPU).
     """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, mask_p: torch.Tensor,
-                mask: torch.Tensor, grad_dtype: torch.dtype | None = None) -> torch.Tensor:
-        ctx.save_for_backward(weight, idx, mask_p)
-        ctx.groups = p.shape[0]
+    def forward(ctx, p: torch.Tensor, weight: torch.Tensor, local: torch.Tensor, mask: torch.Tensor,
+                grad_dtype: torch.dtype | None = None) -> torch.Tensor:
+        ctx.save_for_backward(weight, local, mask)
         ctx.grad_dtype = grad_dtype
         ctx.p_dtype = p.dtype
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight, idx, mask_p = ctx.saved_tensors
+        weight, local, mask = ctx.saved_tensors
         o, d = weight.shape
-        g, k = ctx.groups, d // ctx.groups
+        g, k = local.shape
         dt = ctx.grad_dtype or weight.dtype  # bfloat16 halves the cost; the direction is what matters
         grad, w = grad.to(dt), weight.to(dt)
-        gp = grad.index_select(1, idx)  # Γ P
-        a = w.index_select(1, idx)  # W P
-        # Both terms as one batched product over the stacked rows: [W, Γ]ᵀ [ΓP ⊙ M, A ⊙ M]
-        # (P is block-diagonal, so each group's rows of Wᵀ and Γᵀ are its own columns).
-        left = torch.cat([w, grad], 0).view(2 * o, g, k).transpose(0, 1)  # (g, 2O, k)
-        right = (torch.cat([gp, a], 0) * mask_p.repeat(2, 1)).view(2 * o, g, k).transpose(0, 1)
-        grad_p = torch.bmm(left.transpose(1, 2), right).float()
-        return grad_p.to(ctx.p_dtype), None, None, None, None, None
+        acc = torch.promote_types(ctx.p_dtype, torch.float32)  # sum the two terms in at least float32
+        x = torch.einsum("ogi,ogj->gij", w.view(o, g, k), (grad * mask).view(o, g, k)).to(acc)
+        x += torch.einsum("ogi,ogj->gij", grad.view(o, g, k), (w * mask).view(o, g, k)).to(acc)
+        grad_p = x.gather(2, local.unsqueeze(1).expand(g, k, k))  # · P: column j takes column π(j)
+        return grad_p.to(ctx.p_dtype), None, None, None, None
 
 
 def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
@@ -278,21 +276,24 @@ def hard_permuted_prune(
     perm: Permutation,
     p_st: torch.Tensor,
     pattern: "NMPattern | str",
-    mask_p: torch.Tensor | None = None,
-    grad_dtype: torch.dtype | None = None,
     mask: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``W_eff`` of one weight at the hard permutation ``perm`` with the straight-through
-    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask_p`` (the
-    mask in permuted coordinates) and ``mask`` (the same in the weight's own) may be given
-    when already known: they only change when ``perm`` does."""
-    idx = perm.indices.to(weight.device)
-    if mask_p is None:
-        mask_p = permuted_mask(score, perm, pattern)
-    mask_p = mask_p.to(weight.device)
+    matrices ``p_st`` (value ``perm``) carrying the gradient to the cost. ``mask`` (the mask
+    of the permuted score, brought back to the weight's own columns: :func:`permuted_mask`
+    then ``perm.inverse()``) may be given when already known: it only changes with ``perm``."""
     if mask is None:
-        mask = mask_p.index_select(1, perm.inverse().indices.to(weight.device))
-    return _HardPermutedPrune.apply(p_st, weight.detach(), idx, mask_p, mask.to(weight.device), grad_dtype)
+        mask = unpermuted_mask(score, perm, pattern)
+    local = perm.local.to(weight.device)
+    return _HardPermutedPrune.apply(p_st, weight.detach(), local, mask.to(weight.device), grad_dtype)
+
+
+def unpermuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
+    """The N:M mask chosen on ``S[:, π]``, in the original column order (what multiplies
+    ``W``: the same entries ``(W P ⊙ M) Pᵀ`` keeps)."""
+    m = permuted_mask(score, perm, pattern)
+    return m.index_select(1, perm.inverse().indices.to(m.device))
 
 
 class GroupAdam(torch.optim.Optimizer):
