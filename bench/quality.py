@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         score, permutation, pattern = METHODS[args.method]
         learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds,
-                            tau_schedule=args.tau_schedule)
+                            tau_schedule=args.tau_schedule, lr_end=args.lr_end)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
                           groups=args.groups, learn=learn, progress=False, sync=not args.independent,
                           heuristic_power=args.heuristic_power)
@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         if permutation == "learned":
             row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
                        average=",".join(f"{d:g}" for d in learn.average) or 0.0, train_seconds=args.train_seconds,
-                       teacher_cache_gb=learn.teacher_cache_gb)
+                       teacher_cache_gb=learn.teacher_cache_gb, lr_end=learn.lr_end)
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -135,6 +135,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
     cmd += ["--independent"] if opts.independent else []
     if opts.train_seconds:
         cmd += ["--train-seconds", str(opts.train_seconds)]
+    if opts.lr_end is not None:
+        cmd += ["--lr-end", str(opts.lr_end)]
     t0 = time.perf_counter()
     print(f"[quality] {method} {pattern} ...", flush=True)
     subprocess.run(cmd, check=True)
@@ -146,7 +148,7 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 #: What tells rows apart (curve points carry the same fields, to find their row).
 KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds",
-              "teacher_cache_gb")
+              "teacher_cache_gb", "lr_end")
 
 
 def _key(row: dict) -> tuple:
@@ -155,7 +157,8 @@ def _key(row: dict) -> tuple:
     learned = row["method"] == "wanda+learned"
     return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
             row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None),
-            row.get("train_seconds", 600.0 if learned else None), row.get("teacher_cache_gb", 0.0 if learned else None))
+            row.get("train_seconds", 600.0 if learned else None), row.get("teacher_cache_gb", 0.0 if learned else None),
+            row.get("lr_end"))
 
 
 def _curve_point(c: dict) -> dict:
@@ -187,7 +190,7 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     curves = [dict(zip(KEY_FIELDS, _key(r)), **_curve_point(c)) for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb", "lr_end",
             "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
@@ -279,6 +282,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-seconds", type=float, default=600.0,
                     help="training time budget of the learned rows (the whole run must stay within 15 min)")
+    ap.add_argument("--lr-end", type=float, default=None,
+                    help="learned rows: the lr falls linearly to this [none: the library default]")
     ap.add_argument("--curve-every", type=float, default=90.0, help="seconds of training between curve points")
     ap.add_argument("--curve-windows", type=int, default=16)
     # worker mode

@@ -88,6 +88,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="passes over the calibration windows [1; digits-vit on digits: see README, Vision]")
     t.add_argument("--batch-size", type=int, default=None, help="windows [4] or images [32] per step")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate on the costs")
+    t.add_argument("--lr-end", type=float, default=None,
+                   help="the lr falls linearly to this by the end of the run [none: constant]")
     t.add_argument("--margin", type=float, default=None, help="initial cost advantage of the start permutation")
     t.add_argument("--tau-start", type=float, default=None, help="initial Sinkhorn temperature")
     t.add_argument("--tau-end", type=float, default=None, help="final Sinkhorn temperature")
@@ -234,7 +236,7 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["exact_sinkhorn_grad"] = args.exact_sinkhorn_grad
     learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
-    for name in ("lr", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
+    for name in ("lr", "lr_end", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
                  "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots",
                  "average", "teacher_cache_gb"):
         if getattr(args, name) is not None:

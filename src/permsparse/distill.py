@@ -94,7 +94,9 @@ def lm_ce_kl(
     receives a gradient.
     """
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"logits must be (..., V) and targets (...), got {tuple(logits.shape)}, {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits must be (..., V) and targets (...), got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
     if teacher is not None and teacher.shape != logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match the student's {tuple(logits.shape)}")
     if chunk < 1:

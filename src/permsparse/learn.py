@@ -86,6 +86,9 @@ class LearnConfig:
     epochs: float = 1.0
     batch_size: int = 4
     lr: float = 0.02
+    # None: a constant lr. A number: the lr falls linearly from ``lr`` to this over the run, by
+    # the same progress as τ (late steps at low τ refine the plan instead of jittering it).
+    lr_end: float | None = None
     optimizer: str = "group-adam"  # or "adam"
     margin: float = 0.1  # initial cost advantage of the starting permutation
     noise: float = 0.01
@@ -113,7 +116,8 @@ class LearnConfig:
     average: tuple[float, ...] = (0.8,)
     # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
     # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
-    # step (SmolLM2, 2 cores: 15.0 s per step against 15.6 s); 0: always recompute.
+    # step (SmolLM2, 2 cores, measured at the older 15 s step: 15.0 s against 15.6 s);
+    # 0: always recompute.
     teacher_cache_gb: float = 8.0
     time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
     seed: int = 0
@@ -133,6 +137,8 @@ class LearnConfig:
             raise ValueError(f"optimizer must be 'group-adam' or 'adam', got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("lr, batch_size and epochs must be positive")
+        if self.lr_end is not None and self.lr_end <= 0:
+            raise ValueError(f"lr_end must be positive (or None for a constant lr), got {self.lr_end}")
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
         if self.snapshots < 0:
             raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
@@ -674,6 +680,7 @@ def train_end_to_end(
             idx = order.pop()
             batch = {k: v.to(device) for k, v in dist.shard_batch(batches[idx]).items()}
             tau = schedule.at(progress_frac)
+            _anneal_lr(opt, cfg, progress_frac)
             out, ent = bank(tau, cfg.sinkhorn_iters)
             params = sparse_weights(out, sites, step_weights, scores, pattern, mask_cache=masks,
                                     grad_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -791,6 +798,15 @@ def _step_weights(weights: Mapping[str, torch.Tensor], cfg: LearnConfig) -> Mapp
     return {c: w.to(torch.bfloat16) for c, w in weights.items()}
 
 
+def _anneal_lr(opt: torch.optim.Optimizer, cfg: LearnConfig, progress: float) -> None:
+    """Set the step's lr: ``cfg.lr`` throughout, or linearly to ``cfg.lr_end`` at the end."""
+    if cfg.lr_end is None:
+        return
+    lr = cfg.lr + (cfg.lr_end - cfg.lr) * min(max(progress, 0.0), 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
     return model.get_submodule(name).weight.detach()
 
@@ -828,6 +844,7 @@ def train_block(
         i = int(torch.randint(len(inputs), (1,), generator=gen))
         args, kwargs = inputs[i]
         tau = schedule(step)
+        _anneal_lr(opt, cfg, step / max(cfg.steps_per_block - 1, 1))
         out, ent = bank(tau, cfg.sinkhorn_iters)
         params = sparse_weights(out, sites, step_weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
                                 grad_dtype=torch.bfloat16 if cfg.bf16 else None)
