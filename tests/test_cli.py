@@ -23,7 +23,7 @@ WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
                  "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
                  "--no-bf16", "--seed", "--heuristic-power", "--independent", "--snapshots", "--average",
-                 "--teacher-cache-gb")
+                 "--teacher-cache-gb", "--lr-end")
 
 
 @pytest.fixture(autouse=True)
@@ -405,11 +405,14 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
 
 def test_trainer_knobs_reach_the_config():
     from permsparse.cli import _apply_recipe, _prune_config, build_parser
+    from permsparse.learn import LearnConfig
 
     base = ["prune", "m", "--out", "o", "--epochs", "1", "--batch-size", "4", "--groups", "4"]
-    args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1"])
+    args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1",
+                                                 "--lr-end", "0.002"])
     learn = _prune_config(args).learn
-    assert (learn.average, learn.teacher_cache_gb, learn.snapshots) == ((0.5, 0.7), 0.0, 1)
+    assert (learn.average, learn.teacher_cache_gb, learn.snapshots, learn.lr_end) == ((0.5, 0.7), 0.0, 1, 0.002)
     assert _prune_config(_apply_recipe(build_parser(), base + ["--average", "0"])).learn.average == ()
+    assert _prune_config(_apply_recipe(build_parser(), base + ["--lr-end", "0"])).learn.lr_end is None
     default = _prune_config(_apply_recipe(build_parser(), base)).learn
-    assert (default.average, default.teacher_cache_gb) == ((0.8,), 8.0)
+    assert (default.average, default.teacher_cache_gb, default.lr_end) == ((0.8,), 8.0, LearnConfig.lr_end)

@@ -296,6 +296,25 @@ def test_averaged_plan_is_the_plan_of_the_running_average_of_the_costs(tiny):
             LearnConfig(average=bad)
 
 
+def test_lr_end_anneals_the_lr_linearly_and_is_logged(tiny):
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
+    cfg = LearnConfig(epochs=2, batch_size=2, lr=0.02, lr_end=0.002, snapshots=0, average=())
+    _, history = train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False)
+    assert len(history) == 8
+    expected = [0.02 + (0.002 - 0.02) * i / 7 for i in range(8)]
+    assert [h.lr for h in history] == pytest.approx(expected)
+    assert all(h.to_json()["lr"] == h.lr for h in history)  # in the metrics file too
+    _, flat = train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, replace(cfg, lr_end=None), start=heur,
+                               progress=False)
+    assert [h.lr for h in flat] == [0.02] * 8
+    with pytest.raises(ValueError, match="lr_end"):
+        LearnConfig(lr_end=-1.0)
+    assert LearnConfig(lr_end=0).lr_end is None and LearnConfig().lr_end == 0.002
+
+
 @pytest.mark.parametrize("n_snap", [0, 3])
 def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
     """The guard also weighs hard plans taken at 1/4, 1/2, 3/4 of the run; the learned

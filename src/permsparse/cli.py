@@ -89,7 +89,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="windows [4] or images [32] per step")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate on the costs")
     t.add_argument("--lr-end", type=float, default=None,
-                   help="the lr falls linearly to this by the end of the run [none: constant]")
+                   help="the lr falls linearly to this by the end of the run [0.002; 0: a constant lr]")
     t.add_argument("--margin", type=float, default=None, help="initial cost advantage of the start permutation")
     t.add_argument("--tau-start", type=float, default=None, help="initial Sinkhorn temperature")
     t.add_argument("--tau-end", type=float, default=None, help="final Sinkhorn temperature")
