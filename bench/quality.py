@@ -59,8 +59,9 @@ def worker(args: argparse.Namespace) -> None:
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=0.0)
     else:
         score, permutation, pattern = METHODS[args.method]
+        extra = {"lr_end": args.lr_end} if args.lr_end is not None else {}  # else the library's default
         learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds,
-                            tau_schedule=args.tau_schedule, lr_end=args.lr_end)
+                            tau_schedule=args.tau_schedule, **extra)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
                           groups=args.groups, learn=learn, progress=False, sync=not args.independent,
                           heuristic_power=args.heuristic_power)
@@ -78,6 +79,8 @@ def worker(args: argparse.Namespace) -> None:
             row.update(tau_schedule=args.tau_schedule, snapshots=learn.snapshots, batch_size=args.batch_size,
                        average=",".join(f"{d:g}" for d in learn.average) or 0.0, train_seconds=args.train_seconds,
                        teacher_cache_gb=learn.teacher_cache_gb, lr_end=learn.lr_end)
+        if args.tag:
+            row["tag"] = args.tag
         row.update(ppl=perplexity(model, windows.eval, progress=False), prune_seconds=seconds,
                    kept_plan=result.kept_plan, train_steps=len(result.history))
         row.update(result.retained())
@@ -137,6 +140,8 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
         cmd += ["--train-seconds", str(opts.train_seconds)]
     if opts.lr_end is not None:
         cmd += ["--lr-end", str(opts.lr_end)]
+    if opts.tag:
+        cmd += ["--tag", opts.tag]
     t0 = time.perf_counter()
     print(f"[quality] {method} {pattern} ...", flush=True)
     subprocess.run(cmd, check=True)
@@ -148,7 +153,7 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 #: What tells rows apart (curve points carry the same fields, to find their row).
 KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds",
-              "teacher_cache_gb", "lr_end")
+              "teacher_cache_gb", "lr_end", "tag")
 
 
 def _key(row: dict) -> tuple:
@@ -158,7 +163,7 @@ def _key(row: dict) -> tuple:
     return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
             row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None),
             row.get("train_seconds", 600.0 if learned else None), row.get("teacher_cache_gb", 0.0 if learned else None),
-            row.get("lr_end"))
+            row.get("lr_end"), row.get("tag"))
 
 
 def _curve_point(c: dict) -> dict:
@@ -190,7 +195,7 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     curves = [dict(zip(KEY_FIELDS, _key(r)), **_curve_point(c)) for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb", "lr_end",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb", "lr_end", "tag",
             "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"
@@ -284,6 +289,7 @@ def main() -> None:
                     help="training time budget of the learned rows (the whole run must stay within 15 min)")
     ap.add_argument("--lr-end", type=float, default=None,
                     help="learned rows: the lr falls linearly to this [none: the library default]")
+    ap.add_argument("--tag", default=None, help="a label kept with the rows, so that a repeat run is a row of its own")
     ap.add_argument("--curve-every", type=float, default=90.0, help="seconds of training between curve points")
     ap.add_argument("--curve-windows", type=int, default=16)
     # worker mode
