@@ -88,8 +88,8 @@ class LearnConfig:
     lr: float = 0.02
     # The lr falls linearly from ``lr`` to this over the run, by the same progress as τ, so the
     # late steps at low τ refine the plan instead of jittering it; None: a constant lr.
-    # SmolLM2 2:4, independent sites, 600 s (bench/results/quality.md): 73.2 and 78.0 against
-    # 75.2, 76.6 and 79.5 at a constant lr (means 75.6 and 77.1, within the run-to-run spread).
+    # SmolLM2 2:4, independent sites, 600 s (bench/results/quality.md): 73.2, 78.0 and 75.9
+    # against 75.2, 76.6 and 79.5 at a constant lr (means 75.7 and 77.1, within the spread).
     lr_end: float | None = 0.002
     optimizer: str = "group-adam"  # or "adam"
     margin: float = 0.1  # initial cost advantage of the starting permutation
