@@ -289,13 +289,10 @@ class PermutationBank(nn.Module):
             sizes = [self._slot[n][2] for n in names]
             pieces[key] = dict(zip(names, torch.split(p_st[key], sizes)))
         for site in self.sites:
-            key = self._slot[site.name][0]
-            piece = pieces[key][site.name]
-            tie = self._ties[site.name]
-            if not self._tied[site.name]:  # every group its own: no gather (and no scatter back)
-                out[site.name] = (piece, self._site_perm(site, local))
-            else:
-                out[site.name] = (piece[tie], self._site_perm(site, local))
+            piece = pieces[self._slot[site.name][0]][site.name]
+            if self._tied[site.name]:  # head-tied groups copy their free group (untied: no gather)
+                piece = piece[self._ties[site.name]]
+            out[site.name] = (piece, self._site_perm(site, local))
         return out, ent_sum / max(ent_n, 1)
 
 
