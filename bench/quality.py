@@ -153,7 +153,7 @@ def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> d
 
 #: What tells rows apart (curve points carry the same fields, to find their row).
 KEY_FIELDS = ("method", "pattern", "sites", "tau_schedule", "batch_size", "average", "train_seconds",
-              "teacher_cache_gb", "lr_end", "tag")
+              "teacher_cache_gb", "lr_end", "n_calib", "tag")
 
 
 def _key(row: dict) -> tuple:
@@ -163,7 +163,7 @@ def _key(row: dict) -> tuple:
     return (row["method"], row["pattern"], row.get("sites"), _schedule(row),
             row.get("batch_size", 4 if learned else None), row.get("average", 0.0 if learned else None),
             row.get("train_seconds", 600.0 if learned else None), row.get("teacher_cache_gb", 0.0 if learned else None),
-            row.get("lr_end"), row.get("tag"))
+            row.get("lr_end"), row.get("n_calib", 96 if learned else 32), row.get("tag"))
 
 
 def _curve_point(c: dict) -> dict:
@@ -195,7 +195,7 @@ def write_outputs(rows: list[dict], meta: dict) -> None:
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     curves = [dict(zip(KEY_FIELDS, _key(r)), **_curve_point(c)) for r in rows for c in r.get("curve", [])]
     atomic_write_json(RESULTS / "quality.json", {"rows": flat, "curve": curves, "meta": meta})
-    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb", "lr_end", "tag",
+    cols = ["method", "pattern", "sites", "heuristic_power", "tau_schedule", "batch_size", "average", "teacher_cache_gb", "lr_end", "n_calib", "tag",
             "ppl", "gap_closed", "prune_seconds", "peak_rss_mb",
             "kept_plan", "train_steps", "retained_plain", "retained"]
     md = [f"# Quality on the embedded default\n\nCommand: `{meta['command']}`\n\n"

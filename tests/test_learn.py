@@ -438,3 +438,47 @@ def test_teacher_cache_keeps_the_calibration_logits_and_trains_like_a_live_teach
     with pytest.raises(ValueError, match="teacher"):
         train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False,
                          teachers=cache.logits[:1])
+
+
+def test_bf16_calibration_pass_gives_bf16_teacher_logits_and_near_float32_statistics(tiny):
+    # The learned path calibrates under bfloat16 autocast: its logits are those of a bf16
+    # forward (what the trainer's own teacher forward would give), and the statistics still
+    # accumulate in float64, close to those of the float32 pass.
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    layers = [c for s in sites for c in s.consumers]
+    batches = make_batches(_calib(), 2)
+    seen: list = []
+    s16 = calibrate.collect_stats(t.model, batches, layers, progress=False, bf16=True,
+                                  on_output=lambda i, out: seen.append(out.logits.dtype))
+    s32 = calibrate.collect_stats(t.model, batches, layers, progress=False)
+    assert seen == [torch.bfloat16] * len(batches)
+    for name in layers:
+        assert s16[name].n_tokens == s32[name].n_tokens
+        assert s16[name].sq_sum.dtype == torch.float64
+        torch.testing.assert_close(s16[name].sq_sum, s32[name].sq_sum, rtol=0.05, atol=1e-6)
+    # It did run in bf16: the inputs of o_proj and down_proj are outputs of bf16 products
+    # (q/k/v and gate/up read a float32 norm's output, the same either way).
+    assert any(not torch.equal(s16[n].sq_sum, s32[n].sq_sum) for n in layers if n.endswith(("o_proj", "down_proj")))
+    # The pipeline's learned path asks for it; the other paths (and SparseGPT) do not.
+    calls = []
+    real = calibrate.collect_stats
+
+    def spy(*a, **k):
+        calls.append(k.get("bf16"))
+        return real(*a, **k)
+
+    import permsparse.pipeline as pipeline
+
+    for permutation, score, bf16 in (("learned", "wanda", True), ("heuristic", "wanda", False),
+                                     ("learned", "sparsegpt", False)):
+        t = tiny("llama")
+        cfg = PruneConfig(permutation=permutation, score=score, groups=2, progress=False,
+                          learn=LearnConfig(**{**TINY_LEARN, "epochs": 1, "bf16": bf16 or score == "sparsegpt"}))
+        calls.clear()
+        pipeline.collect_stats, saved = spy, pipeline.collect_stats
+        try:
+            prune(t.model, None, cfg, _calib())
+        finally:
+            pipeline.collect_stats = saved
+        assert calls == [bf16], (permutation, score, calls)

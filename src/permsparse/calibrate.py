@@ -84,14 +84,17 @@ def collect_stats(
     hessian: bool = False,
     progress: bool = True,
     on_output: Callable[[int, object], None] | None = None,
+    bf16: bool = False,
 ) -> dict[str, ColumnStats]:
     """One-shot statistics of the inputs of ``layers`` over the calibration ``batches``.
 
     ``on_output(i, output)`` sees the model's output for batch ``i`` (e.g. to keep the
-    dense logits as the distillation teacher instead of recomputing them later)."""
+    dense logits as the distillation teacher instead of recomputing them later).
+    ``bf16``: run the pass under bfloat16 autocast (the statistics still accumulate in
+    float32); the learned path uses it, whose student runs in bfloat16 too."""
     device = _device(model)
     batches = list(batches)
-    with stat_hooks(model, layers, hessian) as stats:
+    with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
             out = model(**_as_inputs(batch, device))
             if on_output is not None:

@@ -221,11 +221,12 @@ def _scores_and_heuristic(
 
 def score_sites(
     model: nn.Module, sites: Sequence[Site], cfg: PruneConfig, batches: Sequence[dict], heuristic: bool = True,
-    on_output=None,
+    on_output=None, bf16: bool = False,
 ) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, Permutation]]:
     """One-shot calibration, each consumer's score and (optionally) each site's heuristic
     permutation: ``(stats, scores, heuristic_perms)``. ``on_output(i, output)`` sees the dense
-    model's output on each (sharded) calibration batch."""
+    model's output on each (sharded) calibration batch. ``bf16``: the calibration pass under
+    bfloat16 autocast (ignored for SparseGPT, whose Hessian wants float32 inputs)."""
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
@@ -234,7 +235,7 @@ def score_sites(
     if cfg.score != "magnitude":
         # Each rank its shard; the sums are then all-reduced (identity in one process).
         stats = collect_stats(model, [dist.shard_batch(b) for b in batches], layers, hessian,
-                              cfg.progress and dist.is_main(), on_output=on_output)
+                              cfg.progress and dist.is_main(), on_output=on_output, bf16=bf16 and not hessian)
         dist.all_reduce_stats_(stats)
     scores, heur = _scores_and_heuristic(model, sites, pattern, cfg, stats, heuristic)
     return stats, scores, heur
@@ -310,7 +311,11 @@ def _prune_one_shot(model, sites, pattern, cfg, permutation, batches, metrics_pa
     # keep its logits as the teacher (LearnConfig.teacher_cache_gb).
     cache = (TeacherCache(cfg.learn.teacher_cache_gb) if permutation == "learned" and cfg.learn.alpha > 0
              and cfg.learn.teacher_cache_gb > 0 else None)
-    stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur, on_output=cache)
+    # A learned run trains a bfloat16 student against these logits: computing them (and the
+    # statistics) under the same autocast is consistent and 1.5x faster (SmolLM2, 2 cores,
+    # 96 windows: ~35 s), and changes 0.02 % of the Wanda 2:4 mask entries.
+    bf16 = permutation == "learned" and cfg.learn.bf16
+    stats, scores, heur = score_sites(model, sites, cfg, batches, heuristic=want_heur, on_output=cache, bf16=bf16)
     history: list[StepLog] = []
     guard: dict[str, float] = {}
     plan = "none"
