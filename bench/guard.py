@@ -15,7 +15,12 @@ at the end. Each candidate is then measured by
 * ``ppl``: perplexity on the 32,768 held-out evaluation tokens (bfloat16 forward).
 
 Writes ``bench/results/guard.json`` (``rows``, one per candidate, with the rank
-correlation of each guard with ``ppl`` in ``meta``) and ``guard.md``.
+correlation of each guard with ``ppl`` in ``meta``) and ``guard.md`` (``--name``: other names).
+
+    python bench/guard.py --every 0 --decays 0.8,0.9,0.95 --tails 0.5,0.75 --name guard_averages
+
+compares, at the end of one run, the plans of the costs averaged exponentially (decays per
+step) and uniformly over the tail of the run.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from permsparse.apply import parse_pattern  # noqa: E402
 from permsparse.data import load_text_windows  # noqa: E402
 from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.learn import (  # noqa: E402
-    LearnConfig, TeacherCache, _plan_with, evaluate_plan, hard_params, make_batches, teacher_logits, train_end_to_end,
+    LearnConfig, TeacherCache, _make_bank, _plan_with, evaluate_plan, hard_params, make_batches, teacher_logits, train_end_to_end,
 )
 from permsparse.loading import load_model  # noqa: E402
 from permsparse.pipeline import PruneConfig, score_sites  # noqa: E402
@@ -70,9 +75,15 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-seconds", type=float, default=600.0)
-    ap.add_argument("--every", type=int, default=6, help="steps between candidates in the second half")
+    ap.add_argument("--every", type=int, default=6, help="steps between candidates in the second half (0: none)")
+    ap.add_argument("--decays", type=lambda v: [float(x) for x in v.split(",")], default=[0.8],
+                    help="exponential averages of the costs whose plans at the end are candidates (0.8: the trainer's)")
+    ap.add_argument("--tails", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                    help="uniform averages of the costs from these shares of the training time on")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="guard", help="results file name: <out>/<name>.json and .md")
     opts = ap.parse_args()
+    opts.decays = sorted(set(opts.decays) | {0.8})  # 0.8: the trainer's own average, and the mid-run candidates'
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     model.requires_grad_(False)
@@ -89,24 +100,43 @@ def main() -> None:
     weights = {c: get_module(model, c).weight.detach() for s in sites for c in s.consumers}
 
     plans: dict[str, dict] = {"heuristic": heur}
-    ema: dict[str, torch.Tensor] = {}
+    # Running averages of the costs: exponential (per step) and uniform over the tail of the
+    # run (from a share of the training time on: Polyak-Ruppert averaging with a burn-in).
+    emas: dict[float, dict[str, torch.Tensor]] = {d: {} for d in opts.decays}
+    tails: dict[float, dict[str, torch.Tensor]] = {f: {} for f in opts.tails}
+    tail_n = {f: 0 for f in opts.tails}
+    clock = {"train": 0.0}
 
     def on_step(rec, state) -> None:
-        params = dict(state.bank.named_parameters())
+        params = {k: p.detach() for k, p in state.bank.named_parameters()}
+        clock["train"] += rec.seconds
         with torch.no_grad():
-            for k, p in params.items():
-                ema[k] = p.detach().clone() if k not in ema else ema[k].lerp_(p.detach(), 0.2)
-        if rec.step >= 24 and (rec.step - 24) % opts.every == 0:
+            for d, ema in emas.items():
+                for k, p in params.items():
+                    ema[k] = p.clone() if k not in ema else ema[k].lerp_(p, 1.0 - d)
+            for f, acc in tails.items():
+                if clock["train"] >= f * opts.train_seconds:
+                    tail_n[f] += 1
+                    for k, p in params.items():
+                        acc[k] = p.clone() if k not in acc else acc[k].add_(p - acc[k], alpha=1.0 / tail_n[f])
+        if opts.every and rec.step >= 24 and (rec.step - 24) % opts.every == 0:
             plans[f"raw@{rec.step}"] = state.bank.hard()
-            plans[f"avg@{rec.step}"] = _plan_with(state.bank, ema)
+            plans[f"avg@{rec.step}"] = _plan_with(state.bank, emas[0.8])
 
     averaged: dict = {}
     t0 = time.perf_counter()
     last, history = train_end_to_end(model, sites, scores, pattern, 4, train, learn, start=heur, progress=False,
                                      on_step=on_step, averaged=averaged, teachers=cache.logits)
     train_seconds = time.perf_counter() - t0
-    plans[f"raw@{len(history) - 1}(end)"] = last
-    plans[f"avg@{len(history) - 1}(end)"] = averaged[0.8]
+    end = len(history) - 1
+    plans[f"raw@{end}(end)"] = last
+    plans[f"avg@{end}(end)"] = averaged[0.8]
+    bank = _make_bank(sites, 4, pattern, heur, learn, scores, weights)
+    for d, ema in emas.items():
+        if d != 0.8:
+            plans[f"ema{d:g}@{end}(end)"] = _plan_with(bank, ema)
+    for f, acc in tails.items():
+        plans[f"tail{f:g}@{end}(end) ({tail_n[f]} steps)"] = _plan_with(bank, acc)
     print(f"[guard] {len(history)} steps, {len(plans)} candidates", flush=True)
 
     guard_train = batches[:2]
@@ -133,14 +163,16 @@ def main() -> None:
             "best_ppl": min(learned, key=lambda r: r["ppl"])["plan"],
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     out = Path(opts.out)
-    atomic_write_json(out / "guard.json", {"rows": rows, "meta": meta})
-    atomic_write_text(out / "guard.md", (
+    atomic_write_json(out / f"{opts.name}.json", {"rows": rows, "meta": meta})
+    atomic_write_text(out / f"{opts.name}.md", (
         "# Does the guard pick the right plan?\n\n"
         f"Command: `{meta['command']}`\n\n"
         f"SmolLM2-135M-Instruct, Wanda 2:4, G = 4, one permutation per layer, the default trainer for "
         f"{opts.train_seconds:.0f} s ({meta['steps']} steps) on {N_TRAIN} windows of 512 tokens. Candidates: "
         f"the hard plan of the costs (`raw`) and of their running average (decay 0.8, `avg`) every {opts.every} "
-        f"steps from step 24, and at the end. `guard_train`: CE + KL on the first 2 training batches; "
+        f"steps from step 24 (when `--every` > 0), and at the end; `emaD`: the plan of the costs' exponential "
+        f"average with decay D per step, `tailF`: of their uniform average from the share F of the training time "
+        f"on. `guard_train`: CE + KL on the first 2 training batches; "
         f"`guard_heldout`: on 2 batches ({N_HELD} windows) of calibration text never trained on; `ppl`: the "
         f"32,768 evaluation tokens (bfloat16 forward). Machine: {meta['machine']}. {meta['date']}.\n\n"
         + markdown_table(rows, ["plan", "guard_train", "guard_heldout", "ppl"])

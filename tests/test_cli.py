@@ -22,7 +22,7 @@ from permsparse.io import PLAN_FILE, read_plan
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
                  "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
-                 "--no-bf16", "--seed", "--heuristic-power", "--independent", "--snapshots", "--average",
+                 "--no-bf16", "--seed", "--heuristic-power", "--independent", "--snapshots", "--average", "--tail-average",
                  "--teacher-cache-gb", "--lr-end")
 
 
@@ -126,8 +126,10 @@ def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
     metrics = meta["metrics"]
     guard = metrics["guard"]
     # The three plans, the snapshots of the run (4 steps: taken at steps 1 and 2; the one at
-    # step 3 is the last plan itself) and the plan of the averaged costs.
-    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2", "learned@avg0.8"}
+    # step 3 is the last plan itself), the plan of the averaged costs and that of the costs
+    # averaged over the second half of the run.
+    assert set(guard) == {"none", "heuristic", "learned", "learned@1", "learned@2", "learned@avg0.8", "learned@avg0.9",
+                          "learned@tail0.5"}
     best_learned = min(v for k, v in guard.items() if k.startswith("learned"))
     kept = min(("none", "heuristic", "learned"), key=lambda k: best_learned if k == "learned" else guard[k])
     assert metrics["kept_plan"] == kept
@@ -415,4 +417,9 @@ def test_trainer_knobs_reach_the_config():
     assert _prune_config(_apply_recipe(build_parser(), base + ["--average", "0"])).learn.average == ()
     assert _prune_config(_apply_recipe(build_parser(), base + ["--lr-end", "0"])).learn.lr_end is None
     default = _prune_config(_apply_recipe(build_parser(), base)).learn
-    assert (default.average, default.teacher_cache_gb, default.lr_end) == ((0.8,), 8.0, LearnConfig.lr_end)
+    assert (default.average, default.teacher_cache_gb, default.lr_end) == ((0.8, 0.9), 8.0, LearnConfig.lr_end)
+    assert default.tail_average == LearnConfig.tail_average == 0.5
+    for flag, want in (("0.25", 0.25), ("0", 0.0), ("off", None)):
+        assert _prune_config(_apply_recipe(build_parser(), base + ["--tail-average", flag])).learn.tail_average == want
+    with pytest.raises(SystemExit):
+        _apply_recipe(build_parser(), base + ["--tail-average", "1.5"])

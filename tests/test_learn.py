@@ -46,9 +46,9 @@ def _calib(seed: int = 0, n: int = 8, window: int = 32) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, window), generator=torch.Generator().manual_seed(seed))
 
 
-def _scores_and_heuristic(model, sites, batches, groups):
+def _scores_and_heuristic(model, sites, batches, groups, bf16=False):
     layers = [c for s in sites for c in s.consumers]
-    stats = calibrate.collect_stats(model, batches, layers, progress=False)
+    stats = calibrate.collect_stats(model, batches, layers, progress=False, bf16=bf16)
     scores, heur = {}, {}
     for s in sites:
         sc = apply.site_scores(model, s, "wanda", stats)
@@ -98,7 +98,7 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     plans = {k: v for k, v in res.guard.items() if not k.startswith("learned@")}
     assert set(plans) == {"none", "heuristic", "learned"}
     # + the plans of the averaged costs
-    assert len(res.guard) == 3 + LearnConfig().snapshots + len(LearnConfig().average)
+    assert len(res.guard) == 3 + LearnConfig().snapshots + len(LearnConfig().average) + 1  # + the tail average
     assert {f"learned@avg{d:g}" for d in LearnConfig().average} <= set(res.guard)
     assert all(math.isfinite(v) for v in res.guard.values())
     best_learned = min(v for k, v in res.guard.items() if k.startswith("learned"))
@@ -125,10 +125,11 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     # The guard's numbers are evaluate_plan on the dense model, and the kept plan is
     # what was written into the model.
     batches = make_batches(calib, 2)
-    scores, _ = _scores_and_heuristic(dense, res.sites, batches, 2)
+    # (The learned path calibrates under bf16 autocast: the same statistics and teacher here.)
+    scores, _ = _scores_and_heuristic(dense, res.sites, batches, 2, bf16=True)
     weights = _weights(dense, res.sites)
-    # The guard's teacher: the dense logits the calibration pass kept (float32 forward, float16).
-    with torch.no_grad():
+    # The guard's teacher: the dense logits the calibration pass kept (bf16 forward, float16).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         teachers = [dense(**b).logits.to(torch.float16) for b in batches]
     kept = evaluate_plan(dense, res.sites, res.perms, weights, scores, PATTERN, batches, 1.0, True, teachers)
     # (When a snapshot or the averaged plan won, "learned" is that plan: its loss is the best learned one.)
@@ -279,21 +280,69 @@ def test_averaged_plan_is_the_plan_of_the_running_average_of_the_costs(tiny):
             for k, p in st.bank.named_parameters():
                 a[k] = a[k].lerp(p.detach(), 1.0 - d)
 
+    tail: dict = {}  # the uniform mean of the costs after the steps from half the run on (steps 4..7 of 8)
+    tail_steps: list = []
+
+    def on_step_tail(rec, st):
+        on_step(rec, st)
+        if rec.step / 7 >= cfg.tail_average:
+            tail_steps.append(rec.step)
+            for k, p in st.bank.named_parameters():
+                tail[k] = tail.get(k, 0) + p.detach().double()
+
     averaged: dict = {}
     last, history = learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur,
-                                           progress=False, on_step=on_step, averaged=averaged)
-    assert len(history) == 8 and set(averaged) == {0.5, 0.25}
+                                           progress=False, on_step=on_step_tail, averaged=averaged)
+    assert len(history) == 8 and set(averaged) == {"avg0.5", "avg0.25", "tail0.5"}
     for d, a in avg.items():
-        assert set(averaged[d]) == {s.name for s in sites}
-        assert learn._plan_with(banks[-1], a) == averaged[d]  # noqa: SLF001
+        assert set(averaged[f"avg{d:g}"]) == {s.name for s in sites}
+        assert learn._plan_with(banks[-1], a) == averaged[f"avg{d:g}"]  # noqa: SLF001
+    assert tail_steps == [4, 5, 6, 7]
+    mean = {k: (v / len(tail_steps)).float() for k, v in tail.items()}
+    assert learn._plan_with(banks[-1], mean) == averaged["tail0.5"]  # noqa: SLF001
+    assert averaged["tail0.5"] != averaged["avg0.5"] or averaged["tail0.5"] != last  # not trivially one of them
     assert banks[-1].hard() == last  # the bank's own costs were put back
     off: dict = {}
-    learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, replace(cfg, average=0.0), start=heur,
-                           progress=False, averaged=off)
+    learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, replace(cfg, average=0.0, tail_average=None),
+                           start=heur, progress=False, averaged=off)
     assert off == {} and LearnConfig(average=0.7).average == (0.7,)
     for bad in (1.0, (0.5, 0.5), (-0.1,)):
         with pytest.raises(ValueError, match="average"):
             LearnConfig(average=bad)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="tail_average"):
+            LearnConfig(tail_average=bad)
+
+
+def test_tail_average_survives_a_resume(tiny, tmp_path):
+    # Interrupted after the tail began and resumed from the checkpoint: the averaged plans are
+    # those of the uninterrupted run.
+    t = tiny("llama")
+    sites = find_sites(t.model)
+    calib = _calib()
+    scores, heur = _scores_and_heuristic(t.model, sites, make_batches(calib, 2), 2)
+    cfg = LearnConfig(epochs=2, batch_size=2, bf16=False, checkpoint_every=1)
+    ref: dict = {}
+    learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False, averaged=ref)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_6(rec, st):
+        if rec.step == 6:
+            raise Stop
+
+    ck = replace(cfg, checkpoint_path=str(tmp_path / "state.safetensors"))
+    with pytest.raises(Stop):
+        learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, ck, start=heur, progress=False,
+                               on_step=stop_at_6, averaged={})
+    _, meta = learn.load_checkpoint(ck.checkpoint_path)
+    assert meta["step"] == 6 and meta["tail_n"] == 2  # steps 4 and 5 of 8 were in the tail
+    got: dict = {}
+    learn.train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, ck, start=heur, progress=False, averaged=got,
+                           resume=True)
+    assert set(got) == set(ref) == {"avg0.8", "avg0.9", "tail0.5"}
+    assert all(got[k] == ref[k] for k in ref)
 
 
 def test_lr_end_anneals_the_lr_linearly_and_is_logged(tiny):
@@ -325,7 +374,7 @@ def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
     sites = find_sites(t.model)
     calib = _calib()
     cfg = PruneConfig(groups=2, progress=False, learn=LearnConfig(epochs=4, batch_size=2, snapshots=n_snap,
-                                                                 average=0.0))
+                                                                 average=0.0, tail_average=None))
     batches = make_batches(calib, 2)
     scores, heur = _scores_and_heuristic(t.model, sites, batches, 2)
     seen: list = []

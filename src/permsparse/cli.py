@@ -108,7 +108,10 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="hard plans taken evenly during training that the guard weighs beside the last one [3]")
     t.add_argument("--average", type=_decays, default=None,
                    help="decays (comma-separated) of running averages of the costs whose hard plans the guard "
-                        "also weighs; 0: none [0.8]")
+                        "also weighs; 0: none [0.8,0.9]")
+    t.add_argument("--tail-average", type=_tail_share, default=None,
+                   help="the guard also weighs the plan of the costs averaged uniformly over the steps from this "
+                        "share of the run on; off: none [0.5]")
     t.add_argument("--teacher-cache-gb", type=float, default=None,
                    help="keep the calibration pass's dense logits as the teacher when they fit in this many GiB "
                         "of host memory, instead of a teacher forward per step; 0: off [8]")
@@ -134,6 +137,18 @@ def _decays(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated decays such as 0.8,0.9, got {text!r}") from None
     return tuple(v for v in vals if v != 0.0)
+
+
+def _tail_share(text: str) -> "float | str":
+    if str(text).strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        share = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'off', got {text!r}") from None
+    if not 0.0 <= share < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'off', got {text!r}")
+    return share
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,9 +253,11 @@ def _prune_config(args: argparse.Namespace):
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "lr_end", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
                  "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots",
-                 "average", "teacher_cache_gb"):
+                 "average", "tail_average", "teacher_cache_gb"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)
+    if learn_kw.get("tail_average") == "off":
+        learn_kw["tail_average"] = None
     return PruneConfig(
         pattern=args.pattern, score=args.score, permutation=args.permutation, groups=args.groups,
         heuristic=args.heuristic, swap_seconds=args.swap_seconds, sequential=args.sequential,

@@ -113,9 +113,17 @@ class LearnConfig:
     # empty: none).
     # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
     # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
-    # SmolLM2 2:4 (bench/results/quality.md): the 0.8 average won the guard in every full run;
-    # 77.3 with (0.8,), 82.3 with (0.8, 0.9, 0.95), within the run-to-run spread.
-    average: tuple[float, ...] = (0.8,)
+    # SmolLM2 2:4: the 0.8 average won the guard in every full run with (0.8,) alone
+    # (bench/results/quality.md); at the end of one run of the default trainer
+    # (bench/results/guard_averages.md) the plans of decays 0.8 / 0.9 / 0.95 gave held-out
+    # perplexity 74.8 / 72.8 / 74.1 (the last plan 77.9), and the guard picked 0.9.
+    average: tuple[float, ...] = (0.8, 0.9)
+    # End to end: also the hard plan of the uniform average of the costs over the steps from this
+    # share of the run on (Polyak-Ruppert averaging with a burn-in; None: none). The held-out
+    # perplexity stops falling about halfway (bench/results/guard.md), and the plans after that
+    # are noisy draws around one level: their mean costs are a consensus of many more steps
+    # than the 0.8 average's ~5 (guard_averages.md: 73.9 from half the run on, 76.6 from 3/4).
+    tail_average: float | None = 0.5
     # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
     # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
     # step (SmolLM2, 2 cores, measured at the older 15 s step: 15.0 s against 15.6 s);
@@ -151,6 +159,8 @@ class LearnConfig:
         self.average = tuple(float(d) for d in self.average)
         if any(not 0.0 < d < 1.0 for d in self.average) or len(set(self.average)) != len(self.average):
             raise ValueError(f"average must hold distinct decays in (0, 1), got {self.average}")
+        if self.tail_average is not None and not 0.0 <= self.tail_average < 1.0:
+            raise ValueError(f"tail_average must be in [0, 1) (None: none), got {self.tail_average}")
         if self.teacher_cache_gb < 0:
             raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         if self.checkpoint_every < 1:
@@ -564,15 +574,17 @@ def train_end_to_end(
     on_step: Callable[[StepLog, TrainState], None] | None = None,
     resume: bool = False,
     snapshots: dict[int, dict[str, Permutation]] | None = None,
-    averaged: dict[float, dict[str, Permutation]] | None = None,
+    averaged: dict[str, dict[str, Permutation]] | None = None,
     teachers: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
     ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
-    ``averaged``: a dict this fills with ``{decay: hard plan of the running average of
-    the costs at the end}`` for each decay per step in ``cfg.average``;
+    ``averaged``: a dict this fills with ``{"avg<decay>": hard plan of the running average
+    of the costs at the end}`` for each decay per step in ``cfg.average``, and
+    ``{"tail<share>": hard plan of the uniform average of the costs over the steps from
+    that share of the run on}`` for ``cfg.tail_average``;
     ``teachers``: the dense logits of each calibration batch (see :class:`TeacherCache`),
     used instead of a teacher forward at every step.
 
@@ -638,6 +650,11 @@ def train_end_to_end(
     ema = {d: {k: p.detach().clone() for k, p in bank.named_parameters()} for d in cfg.average}
     if ema and resume and ckpt is not None and ckpt.exists():
         ema = {d: {k: tensors[f"ema/{d}/{k}"].to(v.device, v.dtype) for k, v in e.items()} for d, e in ema.items()}
+    tail: dict[str, torch.Tensor] = {}  # the uniform average of the costs over the tail of the run
+    tail_n = 0
+    if cfg.tail_average is not None and resume and ckpt is not None and ckpt.exists():
+        tail_n = int(meta.get("tail_n", 0))
+        tail = {k: tensors[f"tail/{k}"].to(p.device, p.dtype) for k, p in bank.named_parameters()} if tail_n else {}
     main = dist.is_main()
     metrics_file = open(metrics_path, "a") if metrics_path and main else None
     masks: dict = {}
@@ -650,6 +667,7 @@ def train_end_to_end(
             return
         tensors = {f"param/{k}": p.detach() for k, p in bank.named_parameters()}
         tensors.update({f"ema/{d}/{k}": v for d, e in ema.items() for k, v in e.items()})
+        tensors.update({f"tail/{k}": v for k, v in tail.items()})
         opt_t, opt_s = _optimizer_tensors(opt, bank)
         tensors.update(opt_t)
         if prev is not None:
@@ -662,7 +680,7 @@ def train_end_to_end(
             "key": key, "step": done, "steps": steps, "order": order, "opt": opt_s,
             "gen": gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
             "elapsed": time.perf_counter() - t_start, "history": [h.to_json() for h in history],
-            "prev": {n: p.groups for n, p in prev.items()} if prev is not None else None,
+            "prev": {n: p.groups for n, p in prev.items()} if prev is not None else None, "tail_n": tail_n,
             "snapshots": {str(st): {n: p.groups for n, p in plan.items()} for st, plan in taken.items()},
         }
         save_checkpoint(ckpt, tensors, meta)
@@ -714,6 +732,13 @@ def train_end_to_end(
                 for d, e in ema.items():
                     for k, p in bank.named_parameters():
                         e[k].lerp_(p.detach(), 1.0 - d)
+                if cfg.tail_average is not None and progress_frac >= cfg.tail_average:
+                    tail_n += 1
+                    for k, p in bank.named_parameters():
+                        if tail_n == 1:
+                            tail[k] = p.detach().clone()
+                        else:
+                            tail[k].add_(p.detach() - tail[k], alpha=1.0 / tail_n)
             cur = {n: p for n, (_, p) in out.items()}
             rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, moved_share(prev, cur), time.perf_counter() - t0,
                           opt.param_groups[0]["lr"])
@@ -744,7 +769,9 @@ def train_end_to_end(
         if metrics_file:
             metrics_file.close()
     if averaged is not None and history:
-        averaged.update({d: _plan_with(bank, e) for d, e in ema.items()})
+        averaged.update({f"avg{d:g}": _plan_with(bank, e) for d, e in ema.items()})
+        if tail_n:
+            averaged[f"tail{cfg.tail_average:g}"] = _plan_with(bank, tail)
     return bank.hard(), history
 
 

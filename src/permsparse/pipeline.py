@@ -258,14 +258,16 @@ def learn_permutations(
     ``candidates`` maps ``none`` / ``heuristic`` / ``learned`` to their permutations;
     ``kept_plan`` is the one with the lowest calibration loss (ties favour ``learned``).
     ``learned`` is the best of the run's own plans: the last one, one of the
-    ``cfg.learn.snapshots`` taken during training, or the plan of the running average of
-    the costs (``cfg.learn.average``), whichever has the lowest calibration loss
-    (``guard_losses`` holds the others as ``learned@<step>`` and ``learned@avg<decay>``).
+    ``cfg.learn.snapshots`` taken during training, or the plan of a running average of
+    the costs (``cfg.learn.average``, ``cfg.learn.tail_average``), whichever has the lowest
+    calibration loss
+    (``guard_losses`` holds the others as ``learned@<step>``, ``learned@avg<decay>`` and
+    ``learned@tail<share>``).
     """
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     snapshots: dict[int, dict[str, Permutation]] = {}
-    averaged: dict[float, dict[str, Permutation]] = {}
+    averaged: dict[str, dict[str, Permutation]] = {}
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
@@ -274,7 +276,7 @@ def learn_permutations(
     candidates = {"none": _identity_perms(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
     last = len(history) - 1
     candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
-    candidates.update({f"learned@avg{d:g}": plan for d, plan in averaged.items()})
+    candidates.update({f"learned@{k}": plan for k, plan in averaged.items()})
     guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
     if cfg.learn.alpha <= 0:
         teachers = None
@@ -294,10 +296,14 @@ def learn_permutations(
         # The learned result is the best of its own plans: an earlier one won the guard.
         candidates["learned"] = candidates[plan]
         which = plan.split("@")[1]
+        if which.startswith("avg"):
+            what = f"that of the averaged costs (decay {which[3:]})"
+        elif which.startswith("tail"):
+            what = f"that of the costs averaged over the run from {float(which[4:]):.0%} of it on"
+        else:
+            what = f"the one of step {which} of {last + 1}"
         log.info("the learned plan is %s (calibration loss %.4f against %.4f at the end)",
-                 f"that of the averaged costs (decay {which[3:]})" if which.startswith("avg")
-                 else f"the one of step {which} of {last + 1}",
-                 guard[plan], guard["learned"])
+                 what, guard[plan], guard["learned"])
         plan = "learned"
     for k in [k for k in candidates if k.startswith("learned@")]:
         del candidates[k]
