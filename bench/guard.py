@@ -26,7 +26,6 @@ step) and uniformly over the tail of the run.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -34,8 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -50,20 +47,9 @@ from permsparse.loading import load_model  # noqa: E402
 from permsparse.pipeline import PruneConfig, score_sites  # noqa: E402
 from permsparse.report import markdown_table  # noqa: E402
 from permsparse.sites import find_sites, get_module  # noqa: E402
+from quality import params_ppl  # noqa: E402  (bench/, the script's own directory)
 
 N_TRAIN, N_HELD = 96, 8
-
-
-def bf16_ppl(model, params: dict, windows: torch.Tensor) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        for i in range(0, windows.shape[0], 4):
-            x = windows[i : i + 4]
-            logits = functional_call(model, params, (), {"input_ids": x}, strict=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            n += x[:, 1:].numel()
-    return math.exp(nll / n)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -149,7 +135,7 @@ def main() -> None:
                                             cache.logits[:2]),
                "guard_heldout": evaluate_plan(model, sites, plan, weights, scores, pattern, held_batches, 1.0, True,
                                               held_teachers),
-               "ppl": bf16_ppl(model, hard_params(sites, plan, weights, scores, pattern), windows.eval)}
+               "ppl": params_ppl(model, hard_params(sites, plan, weights, scores, pattern), windows.eval, bf16=True)}
         print("[guard]", row, flush=True)
         rows.append(row)
     learned = [r for r in rows if r["plan"] != "heuristic"]
