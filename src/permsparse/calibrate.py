@@ -91,7 +91,7 @@ def collect_stats(
     ``on_output(i, output)`` sees the model's output for batch ``i`` (e.g. to keep the
     dense logits as the distillation teacher instead of recomputing them later).
     ``bf16``: run the pass under bfloat16 autocast (the statistics still accumulate in
-    float32); the learned path uses it, whose student runs in bfloat16 too."""
+    float64); the learned path uses it, whose student runs in bfloat16 too."""
     device = _device(model)
     batches = list(batches)
     with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16):

@@ -734,11 +734,8 @@ def train_end_to_end(
                         e[k].lerp_(p.detach(), 1.0 - d)
                 if cfg.tail_average is not None and progress_frac >= cfg.tail_average:
                     tail_n += 1
-                    for k, p in bank.named_parameters():
-                        if tail_n == 1:
-                            tail[k] = p.detach().clone()
-                        else:
-                            tail[k].add_(p.detach() - tail[k], alpha=1.0 / tail_n)
+                    for k, p in bank.named_parameters():  # the running mean of the tail's costs
+                        tail[k] = p.detach().clone() if tail_n == 1 else tail[k].lerp_(p.detach(), 1.0 / tail_n)
             cur = {n: p for n, (_, p) in out.items()}
             rec = StepLog(step, loss_v, ce_v, kl_v, tau, ent, moved_share(prev, cur), time.perf_counter() - t0,
                           opt.param_groups[0]["lr"])
