@@ -250,9 +250,10 @@ def _targets(rows: list[dict]) -> str:
     if repeated:
         lines.append("\n### Repeated runs of one setting\n")
     for g in repeated:
-        k = _key(g[0])
+        k = dict(zip(KEY_FIELDS, _key(g[0])))
         mean_gap = sum(r["gap_closed"] for r in g) / len(g)
-        lines.append(f"- {k[2]} sites, average {k[5]}, lr_end {k[8]}, tail_average {k[9]}, {k[10]} windows: "
+        lines.append(f"- {k['sites']} sites, average {k['average']}, lr_end {k['lr_end']}, tail_average "
+                     f"{k['tail_average']}, {k['n_calib']} windows: "
                      f"{len(g)} runs, ppl {', '.join(format(r['ppl'], '.1f') for r in g)} (mean "
                      f"{sum(r['ppl'] for r in g) / len(g):.1f}), gap closed mean {100 * mean_gap:.1f}% — "
                      f"**{'met' if mean_gap >= 0.75 else 'not met'} on average**")
