@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from permsparse.heuristics import swap_search, zigzag_permutation
-from permsparse.metrics import efficacy, retained, unstructured_kept
-from permsparse.nm import NMPattern
-from permsparse.permutation import Permutation
-from permsparse.permuter import fit_to_score
-from permsparse.sinkhorn import hard_assignment, sinkhorn
+from permsparse.core.heuristics import swap_search, zigzag_permutation
+from permsparse.core.metrics import efficacy, retained, unstructured_kept
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.core.permuter import fit_to_score
+from permsparse.core.sinkhorn import hard_assignment, sinkhorn
 
 MATRICES = ("gaussian", "lognormal_cols")
 PATTERNS = ("2:4", "4:8")
@@ -235,7 +235,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(kept unstructured − kept plain N:M); retained = kept / total score; ceiling = retained by "
         "per-row unstructured pruning at the same sparsity.",
         f"Budgets: swap search {meta['swap_budget']} s per run; `learned` = `fit_to_score` with the insertion-gain "
-        f"surrogate (`permsparse.heuristics.insertion_gain`), {meta['learn_steps']} steps, Adam lr "
+        f"surrogate (`permsparse.core.heuristics.insertion_gain`), {meta['learn_steps']} steps, Adam lr "
         f"{meta.get('learn_lr', 0.005)}; `learned-linear` = the plain `S P ⊙ M` linearisation, "
         f"{meta.get('linear_steps', 200)} steps, lr {meta.get('linear_lr', 0.05)} (its best settings); both τ 1 → 0.01 "
         "exponential, 20 Sinkhorn iterations, soft P, returning the best hard permutation seen. Warm-started rows "

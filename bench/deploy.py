@@ -33,12 +33,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from permsparse.apply import prune_site_  # noqa: E402
-from permsparse.deploy import count_gathers, deploy  # noqa: E402
-from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.nm import NMPattern, count_violations, nm_mask  # noqa: E402
-from permsparse.sinkhorn import host_cores  # noqa: E402
-from permsparse.sites import find_sites, get_module  # noqa: E402
+from permsparse.models.apply import prune_site_  # noqa: E402
+from permsparse.models.deploy import count_gathers, deploy  # noqa: E402
+from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.core.pattern import NMPattern, count_violations, nm_mask  # noqa: E402
+from permsparse.core.sinkhorn import host_cores  # noqa: E402
+from permsparse.models.sites import find_sites, get_module  # noqa: E402
 
 TARGET_PCT = 3.0
 PATTERN = NMPattern.parse("2:4")
@@ -72,7 +72,7 @@ def _summary(ms: list[float]) -> dict:
 
 
 def cpu_overhead(n: int, warmup: int, batch: int, seq: int, seed: int) -> tuple[list[dict], dict]:
-    from permsparse.loading import load_model
+    from permsparse.models.loading import load_model
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()

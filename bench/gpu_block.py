@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import permsparse.sinkhorn as sinkhorn_mod  # noqa: E402
-from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.learn import LearnConfig  # noqa: E402
-from permsparse.pipeline import PruneConfig, prune  # noqa: E402
-from permsparse.sinkhorn import hard_assignment  # noqa: E402
+import permsparse.core.sinkhorn as sinkhorn_mod  # noqa: E402
+from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.train.learn import LearnConfig  # noqa: E402
+from permsparse.api import PruneConfig, prune  # noqa: E402
+from permsparse.core.sinkhorn import hard_assignment  # noqa: E402
 from steptimer import StepTimers  # noqa: E402  (bench/, beside this script)
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

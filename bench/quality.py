@@ -43,11 +43,11 @@ def worker(args: argparse.Namespace) -> None:
     """One row, in its own process."""
     import torch
 
-    from permsparse.data import load_text_windows
+    from permsparse.data.text import load_text_windows
     from permsparse.evaluate import perplexity
-    from permsparse.learn import LearnConfig
-    from permsparse.loading import load_model
-    from permsparse.pipeline import PruneConfig, prune
+    from permsparse.train.learn import LearnConfig
+    from permsparse.models.loading import load_model
+    from permsparse.api import PruneConfig, prune
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
@@ -191,7 +191,7 @@ def add_gap_closed(rows: list[dict]) -> None:
 
 def write_outputs(rows: list[dict], meta: dict) -> None:
     sys.path.insert(0, str(HERE.parent / "src"))
-    from permsparse.io import atomic_write_json, atomic_write_text
+    from permsparse.io.export import atomic_write_json, atomic_write_text
     from permsparse.report import markdown_table
 
     RESULTS.mkdir(parents=True, exist_ok=True)

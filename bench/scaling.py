@@ -32,8 +32,8 @@ def _one(spec: dict) -> dict:
     import torch
     import transformers
 
-    from permsparse.learn import LearnConfig
-    from permsparse.pipeline import PruneConfig, prune
+    from permsparse.train.learn import LearnConfig
+    from permsparse.api import PruneConfig, prune
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def _one(spec: dict) -> dict:
 def _assign(k: int, reps: int) -> dict:
     import torch
 
-    from permsparse.sinkhorn import hard_assignment
+    from permsparse.core.sinkhorn import hard_assignment
 
     c = torch.randn(1, k, k, generator=torch.Generator().manual_seed(0))
     hard_assignment(c)

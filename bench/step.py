@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from permsparse.data import load_text_windows  # noqa: E402
-from permsparse.io import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.learn import LearnConfig  # noqa: E402
-from permsparse.loading import load_model  # noqa: E402
-from permsparse.pipeline import PruneConfig, prune  # noqa: E402
+from permsparse.data.text import load_text_windows  # noqa: E402
+from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.train.learn import LearnConfig  # noqa: E402
+from permsparse.models.loading import load_model  # noqa: E402
+from permsparse.api import PruneConfig, prune  # noqa: E402
 from steptimer import PARTS, StepTimers  # noqa: E402  (bench/, beside this script)
 
 

@@ -1,6 +1,6 @@
 """Where a training step's time goes: wall time of each part of the learned trainer's step.
 
-Wraps, for the duration of a ``with`` block, the functions ``permsparse.learn`` calls in a
+Wraps, for the duration of a ``with`` block, the functions ``permsparse.train.learn`` calls in a
 step: the permutation bank's forward (Sinkhorn + hard assignments), ``sparse_weights``
 (``W_eff``), the student's forward (``functional_call``), ``task_loss`` (CE + KL) and
 ``Tensor.backward``. On CUDA each is synchronised, so the GPU work is charged where it was
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import permsparse.learn as learn_mod
+import permsparse.train.learn as learn_mod
 
 PARTS = ("bank", "weights", "forward", "loss", "backward")
 

@@ -15,7 +15,7 @@ Axes (each varies one setting of the base configuration, everything else fixed):
 4. ``sync``      one permutation per site (Q/K/V and gate/up share it, paid by one gather
                  after the norm) vs one per layer (a gather in front of every layer); with
                  the profiled time of the gathers in the deployed model
-5. ``predictor`` the paper's free cost table vs a data-driven predictor (permsparse.predictor)
+5. ``predictor`` the paper's free cost table vs a data-driven predictor (permsparse.experimental.predictor)
 6. ``epochs``    1 vs 5 epochs, with the held-out perplexity after every epoch
 7. ``score``     magnitude, Wanda, RIA, SparseGPT under learned permutations, 2:4 and 4:8
 8. ``defaults``  the winners of the axes above together, against the base
@@ -50,11 +50,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.apply import parse_pattern, prune_site_  # noqa: E402
+from permsparse.models.apply import parse_pattern, prune_site_  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
-from permsparse.learn import LearnConfig, make_batches, moved_share  # noqa: E402
-from permsparse.pipeline import PruneConfig, learn_permutations, score_sites  # noqa: E402
-from permsparse.sites import find_sites, get_module  # noqa: E402
+from permsparse.train.learn import LearnConfig, make_batches, moved_share  # noqa: E402
+from permsparse.api import PruneConfig, learn_permutations, score_sites  # noqa: E402
+from permsparse.models.sites import find_sites, get_module  # noqa: E402
 
 AXES = ("groups", "tau", "init", "sync", "predictor", "epochs", "score", "defaults")
 
@@ -131,8 +131,8 @@ class Setup:
 
 
 def embedded_setup(n_calib: int, window: int, eval_tokens: int, batch_size: int) -> Setup:
-    from permsparse.data import load_text_windows
-    from permsparse.loading import load_model
+    from permsparse.data.text import load_text_windows
+    from permsparse.models.loading import load_model
 
     model, tok = load_model("smollm2-135m")
     # Calibration windows of `window` tokens; evaluation always in 512-token windows (as quality.md).
@@ -150,7 +150,7 @@ def tiny_setup() -> Setup:
     real data, no tokenizer, seconds per point."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from permsparse.data import load_wikipedia_articles, split_token_stream
+    from permsparse.data.text import load_wikipedia_articles, split_token_stream
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -282,7 +282,7 @@ class Sweep:
 
     def gather_cost(self, prep: dict, perms: dict, cfg: PruneConfig) -> dict:
         """Deploy the pruned model with ``perms`` and profile the time of its gathers."""
-        from permsparse.deploy import count_gathers, deploy
+        from permsparse.models.deploy import count_gathers, deploy
 
         sys.path.insert(0, str(HERE))
         from deploy import _gather_time  # the profiler attribution of bench/deploy.py
@@ -303,8 +303,8 @@ def solver_rows(model: torch.nn.Module, groups: tuple[int, ...], repeats: int = 
     axis costs apart from the model's forward and backward, measured on an idle machine."""
     import statistics
 
-    from permsparse.learn import PermutationBank
-    from permsparse.nm import NMPattern
+    from permsparse.train.learn import PermutationBank
+    from permsparse.core.pattern import NMPattern
 
     pattern = NMPattern.parse("2:4")
     sites = find_sites(model)
@@ -400,7 +400,7 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
 
 
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
-    from permsparse.io import atomic_write_json, atomic_write_text
+    from permsparse.io.export import atomic_write_json, atomic_write_text
     from permsparse.report import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -517,14 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(opts.threads)
     t0 = time.time()
     if opts.solver:
-        from permsparse.loading import load_model
+        from permsparse.models.loading import load_model
 
         model = tiny_setup().model if opts.preset == "tiny" else load_model("smollm2-135m")[0]
         groups = (1, 2) if opts.preset == "tiny" else (1, 2, 4, 8, 16)
         rows = solver_rows(model, groups)
         meta = {"command": "python bench/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "preset": opts.preset, "setup": "solver only", "complete": True, "date": time.strftime("%Y-%m-%d")}
-        from permsparse.io import atomic_write_json
+        from permsparse.io.export import atomic_write_json
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "sweep.json", {"rows": rows, "meta": meta})

@@ -4,7 +4,7 @@
     python bench/vision.py --split val      # the same on the validation split (for tuning)
 
 The model is the embedded default ``digits-vit`` (trained and cached on first use, see
-``permsparse.vision``); calibration images are drawn from the digits' train split with each
+``permsparse.data.digits_vit``); calibration images are drawn from the digits' train split with each
 seed, which also seeds the trainer. Per pattern and seed: one calibration pass, one
 heuristic search and one learned run, shared by the three pruned variants (Wanda,
 Wanda + heuristic, Wanda + learned as the guard keeps it, exactly what
@@ -45,10 +45,10 @@ def run_seed(model, processor, pattern: str, seed: int, split: str, progress: bo
     """The three pruned variants of one pattern and seed (one calibration, one learned run)."""
     from permsparse.demo import shared_run
     from permsparse.evaluate import top1_accuracy
-    from permsparse.images import load_image_data
-    from permsparse.learn import LearnConfig
-    from permsparse.pipeline import PruneConfig
-    from permsparse.vision import DIGITS_PRUNE
+    from permsparse.data.images import load_image_data
+    from permsparse.train.learn import LearnConfig
+    from permsparse.api import PruneConfig
+    from permsparse.data.digits_vit import DIGITS_PRUNE
 
     tuned = dict(DIGITS_PRUNE)
     n_calib, batch_size, groups = (int(tuned.pop(k)) for k in ("n_calib", "batch_size", "groups"))
@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     from permsparse.evaluate import top1_accuracy
-    from permsparse.images import load_digits_set
-    from permsparse.io import atomic_write_json, atomic_write_text
-    from permsparse.loading import load_model
-    from permsparse.vision import DIGITS_PRUNE, digits_vit_path, train_record
+    from permsparse.data.images import load_digits_set
+    from permsparse.io.export import atomic_write_json, atomic_write_text
+    from permsparse.models.loading import load_model
+    from permsparse.data.digits_vit import DIGITS_PRUNE, digits_vit_path, train_record
 
     t0 = time.perf_counter()
     path = digits_vit_path(progress=args.progress)

@@ -223,7 +223,7 @@ _BUILDERS: dict[str, Callable[..., tuple]] = {
 }
 
 CAUSAL_TEXT_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2")
-#: Families whose ``config.model_type`` is in :data:`permsparse.sites.REGISTRY`.
+#: Families whose ``config.model_type`` is in :data:`permsparse.models.sites.REGISTRY`.
 REGISTERED_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_5_vl", "vit", "bert")
 #: Every tiny family (``opt`` goes through the generic fallback).
 TINY_FAMILIES = REGISTERED_FAMILIES + ("opt",)
@@ -287,7 +287,7 @@ def smollm2():
     Session scoped: ``copy.deepcopy`` before changing it.
     """
     try:
-        from permsparse.loading import load_model
+        from permsparse.models.loading import load_model
 
         return load_model("smollm2-135m")
     except (ImportError, FileNotFoundError) as err:
@@ -301,7 +301,7 @@ def minilm():
     Session scoped: ``copy.deepcopy`` before changing it.
     """
     try:
-        from permsparse.loading import load_model
+        from permsparse.models.loading import load_model
 
         return load_model(_minilm_dir(), task="encoder")
     except (ImportError, FileNotFoundError) as err:
@@ -310,7 +310,7 @@ def minilm():
 
 def _minilm_dir() -> str:
     try:
-        from permsparse.loading import embedded_bert_path
+        from permsparse.models.loading import embedded_bert_path
 
         return str(embedded_bert_path())
     except ImportError:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from permsparse.cli import main
-from permsparse.io import PLAN_FILE, read_plan
+from permsparse.io.export import PLAN_FILE, read_plan
 
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
@@ -42,7 +42,7 @@ def _one_thread_and_clean_env():
 
 @pytest.fixture(scope="module")
 def words() -> list[str]:
-    from permsparse.data import load_wikipedia_articles
+    from permsparse.data.text import load_wikipedia_articles
 
     return "\n\n".join(load_wikipedia_articles()).split()
 
@@ -381,7 +381,7 @@ def test_quiet_before_or_after_command(model_dir, calib_txt, tmp_path, capsys):
 
 
 def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
-    import permsparse.learn as learn
+    import permsparse.train.learn as learn
 
     real = learn.task_loss
     calls = {"n": 0}
@@ -407,7 +407,7 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
 
 def test_trainer_knobs_reach_the_config():
     from permsparse.cli import _apply_recipe, _prune_config, build_parser
-    from permsparse.learn import LearnConfig
+    from permsparse.train.learn import LearnConfig
 
     base = ["prune", "m", "--out", "o", "--epochs", "1", "--batch-size", "4", "--groups", "4"]
     args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1",

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from permsparse import data, loading
-from permsparse.data import (
+from permsparse.data import text as data
+
+from permsparse.models import loading
+from permsparse.data.text import (
     TextWindows,
     clean_wikitext,
     embedded_corpus_path,
@@ -24,7 +26,7 @@ from permsparse.data import (
     tokenize_text,
 )
 from permsparse.evaluate import perplexity
-from permsparse.loading import (
+from permsparse.models.loading import (
     EMBEDDED_LM,
     embedded_bert_path,
     embedded_gguf_path,
@@ -216,7 +218,7 @@ def test_text_file_one_window_only(tmp_path):
 def test_text_file_short_shrinks_eval(tmp_path, caplog):
     path = tmp_path / "short.txt"
     path.write_text("abcdefghij" * 50, encoding="utf-8")  # 500 tokens = 7 windows of 64
-    with caplog.at_level(logging.WARNING, logger="permsparse.data"):
+    with caplog.at_level(logging.WARNING, logger="permsparse.data.text"):
         got = load_text_windows(path, CharTokenizer(), window=64, n_calib=2, eval_tokens=4096)
     assert got.eval.shape == (3, 64)  # half of the whole windows
     assert got.eval_start == 500 - 3 * 64

@@ -12,13 +12,13 @@ import pytest
 import torch
 import transformers
 
-from permsparse import io as psio
-from permsparse.apply import heuristic_permutation, prune_site_, site_scores
-from permsparse.calibrate import collect_stats, run_blocks
-from permsparse.deploy import GatheredOutput, PermutedLinear, deploy, deployed_violations, to_semi_structured
-from permsparse.nm import NMPattern, count_violations, nm_mask
-from permsparse.permutation import Permutation
-from permsparse.sites import find_sites, get_module
+from permsparse.io import export as psio
+from permsparse.models.apply import heuristic_permutation, prune_site_, site_scores
+from permsparse.models.calibrate import collect_stats, run_blocks
+from permsparse.models.deploy import GatheredOutput, PermutedLinear, deploy, deployed_violations, to_semi_structured
+from permsparse.core.pattern import NMPattern, count_violations, nm_mask
+from permsparse.core.permutation import Permutation
+from permsparse.models.sites import find_sites, get_module
 
 from conftest import REGISTERED_FAMILIES, TINY_FAMILIES
 

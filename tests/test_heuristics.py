@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse.heuristics import swap_search, zigzag_permutation
-from permsparse.metrics import efficacy, kept_score
-from permsparse.nm import NMPattern
-from permsparse.permutation import Permutation
+from permsparse.core.heuristics import swap_search, zigzag_permutation
+from permsparse.core.metrics import efficacy, kept_score
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -149,8 +149,8 @@ def test_heuristics_bad_input():
 def test_insertion_gain_is_the_exact_value_of_placing_a_channel(seed, groups, pattern):
     """gain[g, c, j] − gain[g, c', j] = kept(slot j holds c) − kept(slot j holds c'), the block's
     other channels staying where they are."""
-    from permsparse.heuristics import insertion_gain
-    from permsparse.nm import NMPattern
+    from permsparse.core.heuristics import insertion_gain
+    from permsparse.core.pattern import NMPattern
 
     pat = NMPattern.parse(pattern)
     g = torch.Generator().manual_seed(seed)
@@ -177,8 +177,8 @@ def test_insertion_gain_is_the_exact_value_of_placing_a_channel(seed, groups, pa
 def test_learned_insertion_surrogate_beats_the_linear_one(one_thread):
     """From noise on a log-normal layer: the insertion-gain surrogate reaches a better
     permutation than the plain S P ⊙ M linearisation with its best settings."""
-    from permsparse.metrics import efficacy
-    from permsparse.permuter import fit_to_score
+    from permsparse.core.metrics import efficacy
+    from permsparse.core.permuter import fit_to_score
 
     g = torch.Generator().manual_seed(1)
     score = (torch.randn(128, 128, generator=g) * torch.exp(torch.randn(128, generator=g))).abs()
@@ -195,7 +195,7 @@ def test_learned_insertion_surrogate_beats_the_linear_one(one_thread):
 
 
 def _one_site(d_in: int):
-    from permsparse.sites import Site
+    from permsparse.models.sites import Site
 
     return Site(name="x", consumers=("x",), d_in=d_in, payment="gather")
 
@@ -204,7 +204,7 @@ def _one_site(d_in: int):
 @given(st.integers(0, 10_000), st.sampled_from([1, 2]), st.sampled_from([1.5, 2.0, 3.0]))
 def test_heuristic_power_is_the_search_on_the_powered_score(seed, groups, power):
     """Law: searching with ``power=p`` is searching the plain kept score of ``score**p``."""
-    from permsparse.apply import heuristic_permutation
+    from permsparse.models.apply import heuristic_permutation
 
     s = torch.rand(8, 32, generator=torch.Generator().manual_seed(seed)).pow(3)
     site, pat = _one_site(32), NMPattern.parse("2:4")
@@ -214,8 +214,8 @@ def test_heuristic_power_is_the_search_on_the_powered_score(seed, groups, power)
 
 
 def test_heuristic_power_must_be_positive():
-    from permsparse.apply import heuristic_permutation
-    from permsparse.pipeline import PruneConfig
+    from permsparse.models.apply import heuristic_permutation
+    from permsparse.api import PruneConfig
 
     with pytest.raises(ValueError, match="power"):
         heuristic_permutation(_one_site(8), [torch.rand(2, 8)], NMPattern.parse("2:4"), 1, power=0)
@@ -230,12 +230,12 @@ def test_energy_objective_lowers_real_perplexity(smollm2, one_thread):
     141.5 against 146.0; with 32 x 512 windows 101.8 against 120.4 (bench/results/heuristic.md)."""
     import copy
 
-    from permsparse.apply import heuristic_permutation, prune_site_
-    from permsparse.data import load_text_windows
+    from permsparse.models.apply import heuristic_permutation, prune_site_
+    from permsparse.data.text import load_text_windows
     from permsparse.evaluate import perplexity
-    from permsparse.learn import make_batches
-    from permsparse.pipeline import PruneConfig, score_sites
-    from permsparse.sites import find_sites
+    from permsparse.train.learn import make_batches
+    from permsparse.api import PruneConfig, score_sites
+    from permsparse.models.sites import find_sites
 
     model0, tok = smollm2
     windows = load_text_windows("wikipedia", tok, 256, 16, 0, eval_tokens=4096)

@@ -14,9 +14,13 @@ import math
 import pytest
 import torch
 
-from permsparse import apply, calibrate, learn
-from permsparse.io import check_plan
-from permsparse.learn import (
+from permsparse.models import apply
+
+from permsparse.models import calibrate
+
+from permsparse.train import learn
+from permsparse.io.export import check_plan
+from permsparse.train.learn import (
     LearnConfig,
     NonFiniteLossError,
     evaluate_plan,
@@ -25,10 +29,10 @@ from permsparse.learn import (
     teacher_logits,
     train_end_to_end,
 )
-from permsparse.nm import NMPattern
-from permsparse.permutation import Permutation
-from permsparse.pipeline import PruneConfig, prune
-from permsparse.sites import find_sites
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.api import PruneConfig, prune
+from permsparse.models.sites import find_sites
 
 PATTERN = NMPattern.parse("2:4")
 VOCAB = 128  # the conftest tiny models' vocabulary
@@ -158,7 +162,7 @@ def test_short_learned_run_beats_unpermuted_wanda_tiny(tiny):
 def test_short_learned_run_beats_unpermuted_wanda_real_default(smollm2):
     """SmolLM2-135M, the sites of its first two blocks, 8 Wikipedia windows of 128 tokens:
     a 4-step learned run (warm start: the zigzag heuristic) against plain Wanda 2:4."""
-    from permsparse.data import load_text_windows
+    from permsparse.data.text import load_text_windows
 
     model0, tokenizer = smollm2
     model = copy.deepcopy(model0)
@@ -368,7 +372,7 @@ def test_lr_end_anneals_the_lr_linearly_and_is_logged(tiny):
 def test_guard_weighs_snapshots_of_the_run(tiny, n_snap):
     """The guard also weighs hard plans taken at 1/4, 1/2, 3/4 of the run; the learned
     result is the best of the run's plans by calibration loss."""
-    from permsparse.pipeline import learn_permutations
+    from permsparse.api import learn_permutations
 
     t = tiny("llama")
     sites = find_sites(t.model)
@@ -422,7 +426,7 @@ def test_time_budget_stops_early_and_anneals(tiny):
 def test_auto_groups_picks_the_fewest_groups_of_at_most_768_channels(tiny):
     from types import SimpleNamespace
 
-    from permsparse.pipeline import resolve_groups
+    from permsparse.api import resolve_groups
 
     def sites(*widths, tied=()):
         return [SimpleNamespace(d_in=w, head_tied=False) for w in widths] + [
@@ -517,7 +521,7 @@ def test_bf16_calibration_pass_gives_bf16_teacher_logits_and_near_float32_statis
         calls.append(k.get("bf16"))
         return real(*a, **k)
 
-    import permsparse.pipeline as pipeline
+    import permsparse.api as pipeline
 
     for permutation, score, bf16 in (("learned", "wanda", True), ("heuristic", "wanda", False),
                                      ("learned", "sparsegpt", False)):

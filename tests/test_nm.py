@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse.nm import NMPattern, check_finite, count_violations, nm_mask, unstructured_mask
+from permsparse.core.pattern import NMPattern, check_finite, count_violations, nm_mask, unstructured_mask
 
 
 @st.composite

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse.permutation import Permutation
+from permsparse.core.permutation import Permutation
 
 
 def _gen(seed: int) -> torch.Generator:

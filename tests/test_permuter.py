@@ -7,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import permsparse.permuter as permuter_mod
-from permsparse.heuristics import zigzag_permutation
-from permsparse.metrics import efficacy, retained
-from permsparse.nm import count_violations, nm_mask
-from permsparse.permutation import Permutation
-from permsparse.permuter import (
+import permsparse.core.permuter as permuter_mod
+from permsparse.core.heuristics import zigzag_permutation
+from permsparse.core.metrics import efficacy, retained
+from permsparse.core.pattern import count_violations, nm_mask
+from permsparse.core.permutation import Permutation
+from permsparse.core.permuter import (
     INITS,
     LearnablePermuter,
     fit_to_score,
@@ -20,7 +20,7 @@ from permsparse.permuter import (
     permuted_prune,
     unpermute_columns,
 )
-from permsparse.sinkhorn import permutation_entropy
+from permsparse.core.sinkhorn import permutation_entropy
 
 
 def _gen(seed: int) -> torch.Generator:

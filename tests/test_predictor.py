@@ -9,12 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse import apply, calibrate
-from permsparse.learn import LearnConfig, PermutationBank, make_batches, site_features, train_end_to_end
-from permsparse.nm import NMPattern
-from permsparse.permutation import Permutation
-from permsparse.predictor import N_FEATURES, CostPredictor, channel_features
-from permsparse.sites import find_sites
+from permsparse.models import apply
+
+from permsparse.models import calibrate
+from permsparse.train.learn import LearnConfig, PermutationBank, make_batches, site_features, train_end_to_end
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.experimental.predictor import N_FEATURES, CostPredictor, channel_features
+from permsparse.models.sites import find_sites
 
 PATTERN = NMPattern.parse("2:4")
 VOCAB = 128

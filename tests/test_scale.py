@@ -49,8 +49,8 @@ def _calib(n: int = 8, window: int = 32) -> torch.Tensor:
 
 
 def _config(**learn):
-    from permsparse.learn import LearnConfig
-    from permsparse.pipeline import PruneConfig
+    from permsparse.train.learn import LearnConfig
+    from permsparse.api import PruneConfig
 
     kw = dict(epochs=4, lr=0.05, batch_size=4, guard_batches=2, bf16=False, seed=3)
     kw.update(learn)
@@ -59,7 +59,7 @@ def _config(**learn):
 
 def _run_prune(config, resume: bool = False, sleep: float = 0.0):
     """prune() on the tiny llama; returns (result, final costs)."""
-    from permsparse.pipeline import prune
+    from permsparse.api import prune
 
     model = _model()
     costs = {}
@@ -87,7 +87,7 @@ def _worker_resume(ckpt: str, out: str, resume: bool, sleep: float) -> None:
 def _worker_dist(out: str) -> None:
     from safetensors.torch import save_file
 
-    from permsparse import distributed as dist
+    from permsparse.train import distributed as dist
 
     torch.set_num_threads(1)
     assert dist.init_from_env()
@@ -109,7 +109,7 @@ def _spread_config():
 
 def _run_spread(layers: int = 3):
     """Block-parallel prune of a tiny llama: (result, the pruned model)."""
-    from permsparse.pipeline import prune
+    from permsparse.api import prune
 
     model = _model(layers)
     return prune(model, None, _spread_config(), _calib()), model
@@ -124,7 +124,7 @@ def _worker_spread(out: str) -> None:
     """Each rank writes its own result and weights: the test checks that they agree."""
     from safetensors.torch import save_file
 
-    from permsparse import distributed as dist
+    from permsparse.train import distributed as dist
 
     torch.set_num_threads(1)
     assert dist.init_from_env()
@@ -140,7 +140,7 @@ def _worker_spread(out: str) -> None:
 def _worker_memory(layers: int, out: str) -> None:
     import resource
 
-    from permsparse.pipeline import prune
+    from permsparse.api import prune
 
     torch.set_num_threads(1)
     model = _model(layers, hidden=128, inter=256)
@@ -166,7 +166,7 @@ def _env(**extra) -> dict:
 
 
 def _ckpt_step(path: Path) -> int:
-    from permsparse.learn import load_checkpoint
+    from permsparse.train.learn import load_checkpoint
 
     try:
         return load_checkpoint(path)[1]["step"]
@@ -201,7 +201,7 @@ def test_sigkill_and_resume_gives_the_same_permutations(tmp_path):
 
 
 def test_checkpoint_is_one_safetensors_file_and_validated(tmp_path):
-    from permsparse.learn import load_checkpoint
+    from permsparse.train.learn import load_checkpoint
 
     ckpt = tmp_path / "s.safetensors"
     res, _ = _run_prune(_config(checkpoint_path=str(ckpt), checkpoint_every=3))
@@ -284,8 +284,8 @@ def test_blocks_spread_over_two_gloo_processes_match_one_process(tmp_path):
 def test_spread_blocks_learns_against_dense_inputs():
     """One process: the first block matches the sequential block-wise run (same inputs);
     later blocks see dense inputs instead of the pruned blocks' outputs, so they differ."""
-    from permsparse import distributed as dist
-    from permsparse.pipeline import PruneConfig, prune
+    from permsparse.train import distributed as dist
+    from permsparse.api import PruneConfig, prune
 
     spread, spread_model = _run_spread(2)
     seq_model = _model(2)
@@ -310,7 +310,7 @@ def test_spread_blocks_learns_against_dense_inputs():
 
 
 def test_shard_batch_needs_divisible_batches(monkeypatch):
-    from permsparse import distributed as dist
+    from permsparse.train import distributed as dist
 
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     monkeypatch.setattr(dist, "world_size", lambda: 3)
@@ -343,7 +343,7 @@ def test_streaming_memory_flat_in_depth(tmp_path):
 
 
 def test_offload_gives_the_same_model_as_plain_blockwise():
-    from permsparse.pipeline import prune
+    from permsparse.api import prune
 
     a, b = _model(), _model()
     calib = _calib()
@@ -360,8 +360,8 @@ def test_offload_gives_the_same_model_as_plain_blockwise():
 
 
 def test_progress_bars_say_block_and_step(capsys):
-    from permsparse import calibrate
-    from permsparse.pipeline import prune
+    from permsparse.models import calibrate
+    from permsparse.api import prune
 
     model = _model(3)
     cfg = _config(objective="blockwise", steps_per_block=2)
@@ -380,8 +380,8 @@ def test_progress_bars_say_block_and_step(capsys):
 
 
 def _worker_export(out: str) -> None:
-    from permsparse.io import export
-    from permsparse.pipeline import PruneConfig, prune
+    from permsparse.io.export import export
+    from permsparse.api import PruneConfig, prune
 
     torch.set_num_threads(1)
     model = _model()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from permsparse.nm import NMPattern, count_violations, nm_mask, unstructured_mask
-from permsparse.permutation import Permutation
-from permsparse.scores import SCORES, ColumnStats, SparseGPT, compute_score, magnitude, ria, wanda
+from permsparse.core.pattern import NMPattern, count_violations, nm_mask, unstructured_mask
+from permsparse.core.permutation import Permutation
+from permsparse.core.scores import SCORES, ColumnStats, SparseGPT, compute_score, magnitude, ria, wanda
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse.permutation import Permutation
-from permsparse.sinkhorn import (
+from permsparse.core.permutation import Permutation
+from permsparse.core.sinkhorn import (
     TemperatureSchedule,
     hard_assignment,
     log_sinkhorn,

@@ -8,11 +8,11 @@ import logging
 import pytest
 import torch
 
-from permsparse.apply import heuristic_permutation, site_scores
-from permsparse.deploy import GatheredOutput, PermutedLinear, deploy
-from permsparse.nm import NMPattern
-from permsparse.permutation import Permutation
-from permsparse.sites import REGISTRY, Site, find_sites, get_module, trace_sites
+from permsparse.models.apply import heuristic_permutation, site_scores
+from permsparse.models.deploy import GatheredOutput, PermutedLinear, deploy
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.models.sites import REGISTRY, Site, find_sites, get_module, trace_sites
 
 from conftest import REGISTERED_FAMILIES, TINY_FAMILIES
 
@@ -209,7 +209,7 @@ def test_generic_fallback_reports_what_it_cannot_handle(caplog):
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
-    with caplog.at_level(logging.WARNING, logger="permsparse.sites"):
+    with caplog.at_level(logging.WARNING, logger="permsparse.models.sites"):
         sites = find_sites(model, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert sites == []
     assert "h.0.attn.c_attn (transformers Conv1D" in caplog.text

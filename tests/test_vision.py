@@ -16,16 +16,16 @@ from PIL import Image
 
 import permsparse
 from permsparse.cli import main
-from permsparse.images import (
+from permsparse.data.images import (
     digits_split,
     list_image_folder,
     load_digits_set,
     load_image_data,
     read_image_folder,
 )
-from permsparse.learn import LearnConfig
-from permsparse.nm import NMPattern, nm_mask
-from permsparse.sites import get_module
+from permsparse.train.learn import LearnConfig
+from permsparse.core.pattern import NMPattern, nm_mask
+from permsparse.models.sites import get_module
 
 ATOL = 1e-4
 
@@ -70,7 +70,7 @@ def test_image_folder_reading(tmp_path):
     assert named.labels.tolist() == [3, 3, 3, 7, 7]
     torch.testing.assert_close(named.pixel_values, images.pixel_values)
     # The same pixels through a Hugging Face image processor with the same resize and normalisation.
-    from permsparse.vision import digits_processor
+    from permsparse.data.digits_vit import digits_processor
 
     processed = read_image_folder(tmp_path / "imgs", digits_processor(), progress=False)
     torch.testing.assert_close(processed.pixel_values, images.pixel_values, atol=1e-6, rtol=0)
@@ -80,7 +80,7 @@ def test_image_folder_reading(tmp_path):
 
 def test_image_folder_is_read_lazily(tmp_path, monkeypatch):
     """Calibration decodes only the images it draws; evaluation streams batch by batch."""
-    from permsparse import images as img
+    from permsparse.data import images as img
     from permsparse.evaluate import top1_accuracy
 
     _write_pngs(tmp_path / "imgs", {"a": 4, "b": 4})
@@ -175,7 +175,7 @@ def test_tiny_qwen2_5_vl_text_only_calibration(tiny, tmp_path, one_thread, caplo
     text = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in t.batches(3)]
     dense = copy.deepcopy(t.model)
     cfg = permsparse.PruneConfig(pattern="2:4", permutation="heuristic", groups=2, progress=False)
-    with caplog.at_level(logging.WARNING, logger="permsparse.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="permsparse.models.calibrate"):
         result = permsparse.prune(t.model, None, cfg, calib=text)
     assert any("received no calibration input" in r.getMessage() and "visual" in r.getMessage()
                for r in caplog.records)
@@ -192,7 +192,7 @@ def test_tiny_qwen2_5_vl_text_only_calibration(tiny, tmp_path, one_thread, caplo
                 expected = perm.inverse().apply_to_columns(nm_mask(perm.apply_to_columns(w0.abs()), pattern))
                 assert torch.equal(w != 0, expected & (w0 != 0))
     _round_trip(t.model, result.sites, result.perms, t.inputs, tmp_path / "vl", 2, "AutoModelForImageTextToText")
-    from permsparse.loading import model_task
+    from permsparse.models.loading import model_task
 
     assert model_task(tmp_path / "vl") == "image-text-to-text"  # what `permsparse prune/eval` load it as
 
@@ -200,7 +200,7 @@ def test_tiny_qwen2_5_vl_text_only_calibration(tiny, tmp_path, one_thread, caplo
 def test_tiny_qwen2_5_vl_image_calibration(tiny, tmp_path, one_thread):
     """With images in the batches the vision tower gets real statistics (not magnitude),
     and the learned end-to-end run trains through both towers."""
-    from permsparse.calibrate import collect_stats
+    from permsparse.models.calibrate import collect_stats
 
     t = tiny("qwen2_5_vl")
     batches = t.batches(3)
@@ -252,7 +252,7 @@ def test_tiny_qwen2_5_vl_cli_text_calibration(tiny, tmp_path, one_thread, capsys
 @pytest.fixture(scope="module")
 def tiny_digits_vit(tmp_path_factory):
     """The digits ViT's ``tiny`` preset (hidden 32, 2 layers, a few epochs), trained here."""
-    from permsparse.vision import digits_vit_path
+    from permsparse.data.digits_vit import digits_vit_path
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -263,7 +263,7 @@ def tiny_digits_vit(tmp_path_factory):
 
 
 def test_digits_vit_cached_and_reproducible(tiny_digits_vit, tmp_path, one_thread):
-    from permsparse.vision import digits_vit_path, train_record
+    from permsparse.data.digits_vit import digits_vit_path, train_record
 
     assert digits_vit_path("tiny", cache_dir=tiny_digits_vit.parent) == tiny_digits_vit  # cached: no retraining
     record = train_record(tiny_digits_vit)
@@ -273,7 +273,7 @@ def test_digits_vit_cached_and_reproducible(tiny_digits_vit, tmp_path, one_threa
 
     from safetensors.torch import load_file
 
-    from permsparse.vision import PRESETS, train_digits_vit
+    from permsparse.data.digits_vit import PRESETS, train_digits_vit
 
     cfg = replace(PRESETS["tiny"], epochs=1)
     a, b = (load_file(train_digits_vit(tmp_path / n, cfg, progress=False) / "model.safetensors") for n in "ab")
@@ -299,7 +299,7 @@ def test_digits_cli_prune_and_eval(tiny_digits_vit, tmp_path, one_thread, capsys
 def test_digits_cli_image_folder(tiny_digits_vit, tmp_path, one_thread, capsys):
     """An image folder for calibration and a labelled folder for evaluation; the folder
     names are the model's labels, so top-1 on real digit images saved as PNGs is far above chance."""
-    images, labels = __import__("permsparse.images", fromlist=["digits_images"]).digits_images()
+    images, labels = __import__("permsparse.data.images", fromlist=["digits_images"]).digits_images()
     test = digits_split(labels)["test"][:60].tolist()
     for root, idx in (("calib", digits_split(labels)["train"][:40].tolist()), ("eval", test)):
         for i in idx:
@@ -328,8 +328,8 @@ def test_cli_bad_image_folder(tiny_digits_vit, tmp_path, capsys):
 
 def test_digits_alias(monkeypatch, tiny_digits_vit):
     """``digits-vit`` names the cached embedded model (training it first when missing)."""
-    from permsparse import vision
-    from permsparse.loading import model_task, resolve_model_spec
+    from permsparse.data import digits_vit as vision
+    from permsparse.models.loading import model_task, resolve_model_spec
 
     monkeypatch.setattr(vision, "digits_vit_path", lambda *a, **k: tiny_digits_vit)
     assert model_task("digits-vit") == "image-classification"
@@ -340,7 +340,7 @@ def test_digits_alias(monkeypatch, tiny_digits_vit):
 @pytest.mark.slow
 def test_digits_vit_default_reaches_95(tmp_path, one_thread):
     """The embedded default trains (a few minutes on CPU) to at least 95 % test top-1."""
-    from permsparse.vision import digits_vit_path, train_record
+    from permsparse.data.digits_vit import digits_vit_path, train_record
 
     path = digits_vit_path("default", cache_dir=tmp_path, progress=False)
     assert train_record(path)["top1"]["test"] >= 0.95

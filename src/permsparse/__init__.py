@@ -6,12 +6,12 @@
     deployed = permsparse.load("out", deploy=True)
 """
 
-from .io import export, load, read_plan
-from .learn import LearnConfig
-from .nm import NMPattern, count_violations, nm_mask, unstructured_mask
-from .permutation import Permutation
-from .pipeline import PruneConfig, PruneResult, prune
-from .sites import Site, find_sites
+from permsparse.io.export import export, load, read_plan
+from permsparse.train.learn import LearnConfig
+from permsparse.core.pattern import NMPattern, count_violations, nm_mask, unstructured_mask
+from permsparse.core.permutation import Permutation
+from permsparse.api import PruneConfig, PruneResult, prune
+from permsparse.models.sites import Site, find_sites
 
 __version__ = "0.1.0"
 

@@ -243,8 +243,8 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
 
 
 def _prune_config(args: argparse.Namespace):
-    from .learn import LearnConfig
-    from .pipeline import PruneConfig
+    from permsparse.train.learn import LearnConfig
+    from permsparse.api import PruneConfig
 
     learn_kw = {"objective": args.objective, "init": args.init, "epochs": args.epochs,
                 "batch_size": args.batch_size, "seed": args.seed, "bf16": not args.no_bf16}
@@ -286,7 +286,7 @@ def _check_out(out: str | None, overwrite: bool) -> Path:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this; the work is sharded and
     only rank 0 evaluates and writes ``--out``."""
-    from . import distributed as dist
+    from permsparse.train import distributed as dist
 
     started = dist.init_from_env()
     try:
@@ -313,7 +313,7 @@ def _fill_defaults(args: argparse.Namespace, task: str) -> None:
     """Flags left unset take the defaults of what is pruned (windows or images)."""
     defaults = {"calib": "wikipedia", "n_calib": 128, "batch_size": 4, "epochs": 1.0, "groups": 4}
     if task == "image-classification":
-        from .vision import DIGITS_PRUNE
+        from permsparse.data.digits_vit import DIGITS_PRUNE
 
         defaults = {"calib": "digits", "n_calib": 512, "batch_size": 32, "epochs": 1.0, "groups": 4}
         if str(args.calib or "digits").lower().startswith("digits"):
@@ -326,7 +326,7 @@ def _fill_defaults(args: argparse.Namespace, task: str) -> None:
 def _workload(args: argparse.Namespace, task: str, model, preprocessor, progress: bool) -> _Workload:
     if task == "image-classification":
         from .evaluate import top1_accuracy
-        from .images import label_names, load_image_data
+        from permsparse.data.images import label_names, load_image_data
 
         size = int(getattr(model.config, "image_size", 224))
         data = load_image_data(args.calib, preprocessor, size, args.n_calib, args.seed, args.eval_images, progress,
@@ -339,7 +339,7 @@ def _workload(args: argparse.Namespace, task: str, model, preprocessor, progress
         ev = data.eval
         return _Workload(data.calib.batches(args.batch_size), "top1",
                          lambda m: top1_accuracy(m, ev.batches(64), progress=progress), info)
-    from .data import load_text_windows
+    from permsparse.data.text import load_text_windows
     from .evaluate import perplexity
 
     windows = load_text_windows(args.calib, preprocessor, args.window, args.n_calib, args.seed,
@@ -349,10 +349,10 @@ def _workload(args: argparse.Namespace, task: str, model, preprocessor, progress
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from . import distributed as dist
-    from .io import export
-    from .loading import load_model, model_task
-    from .pipeline import prune
+    from permsparse.train import distributed as dist
+    from permsparse.io.export import export
+    from permsparse.models.loading import load_model, model_task
+    from permsparse.api import prune
     from .report import write_report
 
     if not args.model:
@@ -411,9 +411,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _eval_classifier(args: argparse.Namespace, path: Path, has_plan: bool) -> int:
     """Top-1 of an image classifier folder on ``--data`` (digits: its held-out test split)."""
     from .evaluate import top1_accuracy
-    from .images import label_names, load_digits_set, open_image_folder
-    from .io import load, read_plan
-    from .loading import load_model
+    from permsparse.data.images import label_names, load_digits_set, open_image_folder
+    from permsparse.io.export import load, read_plan
+    from permsparse.models.loading import load_model
 
     if has_plan:
         model, processor = load(path, deploy=True), _image_processor(path)
@@ -448,10 +448,10 @@ def _image_processor(path: Path):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_text_windows
+    from permsparse.data.text import load_text_windows
     from .evaluate import perplexity
-    from .io import load
-    from .loading import model_task
+    from permsparse.io.export import load
+    from permsparse.models.loading import model_task
 
     path = Path(args.dir).expanduser()
     if not path.is_dir():
@@ -464,7 +464,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if has_plan:
         model = load(path, deploy=True)
     else:
-        from .loading import load_model
+        from permsparse.models.loading import load_model
 
         model, _ = load_model(str(path), task=task)
     from transformers import AutoTokenizer
@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from .learn import NonFiniteLossError
+    from permsparse.train.learn import NonFiniteLossError
 
     commands = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
     # TQDM_DISABLE only reaches tqdm imported after it is set; transformers' own bars

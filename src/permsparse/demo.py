@@ -18,10 +18,10 @@ from typing import Sequence
 
 from torch import nn
 
-from .apply import parse_pattern, prune_site_
-from .learn import LearnConfig, make_batches
-from .pipeline import PruneConfig, PruneResult, learn_permutations, resolved, score_sites
-from .sites import find_sites
+from permsparse.models.apply import parse_pattern, prune_site_
+from permsparse.train.learn import LearnConfig, make_batches
+from permsparse.api import PruneConfig, PruneResult, learn_permutations, resolved, score_sites
+from permsparse.models.sites import find_sites
 
 __all__ = ["PRESETS", "SharedRun", "shared_run", "run_demo"]
 
@@ -76,9 +76,9 @@ def shared_run(dense: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -> S
 def run_demo(preset: str = "quick", out: "str | Path | None" = None, overwrite: bool = False,
              progress: bool = True, model_spec: str = "smollm2-135m", pattern: str = "2:4") -> list[dict]:
     """Prune the embedded model three ways and return one row per method."""
-    from .data import load_text_windows
+    from permsparse.data.text import load_text_windows
     from .evaluate import perplexity
-    from .loading import load_model
+    from permsparse.models.loading import load_model
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: use one of {sorted(PRESETS)}")
@@ -108,7 +108,7 @@ def run_demo(preset: str = "quick", out: "str | Path | None" = None, overwrite: 
                      "seconds": seconds, "note": note})
         log.info("%s: ppl %.2f", method, rows[-1]["ppl"])
     if out is not None and result is not None:
-        from .io import export
+        from permsparse.io.export import export
         from .report import write_report
 
         export(model, out, run.sites, result.perms, pattern=pattern, score="wanda", groups=result.groups,

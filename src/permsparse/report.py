@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .apply import SiteReport
-from .learn import StepLog
+from permsparse.models.apply import SiteReport
+from permsparse.train.learn import StepLog
 
 __all__ = ["markdown_table", "plot_training", "plot_retained", "write_report"]
 

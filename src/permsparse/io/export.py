@@ -5,7 +5,7 @@ loads unchanged (weights in ORIGINAL coordinates, ``W_eff = W ⊙ M[:, π⁻¹]`
 safetensors), plus ``permsparse.json``: the pattern, score, groups, every permutation
 site with its permutation, metrics and the versions that made it. :func:`load` reads
 such a folder back, checks the plan against the weights and, by default, rewrites the
-model into the permuted hardware-aligned form (:func:`permsparse.deploy.deploy`).
+model into the permuted hardware-aligned form (:func:`permsparse.models.deploy.deploy`).
 
 Writing is atomic: everything goes into a hidden temporary sibling folder,
 ``permsparse.json`` is written last and fsynced, and only a complete folder is renamed
@@ -30,9 +30,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .nm import NMPattern, count_violations
-from .permutation import Permutation
-from .sites import Site, get_module
+from permsparse.core.pattern import NMPattern, count_violations
+from permsparse.core.permutation import Permutation
+from permsparse.models.sites import Site, get_module
 
 __all__ = [
     "FORMAT_VERSION",
@@ -135,7 +135,7 @@ def _pattern_str(pattern: "str | NMPattern | None") -> str:
 
 
 def _deployed_modules(model: nn.Module) -> list[str]:
-    from .deploy import GatheredOutput, PermutedLinear
+    from permsparse.models.deploy import GatheredOutput, PermutedLinear
 
     return [n for n, m in model.named_modules() if isinstance(m, (PermutedLinear, GatheredOutput))]
 
@@ -143,7 +143,7 @@ def _deployed_modules(model: nn.Module) -> list[str]:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from permsparse import __version__
 
     return {"permsparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -169,7 +169,7 @@ def _check_perm_for_site(site: Site, perm: Permutation, groups: int) -> Permutat
 def _check_model_dir(path: Path) -> None:
     """A Hugging Face folder with ``config.json`` and safetensors weights, or a clear error
     (pickle-only folders are refused without being read)."""
-    from .loading import _folder_spec
+    from permsparse.models.loading import _folder_spec
 
     if not path.exists():
         raise FileNotFoundError(f"no such directory: {path}")
@@ -261,7 +261,7 @@ def export(
 
     Args:
         model: a Hugging Face model whose pruned weights are in original coordinates (not
-            deployed: :func:`permsparse.deploy.deploy` output is refused).
+            deployed: :func:`permsparse.models.deploy.deploy` output is refused).
         sites: the sites the plan covers (those pruned to ``pattern``).
         perms: site name → permutation; sites without one are stored with the identity.
         pattern: ``"2:4"``-style N:M pattern, or ``"unstructured50"``.
@@ -523,7 +523,7 @@ def _model_class(config: Any, task: str | None):
     import transformers
 
     if task is not None:
-        from .loading import TASKS
+        from permsparse.models.loading import TASKS
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
@@ -551,7 +551,7 @@ def load(
 
     Args:
         path: the export folder.
-        deploy: apply :func:`permsparse.deploy.deploy`; otherwise the model stays in
+        deploy: apply :func:`permsparse.models.deploy.deploy`; otherwise the model stays in
             original coordinates (what a stock loader gives).
         task: force the model class (``"causal-lm"``, ``"image-classification"``,
             ``"encoder"``, ``"masked-lm"``); by default ``config.architectures`` decides.
@@ -567,8 +567,8 @@ def load(
     """
     import transformers
 
-    from .deploy import deploy as _deploy
-    from .deploy import deployed_violations
+    from permsparse.models.deploy import deploy as _deploy
+    from permsparse.models.deploy import deployed_violations
 
     root = Path(path).expanduser()
     _check_model_dir(root)

@@ -135,7 +135,7 @@ def all_reduce_grads_(params) -> None:
 
 
 def all_reduce_stats_(stats: Mapping) -> None:
-    """Sum :class:`~permsparse.scores.ColumnStats` over ranks (sq_sum, xxt, n_tokens), in
+    """Sum :class:`~permsparse.core.scores.ColumnStats` over ranks (sq_sum, xxt, n_tokens), in
     sorted name order so every rank issues the same collectives."""
     if not is_distributed():
         return

@@ -30,14 +30,14 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .distill import IGNORE_INDEX, lm_ce_kl
-from .nm import NMPattern, check_finite
-from .permutation import Permutation
-from .permuter import GroupAdam, hard_permuted_prune, init_cost, unpermuted_mask
-from .predictor import CostPredictor, channel_features, make_mlp
-from .sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
-from .sites import Site
+from permsparse.train import distributed as dist
+from permsparse.train.loss import IGNORE_INDEX, lm_ce_kl
+from permsparse.core.pattern import NMPattern, check_finite
+from permsparse.core.permutation import Permutation
+from permsparse.core.permuter import GroupAdam, hard_permuted_prune, init_cost, unpermuted_mask
+from permsparse.experimental.predictor import CostPredictor, channel_features, make_mlp
+from permsparse.core.sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
+from permsparse.models.sites import Site
 
 __all__ = [
     "LearnConfig",
@@ -81,7 +81,7 @@ class LearnConfig:
 
     objective: str = "e2e"  # "e2e" or "blockwise"
     init: str = "heuristic"  # "heuristic" (warm start), "identity", "noise" or "random"
-    cost_model: str = "table"  # "table" (the paper's free k x k costs) or "predictor" (see permsparse.predictor)
+    cost_model: str = "table"  # "table" (the paper's free k x k costs) or "predictor" (see permsparse.experimental.predictor)
     predictor_dim: int = 8
     epochs: float = 1.0
     batch_size: int = 4
@@ -512,7 +512,7 @@ def save_checkpoint(path: "str | Path", tensors: Mapping[str, torch.Tensor], met
     (temporary sibling, fsync, rename): a reader sees the previous checkpoint or this one."""
     from safetensors.torch import save_file
 
-    from .io import atomic_file
+    from permsparse.io.export import atomic_file
 
     with atomic_file(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -597,7 +597,7 @@ def train_end_to_end(
     the continued run computes exactly what the uninterrupted one would have.
 
     Under ``torch.distributed`` each rank runs its shard of every global batch and the
-    cost gradients are averaged over ranks (see :mod:`permsparse.distributed`); only
+    cost gradients are averaged over ranks (see :mod:`permsparse.train.distributed`); only
     rank 0 writes the metrics and the checkpoint.
     """
     device = next(model.parameters()).device
@@ -853,7 +853,7 @@ def train_block(
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Block-wise objective: learn this block's sites so that its sparse output matches the
     dense ``targets`` on cached ``inputs`` (normalised MSE)."""
-    from .calibrate import block_output
+    from permsparse.models.calibrate import block_output
 
     device = next(block.parameters()).device
     prefix = f"{block_name}."
@@ -903,7 +903,7 @@ def block_loss(
     bf16: bool,
 ) -> float:
     """Normalised MSE of the block pruned with hard ``perms`` against the dense targets."""
-    from .calibrate import block_output
+    from permsparse.models.calibrate import block_output
 
     device = next(block.parameters()).device
     prefix = f"{block_name}."

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .nm import NMPattern, nm_mask, unstructured_mask
-from .permutation import Permutation
+from permsparse.core.pattern import NMPattern, nm_mask, unstructured_mask
+from permsparse.core.permutation import Permutation
 
 __all__ = ["kept_score", "retained", "unstructured_kept", "efficacy"]
 

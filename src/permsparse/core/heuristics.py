@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .nm import NMPattern, check_finite
-from .permutation import Permutation
+from permsparse.core.pattern import NMPattern, check_finite
+from permsparse.core.permutation import Permutation
 
 __all__ = ["zigzag_permutation", "swap_search", "insertion_gain", "sum_of_max"]
 
@@ -124,7 +124,7 @@ def insertion_gain(score: torch.Tensor, perm: Permutation, pattern: "NMPattern |
     depends on the channel. It is the exact first-order value of moving one channel, with
     the competition inside the block that the plain ``S P ⊙ M`` linearisation ignores (a
     channel placed in a pruned slot may still be kept if it beats a block-mate), and the
-    gradient that :func:`permsparse.permuter.fit_to_score` descends by default.
+    gradient that :func:`permsparse.core.permuter.fit_to_score` descends by default.
     """
     s, pattern = _prepare(score, pattern, perm.groups)
     n, m = pattern.n_kept, pattern.m

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .vision import DIGITS_VIT
+from permsparse.data.digits_vit import DIGITS_VIT
 
 __all__ = [
     "EMBEDDED_LM",
@@ -151,7 +151,7 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
         path = embedded_gguf_path()
         return ModelSpec("gguf", str(path.parent), path.name)
     if text.lower() == DIGITS_VIT:
-        from .vision import digits_vit_path  # trains the model (minutes) the first time only
+        from permsparse.data.digits_vit import digits_vit_path  # trains the model (minutes) the first time only
 
         return ModelSpec("folder", str(digits_vit_path()))
     path = Path(text).expanduser()

@@ -14,12 +14,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .heuristics import swap_search, zigzag_permutation
-from .metrics import kept_score, unstructured_kept
-from .nm import NMPattern, nm_mask, unstructured_mask
-from .permutation import Permutation
-from .scores import ColumnStats, SparseGPT, compute_score
-from .sites import Site, get_module
+from permsparse.core.heuristics import swap_search, zigzag_permutation
+from permsparse.core.metrics import kept_score, unstructured_kept
+from permsparse.core.pattern import NMPattern, nm_mask, unstructured_mask
+from permsparse.core.permutation import Permutation
+from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
+from permsparse.models.sites import Site, get_module
 
 __all__ = ["UNSTRUCTURED", "HEURISTIC_POWER", "SiteReport", "site_scores", "heuristic_permutation", "prune_site_", "parse_pattern"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .nm import NMPattern, check_finite
-from .permutation import Permutation
+from permsparse.core.pattern import NMPattern, check_finite
+from permsparse.core.permutation import Permutation
 
 __all__ = [
     "SCORES",

@@ -141,7 +141,7 @@ def train_digits_vit(
     Raises:
         RuntimeError: the test accuracy ended below ``cfg.min_accuracy``.
     """
-    from .images import load_digits_set
+    from permsparse.data.images import load_digits_set
 
     t0 = time.perf_counter()
     processor = digits_processor(cfg)
@@ -220,7 +220,7 @@ def digits_vit_path(
     progress: bool = True,
 ) -> Path:
     """The cached digits ViT folder for ``preset``, trained first when missing."""
-    from .data import _default_cache_dir
+    from permsparse.data.text import _default_cache_dir
 
     if preset not in PRESETS:
         raise ValueError(f"unknown digits-vit preset {preset!r}: use one of {sorted(PRESETS)}")

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .scores import ColumnStats
-from .sites import get_module
+from permsparse.core.scores import ColumnStats
+from permsparse.models.sites import get_module
 
 __all__ = [
     "collect_stats",

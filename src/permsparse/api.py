@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .apply import HEURISTIC_POWER, SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
-from .calibrate import BlockInputs, block_output, collect_stats, run_blocks
-from .learn import (
+from permsparse.train import distributed as dist
+from permsparse.models.apply import HEURISTIC_POWER, SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
+from permsparse.models.calibrate import BlockInputs, block_output, collect_stats, run_blocks
+from permsparse.train.learn import (
     LearnConfig,
     StepLog,
     make_batches,
@@ -33,10 +33,10 @@ from .learn import (
     train_block,
     train_end_to_end,
 )
-from .nm import NMPattern
-from .permutation import Permutation
-from .scores import SCORES
-from .sites import Site, find_sites, get_module
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.core.scores import SCORES
+from permsparse.models.sites import Site, find_sites, get_module
 
 __all__ = ["PruneConfig", "PruneResult", "prune", "score_sites", "learn_permutations", "resolve_groups",
            "PERMUTATIONS", "AUTO_MAX_GROUP"]
@@ -139,7 +139,7 @@ def prune(
     every training step (its own time is not counted as training time). ``resume``:
     continue the end-to-end training from ``config.learn.checkpoint_path`` if it exists.
 
-    Under ``torch.distributed`` (see :mod:`permsparse.distributed`) every rank calls this
+    Under ``torch.distributed`` (see :mod:`permsparse.train.distributed`) every rank calls this
     with the same model and data: statistics and the end-to-end training are sharded over
     the ranks, which all end with the same pruned model. ``offload=True`` streams the
     model block by block (it implies the block-by-block path). ``spread_blocks=True``

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nm import NMPattern, count_violations
-from .permutation import Permutation
-from .sites import Site, get_module, set_module
+from permsparse.core.pattern import NMPattern, count_violations
+from permsparse.core.permutation import Permutation
+from permsparse.models.sites import Site, get_module, set_module
 
 __all__ = ["PermutedLinear", "GatheredOutput", "deploy", "count_gathers", "deployed_violations", "to_semi_structured"]
 

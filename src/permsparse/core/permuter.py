@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .nm import NMPattern, nm_mask
-from .permutation import Permutation
-from .sinkhorn import hard_assignment, permutation_entropy, sinkhorn
+from permsparse.core.pattern import NMPattern, nm_mask
+from permsparse.core.permutation import Permutation
+from permsparse.core.sinkhorn import hard_assignment, permutation_entropy, sinkhorn
 
 __all__ = [
     "init_cost",
@@ -176,7 +176,7 @@ def fit_to_score(
     loss instead). ``P`` is soft (or straight-through) and the loss linear in it:
 
     * ``surrogate="insertion"`` (default): ``-Σ gain ⊙ P`` with
-      :func:`permsparse.heuristics.insertion_gain` at the current hard permutation, the
+      :func:`permsparse.core.heuristics.insertion_gain` at the current hard permutation, the
       exact value of putting each channel in each slot given its block-mates;
     * ``surrogate="linear"``: ``-Σ (S P ⊙ M)`` with the mask of the current permuted score
       (a channel is worth its score in a kept slot and nothing in a pruned one), whose
@@ -185,9 +185,9 @@ def fit_to_score(
     The hard permutation with the highest retained score seen is returned (the warm start
     counts as seen), with the history of retained fractions per step.
     """
-    from .heuristics import insertion_gain  # local: sibling leaves, avoid a cycle at import
-    from .metrics import kept_score
-    from .sinkhorn import TemperatureSchedule
+    from permsparse.core.heuristics import insertion_gain  # local: sibling leaves, avoid a cycle at import
+    from permsparse.core.metrics import kept_score
+    from permsparse.core.sinkhorn import TemperatureSchedule
 
     if surrogate not in ("insertion", "linear"):
         raise ValueError(f"surrogate must be 'insertion' or 'linear', got {surrogate!r}")

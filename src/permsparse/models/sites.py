@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .nm import NMPattern
-from .permutation import Permutation
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
 
 __all__ = [
     "Producer",
