@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import permsparse.core.sinkhorn as sinkhorn_mod  # noqa: E402
 from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.train.learn import LearnConfig  # noqa: E402
-from permsparse.api import PruneConfig, prune  # noqa: E402
+from permsparse.config import LearnConfig  # noqa: E402
+from permsparse.api import prune  # noqa: E402
+from permsparse.config import PruneConfig  # noqa: E402
 from permsparse.core.sinkhorn import hard_assignment  # noqa: E402
 from steptimer import StepTimers  # noqa: E402  (bench/, beside this script)
 

@@ -37,14 +37,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.models.apply import parse_pattern  # noqa: E402
+from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.train.learn import (  # noqa: E402
     LearnConfig, TeacherCache, _plan_with, evaluate_plan, hard_params, make_batches, teacher_logits, train_end_to_end,
 )
 from permsparse.models.loading import load_model  # noqa: E402
-from permsparse.api import PruneConfig, score_sites  # noqa: E402
+from permsparse.api import score_sites  # noqa: E402
+from permsparse.config import PruneConfig  # noqa: E402
 from permsparse.report import markdown_table  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402
 from quality import params_ppl  # noqa: E402  (bench/, the script's own directory)

@@ -23,13 +23,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.models.apply import heuristic_permutation, parse_pattern, prune_site_  # noqa: E402
+from permsparse.models.apply import heuristic_permutation, prune_site_  # noqa: E402
+from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
 from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.train.learn import make_batches  # noqa: E402
 from permsparse.models.loading import load_model  # noqa: E402
-from permsparse.api import PruneConfig, score_sites  # noqa: E402
+from permsparse.api import score_sites  # noqa: E402
+from permsparse.config import PruneConfig  # noqa: E402
 from permsparse.report import markdown_table  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402
 

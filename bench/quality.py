@@ -45,9 +45,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from permsparse.data.text import load_text_windows
     from permsparse.evaluate import perplexity
-    from permsparse.train.learn import LearnConfig
+    from permsparse.config import LearnConfig
     from permsparse.models.loading import load_model
-    from permsparse.api import PruneConfig, prune
+    from permsparse.api import prune
+    from permsparse.config import PruneConfig
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")

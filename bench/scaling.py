@@ -32,8 +32,9 @@ def _one(spec: dict) -> dict:
     import torch
     import transformers
 
-    from permsparse.train.learn import LearnConfig
-    from permsparse.api import PruneConfig, prune
+    from permsparse.config import LearnConfig
+    from permsparse.api import prune
+    from permsparse.config import PruneConfig
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

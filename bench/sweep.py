@@ -15,10 +15,9 @@ Axes (each varies one setting of the base configuration, everything else fixed):
 4. ``sync``      one permutation per site (Q/K/V and gate/up share it, paid by one gather
                  after the norm) vs one per layer (a gather in front of every layer); with
                  the profiled time of the gathers in the deployed model
-5. ``predictor`` the paper's free cost table vs a data-driven predictor (permsparse.experimental.predictor)
-6. ``epochs``    1 vs 5 epochs, with the held-out perplexity after every epoch
-7. ``score``     magnitude, Wanda, RIA, SparseGPT under learned permutations, 2:4 and 4:8
-8. ``defaults``  the winners of the axes above together, against the base
+5. ``epochs``    1 vs 5 epochs, with the held-out perplexity after every epoch
+6. ``score``     magnitude, Wanda, RIA, SparseGPT under learned permutations, 2:4 and 4:8
+7. ``defaults``  the winners of the axes above together, against the base
 
 Every point reports the held-out perplexity of the *learned* permutations (not of whatever
 the final guard would keep; the kept plan is recorded too) beside the same score's
@@ -50,13 +49,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.models.apply import parse_pattern, prune_site_  # noqa: E402
+from permsparse.models.apply import prune_site_  # noqa: E402
+from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
-from permsparse.train.learn import LearnConfig, make_batches, moved_share  # noqa: E402
-from permsparse.api import PruneConfig, learn_permutations, score_sites  # noqa: E402
+from permsparse.train.learn import make_batches, moved_share  # noqa: E402
+from permsparse.config import LearnConfig  # noqa: E402
+from permsparse.api import learn_permutations, score_sites  # noqa: E402
+from permsparse.config import PruneConfig  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402
 
-AXES = ("groups", "tau", "init", "sync", "predictor", "epochs", "score", "defaults")
+AXES = ("groups", "tau", "init", "sync", "epochs", "score", "defaults")
 
 #: Per preset: the values tried on each axis. Each entry is (label, overrides of the base
 #: PruneConfig; "learn" overrides go to its LearnConfig).
@@ -72,7 +74,6 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
         ],
         "init": [(i, {"learn": {"init": i}}) for i in ("heuristic", "identity", "noise", "random")],
         "sync": [("synchronised", {"sync": True}), ("independent", {"sync": False})],
-        "predictor": [("table", {}), ("predictor", {"learn": {"cost_model": "predictor"}})],
         "epochs": [("1 epoch", {}), ("5 epochs", {"learn": {"epochs": 5.0}})],
         "score": [(f"{s} {p}", {"score": s, "pattern": p})
                   for p in ("2:4", "4:8") for s in ("magnitude", "wanda", "ria", "sparsegpt")],
@@ -84,7 +85,6 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
         "tau": [("tau 1->0.05 exp, 10 it", {}), ("5 Sinkhorn it", {"learn": {"sinkhorn_iters": 5}})],
         "init": [(i, {"learn": {"init": i}}) for i in ("heuristic", "random")],
         "sync": [("synchronised", {"sync": True}), ("independent", {"sync": False})],
-        "predictor": [("table", {}), ("predictor", {"learn": {"cost_model": "predictor"}})],
         "epochs": [("1 epoch", {}), ("3 epochs", {"learn": {"epochs": 3.0}})],
         "score": [(f"{s} 2:4", {"score": s, "pattern": "2:4"}) for s in ("magnitude", "sparsegpt")],
         "defaults": [("base", {}), ("G=1 + 5 Sinkhorn it", {"groups": 1, "learn": {"sinkhorn_iters": 5}})],
@@ -96,7 +96,7 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
 
 #: The trainer settings of the base configuration, pinned: the library's defaults moved
 #: after this sweep (groups auto, 5 Sinkhorn iterations), the base it was run with did not.
-_BASE_LEARN = dict(epochs=1.0, init="heuristic", cost_model="table", lr=0.02, tau_start=1.0, tau_end=0.05,
+_BASE_LEARN = dict(epochs=1.0, init="heuristic", lr=0.02, tau_start=1.0, tau_end=0.05,
                    tau_schedule="exponential", sinkhorn_iters=10, alpha=1.0)
 #: Per preset: the base configuration every axis varies (argument: windows per step).
 BASES: dict[str, Callable[[int], PruneConfig]] = {
@@ -107,14 +107,14 @@ BASES: dict[str, Callable[[int], PruneConfig]] = {
                                            learn=LearnConfig(batch_size=batch_size, **{**_BASE_LEARN, "lr": 0.05})),
 }
 #: Row fields that identify a point's configuration.
-_CONFIG_FIELDS = ("pattern", "score", "groups", "sync", "init", "cost_model", "tau_start", "tau_end", "tau_schedule",
+_CONFIG_FIELDS = ("pattern", "score", "groups", "sync", "init", "tau_start", "tau_end", "tau_schedule",
                   "sinkhorn_iters", "epochs")
 
 
 def _config_fields(cfg: PruneConfig) -> dict:
     lc = cfg.learn
     return {"pattern": cfg.pattern, "score": cfg.score, "groups": cfg.groups, "sync": cfg.sync, "init": lc.init,
-            "cost_model": lc.cost_model, "tau_start": lc.tau_start, "tau_end": lc.tau_end,
+            "tau_start": lc.tau_start, "tau_end": lc.tau_end,
             "tau_schedule": lc.tau_schedule, "sinkhorn_iters": lc.sinkhorn_iters, "epochs": lc.epochs}
 
 
@@ -254,7 +254,7 @@ class Sweep:
         train_s = sum(h.seconds for h in hist)
         row = {
             "axis": axis, "setting": label, "model": self.s.name, "pattern": cfg.pattern, "score": cfg.score,
-            "groups": cfg.groups, "sync": cfg.sync, "init": cfg.learn.init, "cost_model": cfg.learn.cost_model,
+            "groups": cfg.groups, "sync": cfg.sync, "init": cfg.learn.init,
             "tau_start": cfg.learn.tau_start, "tau_end": cfg.learn.tau_end, "tau_schedule": cfg.learn.tau_schedule,
             "sinkhorn_iters": cfg.learn.sinkhorn_iters, "epochs": cfg.learn.epochs, "steps": len(hist),
             "ppl_dense": self.dense_ppl, "ppl_none": prep["ppl_none"], "ppl_heuristic": prep["ppl_heuristic"],

@@ -46,8 +46,8 @@ def run_seed(model, processor, pattern: str, seed: int, split: str, progress: bo
     from permsparse.demo import shared_run
     from permsparse.evaluate import top1_accuracy
     from permsparse.data.images import load_image_data
-    from permsparse.train.learn import LearnConfig
-    from permsparse.api import PruneConfig
+    from permsparse.config import LearnConfig
+    from permsparse.config import PruneConfig
     from permsparse.data.digits_vit import DIGITS_PRUNE
 
     tuned = dict(DIGITS_PRUNE)

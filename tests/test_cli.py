@@ -407,7 +407,7 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
 
 def test_trainer_knobs_reach_the_config():
     from permsparse.cli import _apply_recipe, _prune_config, build_parser
-    from permsparse.train.learn import LearnConfig
+    from permsparse.config import LearnConfig
 
     base = ["prune", "m", "--out", "o", "--epochs", "1", "--batch-size", "4", "--groups", "4"]
     args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1",

@@ -215,7 +215,7 @@ def test_heuristic_power_is_the_search_on_the_powered_score(seed, groups, power)
 
 def test_heuristic_power_must_be_positive():
     from permsparse.models.apply import heuristic_permutation
-    from permsparse.api import PruneConfig
+    from permsparse.config import PruneConfig
 
     with pytest.raises(ValueError, match="power"):
         heuristic_permutation(_one_site(8), [torch.rand(2, 8)], NMPattern.parse("2:4"), 1, power=0)
@@ -234,7 +234,8 @@ def test_energy_objective_lowers_real_perplexity(smollm2, one_thread):
     from permsparse.data.text import load_text_windows
     from permsparse.evaluate import perplexity
     from permsparse.train.learn import make_batches
-    from permsparse.api import PruneConfig, score_sites
+    from permsparse.api import score_sites
+    from permsparse.config import PruneConfig
     from permsparse.models.sites import find_sites
 
     model0, tok = smollm2

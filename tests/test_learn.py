@@ -31,7 +31,8 @@ from permsparse.train.learn import (
 )
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
-from permsparse.api import PruneConfig, prune
+from permsparse.api import prune
+from permsparse.config import PruneConfig
 from permsparse.models.sites import find_sites
 
 PATTERN = NMPattern.parse("2:4")

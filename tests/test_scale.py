@@ -49,8 +49,8 @@ def _calib(n: int = 8, window: int = 32) -> torch.Tensor:
 
 
 def _config(**learn):
-    from permsparse.train.learn import LearnConfig
-    from permsparse.api import PruneConfig
+    from permsparse.config import LearnConfig
+    from permsparse.config import PruneConfig
 
     kw = dict(epochs=4, lr=0.05, batch_size=4, guard_batches=2, bf16=False, seed=3)
     kw.update(learn)
@@ -285,7 +285,8 @@ def test_spread_blocks_learns_against_dense_inputs():
     """One process: the first block matches the sequential block-wise run (same inputs);
     later blocks see dense inputs instead of the pruned blocks' outputs, so they differ."""
     from permsparse.train import distributed as dist
-    from permsparse.api import PruneConfig, prune
+    from permsparse.api import prune
+    from permsparse.config import PruneConfig
 
     spread, spread_model = _run_spread(2)
     seq_model = _model(2)
@@ -381,7 +382,8 @@ def test_progress_bars_say_block_and_step(capsys):
 
 def _worker_export(out: str) -> None:
     from permsparse.io.export import export
-    from permsparse.api import PruneConfig, prune
+    from permsparse.api import prune
+    from permsparse.config import PruneConfig
 
     torch.set_num_threads(1)
     model = _model()

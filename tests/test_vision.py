@@ -23,7 +23,7 @@ from permsparse.data.images import (
     load_image_data,
     read_image_folder,
 )
-from permsparse.train.learn import LearnConfig
+from permsparse.config import LearnConfig
 from permsparse.core.pattern import NMPattern, nm_mask
 from permsparse.models.sites import get_module
 

@@ -7,10 +7,11 @@
 """
 
 from permsparse.io.export import export, load, read_plan
-from permsparse.train.learn import LearnConfig
+from permsparse.config import LearnConfig
 from permsparse.core.pattern import NMPattern, count_violations, nm_mask, unstructured_mask
 from permsparse.core.permutation import Permutation
-from permsparse.api import PruneConfig, PruneResult, prune
+from permsparse.api import PruneResult, prune
+from permsparse.config import PruneConfig
 from permsparse.models.sites import Site, find_sites
 
 __version__ = "0.1.0"

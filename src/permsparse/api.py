@@ -20,7 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permsparse.train import distributed as dist
-from permsparse.models.apply import HEURISTIC_POWER, SiteReport, heuristic_permutation, parse_pattern, prune_site_, site_scores
+from permsparse.models.apply import SiteReport, heuristic_permutation, prune_site_, site_scores
+from permsparse.core.heuristics import HEURISTIC_POWER
+from permsparse.core.pattern import parse_pattern
 from permsparse.models.calibrate import BlockInputs, block_output, collect_stats, run_blocks
 from permsparse.train.learn import (
     LearnConfig,
@@ -44,52 +46,6 @@ __all__ = ["PruneConfig", "PruneResult", "prune", "score_sites", "learn_permutat
 log = logging.getLogger(__name__)
 
 PERMUTATIONS = ("none", "heuristic", "learned")
-
-
-@dataclass
-class PruneConfig:
-    """What to prune and how. ``pattern`` keeps N of every M (``"2:4"``) or is
-    ``"unstructured50"`` (per-row 50%, the reference ceiling)."""
-
-    pattern: str = "2:4"
-    score: str = "wanda"
-    permutation: str = "learned"
-    groups: int | str = 4  # or "auto": see resolve_groups
-    heuristic: str = "zigzag"  # or "zigzag+swap"
-    swap_seconds: float = 1.0  # per site, for "zigzag+swap"
-    heuristic_power: float = HEURISTIC_POWER  # the search keeps the most Σ score**power (2: output error energy)
-    sequential: bool = False  # statistics block by block from the already-pruned blocks
-    sync: bool = True  # one permutation per site of layers reading the same input
-    attn_out: str = "fold"
-    learn: LearnConfig = field(default_factory=LearnConfig)
-    progress: bool = True
-    offload: bool = False  # block by block: only the current block (and its inputs) on `device`, the rest on CPU
-    device: str | None = None  # compute device of the streamed blocks [cuda if available, else cpu]
-    # Block-wise: each block learns against the DENSE model's inputs, so blocks are independent
-    # and torch.distributed ranks take contiguous shares of them (see _prune_blockwise).
-    spread_blocks: bool = False
-
-    def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
-        if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}: use one of {SCORES}")
-        if self.permutation not in PERMUTATIONS:
-            raise ValueError(f"unknown permutation {self.permutation!r}: use one of {PERMUTATIONS}")
-        if self.groups != "auto" and not (isinstance(self.groups, int) and self.groups >= 1):
-            raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
-        if not self.heuristic_power > 0:
-            raise ValueError(f"heuristic_power must be positive, got {self.heuristic_power}")
-        if isinstance(self.learn, dict):
-            self.learn = LearnConfig(**self.learn)
-        if self.spread_blocks and self.sequential:
-            raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
-                             "pruned blocks' outputs: choose one")
-        if self.spread_blocks and self.permutation == "learned" and self.learn.objective != "blockwise":
-            raise ValueError("spread_blocks needs the block-wise objective (objective='blockwise'); the end-to-end "
-                             "objective already shares its work over ranks by splitting batches")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

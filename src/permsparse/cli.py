@@ -81,9 +81,6 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--init", default="heuristic", choices=["heuristic", "identity", "noise", "random"],
                    help="cost initialisation: heuristic warm start, identity-biased, zero + noise, or a random "
                    "permutation [heuristic]")
-    t.add_argument("--cost-model", default=None, choices=["table", "predictor"],
-                   help="free k x k cost table per group (the paper), or costs predicted from weight and "
-                   "activation statistics by a small shared network (far fewer parameters) [table]")
     t.add_argument("--epochs", type=float, default=None,
                    help="passes over the calibration windows [1; digits-vit on digits: see README, Vision]")
     t.add_argument("--batch-size", type=int, default=None, help="windows [4] or images [32] per step")
@@ -100,8 +97,6 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps-per-block", type=int, default=None, help="steps per block (blockwise objective)")
     t.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training at most; τ anneals by steps or time, whichever is further")
-    t.add_argument("--optimizer", default=None, choices=["group-adam", "adam"],
-                   help="optimizer of the costs [group-adam: one second moment per group]")
     t.add_argument("--noise", type=float, default=None, help="std of the initial cost noise")
     t.add_argument("--guard-batches", type=int, default=None, help="calibration batches the final guard compares on")
     t.add_argument("--snapshots", type=int, default=None,
@@ -115,8 +110,6 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--teacher-cache-gb", type=float, default=None,
                    help="keep the calibration pass's dense logits as the teacher when they fit in this many GiB "
                         "of host memory, instead of a teacher forward per step; 0: off [8]")
-    t.add_argument("--exact-sinkhorn-grad", action="store_true",
-                   help="backpropagate through every Sinkhorn iteration (slower; default treats normalisers as constants)")
     t.add_argument("--no-bf16", action="store_true", help="run the model in float32 while learning")
     t.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("long runs (see README: Scaling)")
@@ -243,16 +236,15 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
 
 
 def _prune_config(args: argparse.Namespace):
-    from permsparse.train.learn import LearnConfig
-    from permsparse.api import PruneConfig
+    from permsparse.config import LearnConfig
+    from permsparse.config import PruneConfig
 
     learn_kw = {"objective": args.objective, "init": args.init, "epochs": args.epochs,
                 "batch_size": args.batch_size, "seed": args.seed, "bf16": not args.no_bf16}
-    learn_kw["exact_sinkhorn_grad"] = args.exact_sinkhorn_grad
     learn_kw["checkpoint_path"] = getattr(args, "checkpoint", None)
     learn_kw["checkpoint_every"] = getattr(args, "checkpoint_every", 50)
     for name in ("lr", "lr_end", "margin", "tau_start", "tau_end", "tau_schedule", "sinkhorn_iters", "alpha", "steps_per_block",
-                 "time_budget", "optimizer", "noise", "guard_batches", "cost_model", "snapshots",
+                 "time_budget", "noise", "guard_batches", "snapshots",
                  "average", "tail_average", "teacher_cache_gb"):
         if getattr(args, name) is not None:
             learn_kw[name] = getattr(args, name)

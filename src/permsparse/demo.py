@@ -18,9 +18,12 @@ from typing import Sequence
 
 from torch import nn
 
-from permsparse.models.apply import parse_pattern, prune_site_
-from permsparse.train.learn import LearnConfig, make_batches
-from permsparse.api import PruneConfig, PruneResult, learn_permutations, resolved, score_sites
+from permsparse.models.apply import prune_site_
+from permsparse.core.pattern import parse_pattern
+from permsparse.train.learn import make_batches
+from permsparse.config import LearnConfig
+from permsparse.api import PruneResult, learn_permutations, resolved, score_sites
+from permsparse.config import PruneConfig
 from permsparse.models.sites import find_sites
 
 __all__ = ["PRESETS", "SharedRun", "shared_run", "run_demo"]

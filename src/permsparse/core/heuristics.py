@@ -26,6 +26,10 @@ __all__ = ["zigzag_permutation", "swap_search", "insertion_gain", "sum_of_max"]
 
 log = logging.getLogger(__name__)
 
+#: The heuristic search maximises the kept ``Σ score**power``; 2 is the output error energy of
+#: Wanda's ``|w|·‖x‖`` (results: bench/results/heuristic.md).
+HEURISTIC_POWER = 2.0
+
 
 def _prepare(score: torch.Tensor, pattern: "NMPattern | str", groups: int) -> tuple[torch.Tensor, NMPattern]:
     pattern = NMPattern.parse(pattern)

@@ -143,3 +143,20 @@ def unstructured_mask(score: torch.Tensor, sparsity: float = 0.5) -> torch.Tenso
     mask = torch.zeros_like(score, dtype=torch.bool)
     mask.scatter_(-1, order[:, :n_keep], True)
     return mask
+
+
+#: Per-row 50 % sparsity: the ceiling no N:M mask reaches.
+UNSTRUCTURED = "unstructured50"
+
+
+def parse_pattern(pattern: "str | NMPattern | None") -> NMPattern | None:
+    """``"2:4"`` → ``NMPattern``; ``"unstructured50"`` or ``None`` → ``None`` (per-row 50 %)."""
+    if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == UNSTRUCTURED):
+        return None
+    return NMPattern.parse(pattern)
+
+
+def pattern_str(pattern: "str | NMPattern | None") -> str:
+    """The canonical text of a pattern: ``"2:4"`` or ``"unstructured50"``."""
+    pat = parse_pattern(pattern)
+    return UNSTRUCTURED if pat is None else str(pat)

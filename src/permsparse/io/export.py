@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from permsparse.core.pattern import NMPattern, count_violations
+from permsparse.core.pattern import UNSTRUCTURED, NMPattern, count_violations, parse_pattern, pattern_str
 from permsparse.core.permutation import Permutation
 from permsparse.models.sites import Site, get_module
 
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PLAN_FILE = "permsparse.json"
-_UNSTRUCTURED = "unstructured50"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REQUIRED_KEYS = ("format_version", "pattern", "score", "groups", "sites")
 _SITE_KEYS = ("name", "consumers", "d_in", "payment", "permutation")
@@ -123,17 +122,6 @@ def atomic_write_json(path: "str | os.PathLike[str]", obj: Any, indent: int | No
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _parse_pattern(pattern: "str | NMPattern | None") -> NMPattern | None:
-    if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == _UNSTRUCTURED):
-        return None
-    return NMPattern.parse(pattern)
-
-
-def _pattern_str(pattern: "str | NMPattern | None") -> str:
-    pat = _parse_pattern(pattern)
-    return _UNSTRUCTURED if pat is None else str(pat)
-
-
 def _deployed_modules(model: nn.Module) -> list[str]:
     from permsparse.models.deploy import GatheredOutput, PermutedLinear
 
@@ -189,7 +177,7 @@ def _plan(
     metrics: Mapping[str, Any] | None,
     model: nn.Module | None,
 ) -> dict:
-    pat = _parse_pattern(pattern)
+    pat = parse_pattern(pattern)
     names = [s.name for s in sites]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -218,7 +206,7 @@ def _plan(
     archs = getattr(config, "architectures", None) or ([type(model).__name__] if model is not None else [])
     return {
         "format_version": FORMAT_VERSION,
-        "pattern": _pattern_str(pat),
+        "pattern": pattern_str(pat),
         "score": score,
         "groups": int(groups),
         "model_type": getattr(config, "model_type", None),
@@ -394,7 +382,7 @@ def read_plan(path: "str | os.PathLike[str]") -> tuple[dict, list[Site], dict[st
             f"{file}: unsupported format_version {version!r} (this permsparse reads version {FORMAT_VERSION})"
         )
     try:
-        pattern = _parse_pattern(data["pattern"])
+        pattern = parse_pattern(data["pattern"])
     except ValueError as err:
         raise ValueError(f"{file}: bad pattern: {err}") from None
     groups = data["groups"]
@@ -462,7 +450,7 @@ def check_plan(
     producers have the rows the fold permutes; head-tied permutations respect the ties;
     with an N:M ``pattern``, every consumer weight is N:M in its permuted layout.
     """
-    pat = _parse_pattern(pattern)
+    pat = parse_pattern(pattern)
     for site in sites:
         perm = perms.get(site.name)
         for name in site.consumers:
@@ -578,7 +566,7 @@ def load(
     model = cls.from_pretrained(root, dtype=dtype, use_safetensors=True, local_files_only=True)
     model.eval()
     groups = meta["groups"]
-    pattern = _parse_pattern(meta["pattern"])
+    pattern = parse_pattern(meta["pattern"])
     # Violations are checked after deploy in the stored layout when deploying.
     check_plan(model, sites, perms, None if deploy else pattern, groups)
     if deploy:

@@ -14,30 +14,16 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from permsparse.core.heuristics import swap_search, zigzag_permutation
+from permsparse.core.heuristics import HEURISTIC_POWER, swap_search, zigzag_permutation
 from permsparse.core.metrics import kept_score, unstructured_kept
 from permsparse.core.pattern import NMPattern, nm_mask, unstructured_mask
 from permsparse.core.permutation import Permutation
 from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
 from permsparse.models.sites import Site, get_module
 
-__all__ = ["UNSTRUCTURED", "HEURISTIC_POWER", "SiteReport", "site_scores", "heuristic_permutation", "prune_site_", "parse_pattern"]
+__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "prune_site_"]
 
 log = logging.getLogger(__name__)
-
-UNSTRUCTURED = "unstructured50"  # per-row 50%: the ceiling no N:M mask reaches
-#: The heuristic search maximises the kept ``Σ score**power``. On SmolLM2 2:4 Wanda, G = 4,
-#: power 1 → 2 takes the held-out perplexity from 120.4 to 101.8 with one permutation per
-#: layer and from 123.9 to 111.8 with synchronised sites (bench/results/heuristic.md).
-HEURISTIC_POWER = 2.0
-
-
-def parse_pattern(pattern: "str | NMPattern | None") -> NMPattern | None:
-    """``"2:4"`` → ``NMPattern``; ``"unstructured50"`` or ``None`` → ``None`` (per-row 50%)."""
-    if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == UNSTRUCTURED):
-        return None
-    return NMPattern.parse(pattern)
-
 
 @dataclass
 class SiteReport:

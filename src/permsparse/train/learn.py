@@ -35,12 +35,11 @@ from permsparse.train.loss import IGNORE_INDEX, lm_ce_kl
 from permsparse.core.pattern import NMPattern, check_finite
 from permsparse.core.permutation import Permutation
 from permsparse.core.permuter import GroupAdam, hard_permuted_prune, init_cost, unpermuted_mask
-from permsparse.experimental.predictor import CostPredictor, channel_features, make_mlp
-from permsparse.core.sinkhorn import TemperatureSchedule, hard_assignment, log_sinkhorn, sinkhorn_detached
+from permsparse.core.sinkhorn import TemperatureSchedule, hard_assignment, sinkhorn_detached
+from permsparse.config import LearnConfig
 from permsparse.models.sites import Site
 
 __all__ = [
-    "LearnConfig",
     "PermutationBank",
     "NonFiniteLossError",
     "StepLog",
@@ -57,114 +56,14 @@ __all__ = [
     "make_batches",
     "save_checkpoint",
     "load_checkpoint",
-    "site_features",
     "moved_share",
-    "INIT_CHOICES",
-    "COST_MODELS",
 ]
 
 log = logging.getLogger(__name__)
 
 
-#: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
-#: a random starting permutation.
-INIT_CHOICES = ("heuristic", "identity", "noise", "random")
-#: ``LearnConfig.cost_model`` values.
-COST_MODELS = ("table", "predictor")
 #: LearnConfig.init -> the bank's init.
 _BANK_INIT = {"heuristic": "permutation", "identity": "identity", "noise": "noise", "random": "random"}
-
-
-@dataclass
-class LearnConfig:
-    """Knobs of the trainer (defaults: see the README's recommendations)."""
-
-    objective: str = "e2e"  # "e2e" or "blockwise"
-    init: str = "heuristic"  # "heuristic" (warm start), "identity", "noise" or "random"
-    cost_model: str = "table"  # "table" (the paper's free k x k costs) or "predictor" (see permsparse.experimental.predictor)
-    predictor_dim: int = 8
-    epochs: float = 1.0
-    batch_size: int = 4
-    lr: float = 0.02
-    # The lr falls linearly from ``lr`` to this over the run, by the same progress as τ, so the
-    # late steps at low τ refine the plan instead of jittering it; None: a constant lr.
-    # SmolLM2 2:4, independent sites, 600 s (bench/results/quality.md): 73.2, 78.0 and 75.9
-    # against 75.2, 76.6 and 79.5 at a constant lr (means 75.7 and 77.1, within the spread).
-    lr_end: float | None = 0.002
-    optimizer: str = "group-adam"  # or "adam"
-    margin: float = 0.1  # initial cost advantage of the starting permutation
-    noise: float = 0.01
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    # Linear: τ stays high longer, and most of the gain comes while it is above ~0.3. SmolLM2 2:4,
-    # one permutation per layer, 600 s (bench/results/quality.md): 79.6 against 85.4 exponential;
-    # the sweep (16 steps, synchronised): 101.1 against 110.9.
-    tau_schedule: str = "linear"
-    sinkhorn_iters: int = 5  # bench/results/sweep.md: 5 no worse than 10 (97.1 vs 110.9) at half the Sinkhorn cost
-    exact_sinkhorn_grad: bool = False  # True: backprop through the iterations (slower, more memory)
-    alpha: float = 1.0  # weight of the distillation KL
-    bf16: bool = True  # autocast the model's forward and backward (CPU and CUDA)
-    steps_per_block: int = 24  # block-wise objective
-    guard_batches: int = 2
-    # End to end: hard plans taken at 1/(n+1), 2/(n+1), ... of the run, which the guard weighs
-    # beside the last one (the training loss is noisy at low τ and a late plan can be worse).
-    snapshots: int = 3
-    # End to end: also the hard plans of running averages of the costs (one per decay per step;
-    # empty: none).
-    # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
-    # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
-    # SmolLM2 2:4: the 0.8 average won the guard in every full run with (0.8,) alone
-    # (bench/results/quality.md); at the end of one run of the default trainer
-    # (bench/results/guard_averages.md) the plans of decays 0.8 / 0.9 / 0.95 gave held-out
-    # perplexity 74.8 / 72.8 / 74.1 (the last plan 77.9), and the guard picked 0.9.
-    average: tuple[float, ...] = (0.8, 0.9)
-    # End to end: also the hard plan of the uniform average of the costs over the steps from this
-    # share of the run on (Polyak-Ruppert averaging with a burn-in; None: none). The held-out
-    # perplexity stops falling about halfway (bench/results/guard.md), and the plans after that
-    # are noisy draws around one level: their mean costs are a consensus of many more steps
-    # than the 0.8 average's ~5 (guard_averages.md: 73.9 from half the run on, 76.6 from 3/4).
-    tail_average: float | None = 0.5
-    # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
-    # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
-    # step (SmolLM2, 2 cores, measured at the older 15 s step: 15.0 s against 15.6 s);
-    # 0: always recompute.
-    teacher_cache_gb: float = 8.0
-    time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
-    seed: int = 0
-    checkpoint_path: str | None = None  # end to end: resumable state (one safetensors file), written atomically
-    checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
-
-    def __post_init__(self) -> None:
-        if self.objective not in ("e2e", "blockwise"):
-            raise ValueError(f"objective must be 'e2e' or 'blockwise', got {self.objective!r}")
-        if self.init not in INIT_CHOICES:
-            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
-        if self.cost_model not in COST_MODELS:
-            raise ValueError(f"cost_model must be one of {COST_MODELS}, got {self.cost_model!r}")
-        if self.predictor_dim < 1:
-            raise ValueError(f"predictor_dim must be >= 1, got {self.predictor_dim}")
-        if self.optimizer not in ("group-adam", "adam"):
-            raise ValueError(f"optimizer must be 'group-adam' or 'adam', got {self.optimizer!r}")
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("lr, batch_size and epochs must be positive")
-        if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
-            self.lr_end = None
-        if self.lr_end is not None and self.lr_end < 0:
-            raise ValueError(f"lr_end must be positive (0 or None: a constant lr), got {self.lr_end}")
-        TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
-        if self.snapshots < 0:
-            raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
-        if isinstance(self.average, (int, float)):  # one decay given as a number (0: none)
-            self.average = (self.average,) if self.average else ()
-        self.average = tuple(float(d) for d in self.average)
-        if any(not 0.0 < d < 1.0 for d in self.average) or len(set(self.average)) != len(self.average):
-            raise ValueError(f"average must hold distinct decays in (0, 1), got {self.average}")
-        if self.tail_average is not None and not 0.0 <= self.tail_average < 1.0:
-            raise ValueError(f"tail_average must be in [0, 1) (None: none), got {self.tail_average}")
-        if self.teacher_cache_gb < 0:
-            raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,25 +100,13 @@ class PermutationBank(nn.Module):
         margin: float = 0.1,
         noise: float = 0.01,
         seed: int = 0,
-        exact_grad: bool = False,
-        cost_model: str = "table",
-        features: Mapping[str, torch.Tensor] | None = None,
-        predictor_dim: int = 8,
-        predictor_hidden: int = 32,
     ) -> None:
         super().__init__()
-        if cost_model not in COST_MODELS:
-            raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
-        if cost_model == "predictor" and features is None:
-            raise ValueError("cost_model='predictor' needs per-site channel features (see site_features)")
-        self.exact_grad = exact_grad  # differentiate through every Sinkhorn iteration
-        self.cost_model = cost_model
         gen = torch.Generator().manual_seed(seed)
         self.sites = list(sites)
         self.groups = groups
         self._slot: dict[str, tuple[str, int, int]] = {}  # site -> (size key, offset, free groups)
         chunks: dict[str, list[torch.Tensor]] = {}
-        feats: dict[str, list[torch.Tensor]] = {}
         for site in self.sites:
             _, k = site.structure(groups, pattern)
             free_g = site.free_groups(groups)
@@ -236,20 +123,8 @@ class PermutationBank(nn.Module):
             key = str(k)
             offset = sum(c.shape[0] for c in chunks.get(key, []))
             chunks.setdefault(key, []).append(cost)
-            if features is not None:
-                feats.setdefault(key, []).append(features[site.name].reshape(free_g, k, -1))
             self._slot[site.name] = (key, offset, free_g)
-        if cost_model == "table":
-            self.costs = nn.ParameterDict({key: nn.Parameter(torch.cat(c)) for key, c in chunks.items()})
-            self.predictors = nn.ModuleDict()
-        else:
-            self.costs = nn.ParameterDict()
-            first = next(iter(feats.values()))[0]
-            mlp = make_mlp(first.shape[-1], predictor_hidden, predictor_dim, gen)  # one MLP for every site
-            self.predictors = nn.ModuleDict({
-                key: CostPredictor(torch.cat(feats[key]), torch.cat(c), pattern.m, predictor_dim, predictor_hidden, mlp)
-                for key, c in chunks.items()
-            })
+        self.costs = nn.ParameterDict({key: nn.Parameter(torch.cat(c)) for key, c in chunks.items()})
         self._ties = {s.name: s.tie_index(groups) for s in self.sites}
         self._tied = {n: not torch.equal(t, torch.arange(len(t))) for n, t in self._ties.items()}
         self._order: dict[str, list[str]] = {}  # per size, the sites in stacking order
@@ -257,10 +132,8 @@ class PermutationBank(nn.Module):
             self._order.setdefault(key, []).append(name)
 
     def cost_tensors(self) -> dict[str, torch.Tensor]:
-        """The current cost ``(N, k, k)`` per group size: the table, or the predictor's output."""
-        if self.cost_model == "table":
-            return dict(self.costs.items())
-        return {key: pred() for key, pred in self.predictors.items()}
+        """The current cost ``(N, k, k)`` per group size."""
+        return dict(self.costs.items())
 
     def hard(self) -> dict[str, Permutation]:
         """The hard permutation of every site."""
@@ -279,11 +152,7 @@ class PermutationBank(nn.Module):
         local: dict[str, torch.Tensor] = {}
         ent_sum, ent_n = 0.0, 0
         for key, cost in self.cost_tensors().items():
-            if self.exact_grad:
-                log_p = log_sinkhorn(-cost / tau, n_iters)  # (N, k, k), differentiated through
-                soft = log_p.exp()
-            else:
-                soft, log_p = sinkhorn_detached(-cost / tau, n_iters)
+            soft, log_p = sinkhorn_detached(-cost / tau, n_iters)  # (N, k, k)
             loc = hard_assignment(cost)  # (N, k)
             hard = torch.zeros_like(soft).scatter_(1, loc.unsqueeze(1).to(soft.device), 1.0)
             p_st[key] = hard + (soft - soft.detach())  # value: exactly the hard matrices
@@ -786,33 +655,14 @@ def _plan_with(bank: "PermutationBank", params: Mapping[str, torch.Tensor]) -> d
                 p.copy_(saved[k])
 
 
-def site_features(
-    sites: Sequence[Site], groups: int, scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Per-site channel features ``(free groups, k, F)`` for the cost predictor, laid out
-    like the site's learnable groups (head-tied sites: one group per KV head)."""
-    out = {}
-    for site in sites:
-        s = site.tied_score(torch.cat([scores[c].float() for c in site.consumers], dim=0), groups)
-        w = site.tied_score(torch.cat([weights[c].detach().float().cpu() for c in site.consumers], dim=0), groups)
-        out[site.name] = channel_features([s.cpu()], [w], site.free_groups(groups))
-    return out
-
-
 def _make_bank(sites, groups, pattern, start, cfg: LearnConfig, scores, weights) -> "PermutationBank":
     for s in sites:  # once here: the steps re-mask these scores without checking them again
         for c in s.consumers:
             check_finite(scores[c], f"score of {c}")
-    features = site_features(sites, groups, scores, weights) if cfg.cost_model == "predictor" else None
-    return PermutationBank(
-        sites, groups, pattern, start, _BANK_INIT[cfg.init], cfg.margin, cfg.noise, cfg.seed, cfg.exact_sinkhorn_grad,
-        cost_model=cfg.cost_model, features=features, predictor_dim=cfg.predictor_dim,
-    )
+    return PermutationBank(sites, groups, pattern, start, _BANK_INIT[cfg.init], cfg.margin, cfg.noise, cfg.seed)
 
 
 def _optimizer(bank: nn.Module, cfg: LearnConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     return GroupAdam(bank.parameters(), lr=cfg.lr)
 
 
