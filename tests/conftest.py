@@ -221,7 +221,7 @@ _BUILDERS: dict[str, Callable[..., tuple]] = {
 }
 
 CAUSAL_TEXT_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2")
-#: Families whose ``config.model_type`` is in :data:`permsparse.models.sites.REGISTRY`.
+#: Families whose ``config.model_type`` is in :data:`permsparse.models.families.REGISTRY`.
 REGISTERED_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_5_vl", "vit", "bert")
 #: Every tiny family (``opt`` goes through the generic fallback).
 TINY_FAMILIES = REGISTERED_FAMILIES + ("opt",)
