@@ -448,10 +448,9 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from permsparse.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
     fig, grid = plt.subplots(3, 3, figsize=(16, 13))

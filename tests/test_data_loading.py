@@ -391,6 +391,24 @@ def test_perplexity_rejects_bad_shapes(smollm):
         perplexity(model, torch.zeros(2, 8, dtype=torch.long), batch_size=0)
 
 
+def test_perplexity_with_params_is_the_model_with_those_weights(tiny):
+    import copy
+
+    model = tiny("llama").model
+    windows = torch.randint(3, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.0.mlp.down_proj"
+    weight = model.get_submodule(name).weight
+    params = {f"{name}.weight": weight * (torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5)}
+    dense = perplexity(model, windows, progress=False)
+    masked = perplexity(model, windows, batch_size=2, progress=False, params=params)
+    assert masked != dense and perplexity(model, windows, progress=False) == dense  # the model itself is unchanged
+    other = copy.deepcopy(model)
+    other.get_submodule(name).weight.copy_(params[f"{name}.weight"])
+    assert masked == pytest.approx(perplexity(other, windows, progress=False), rel=1e-6)
+    bf16 = perplexity(model, windows, progress=False, bf16=True)
+    assert bf16 != dense and bf16 == pytest.approx(dense, rel=0.05)
+
+
 @pytest.mark.slow
 def test_perplexity_full_embedded_eval(smollm, windows):
     model, _ = smollm
