@@ -26,10 +26,16 @@ from typing import Callable
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Property tests draw the same examples on every run, so a failure reproduces; no deadline,
+# since the machine is shared and a slow example is not a wrong one.
+settings.register_profile("permsparse", derandomize=True, deadline=None)
+settings.load_profile("permsparse")
 
 SEED = 0
 VOCAB = 128
