@@ -40,5 +40,5 @@ def require(module: str, extra: str, purpose: str | None = None) -> ModuleType:
     except ModuleNotFoundError as err:
         missing = err.name or ""
         if missing and (module == missing or module.startswith(missing + ".")):
-            raise MissingExtra(missing.split(".")[0], extra, purpose) from err
+            raise MissingExtra(missing.split(".")[0], extra, purpose or module) from err
         raise

@@ -251,8 +251,8 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     resolved = resolve_model_spec(spec)
     kwargs: dict[str, Any] = {}
     if resolved.kind == "gguf":
-        for module in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
-            require(module, "gguf", f"loading {resolved.gguf_file}")
+        require("gguf", "gguf", f"loading {resolved.gguf_file}")
+        require("accelerate", "gguf", f"loading {resolved.gguf_file}")  # transformers' GGUF loader requires it
         kwargs["gguf_file"] = resolved.gguf_file
     else:
         # Never fall back to pickle weights, locally or from the Hub.
