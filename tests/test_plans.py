@@ -69,3 +69,6 @@ def test_one_calibration_serves_other_trainer_settings_only(tiny):
                   dataclasses.replace(cfg, learn=dataclasses.replace(LEARN, batch_size=1))):
         with pytest.raises(ValueError, match="calibrate again"):
             plan_candidates(dense, other, calibration=calibration)
+    bare = calibrate(dense, cfg, make_batches(_calib(), LEARN.batch_size), heuristic=False)
+    with pytest.raises(ValueError, match="heuristic plan"):
+        plan_candidates(dense, cfg, calibration=bare)

@@ -193,6 +193,9 @@ def plan_candidates(
     cfg = calibration.check_fits(cfg)
     plans: dict[str, dict[str, Permutation]] = {"none": {}}
     if permutation != "none":
+        if not calibration.heuristic:
+            raise ValueError(f"permutation {permutation!r} needs a calibration with the heuristic plan "
+                             "(calibrate(..., heuristic=True))")
         plans["heuristic"] = calibration.heuristic
     if not learn:
         return CandidatePlans(calibration, plans, permutation)
