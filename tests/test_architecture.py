@@ -18,6 +18,7 @@ Nothing imports ``cli``. ``_optional`` (the one place an optional import fails) 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from functools import lru_cache
@@ -306,7 +307,7 @@ def test_importing_core_does_not_import_transformers():
             "heavy = sorted(m for m in ('transformers', 'accelerate', 'datasets') if m in sys.modules)\n"
             "print(','.join(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(SRC)})
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing permsparse.core loads {done.stdout.strip()}"
 
