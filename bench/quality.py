@@ -113,22 +113,11 @@ def _curve_recorder(model, eval_windows, curve: list, every: float):
 
 
 def params_ppl(model, params: dict, eval_windows, bf16: bool = False) -> float:
-    """Perplexity of ``model`` with ``params`` (``functional_call``) on ``eval_windows``."""
-    import math
+    """Perplexity of ``model`` run with ``params`` (``functional_call``) on ``eval_windows``
+    (bench/guard.py scores candidate plans with it too)."""
+    from permsparse.evaluate import perplexity
 
-    import torch
-    import torch.nn.functional as F
-    from torch.func import functional_call
-
-    nll, n = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        for i in range(0, eval_windows.shape[0], 4):
-            x = eval_windows[i : i + 4]
-            logits = functional_call(model, params, (), {"input_ids": x}, strict=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            n += x[:, 1:].numel()
-    return math.exp(nll / n)
+    return perplexity(model, eval_windows, batch_size=4, progress=False, params=params, bf16=bf16)
 
 
 def run_row(method: str, pattern: str, opts: argparse.Namespace, tmp: Path) -> dict:
@@ -262,10 +251,9 @@ def _targets(rows: list[dict]) -> str:
 
 
 def _plot_curve(curves: list[dict], rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from permsparse.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     def key(c: dict) -> tuple:

@@ -49,14 +49,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from permsparse.models.apply import prune_site_  # noqa: E402
-from permsparse.core.pattern import parse_pattern  # noqa: E402
+from permsparse.api import CandidatePlans, Calibration, calibrate, plan_candidates  # noqa: E402
+from permsparse.config import LearnConfig, PruneConfig  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
-from permsparse.train.learn import make_batches, moved_share  # noqa: E402
-from permsparse.config import LearnConfig  # noqa: E402
-from permsparse.api import learn_permutations, score_sites  # noqa: E402
-from permsparse.config import PruneConfig  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402
+from permsparse.train.learn import make_batches, moved_share  # noqa: E402
 
 AXES = ("groups", "tau", "init", "sync", "epochs", "score", "defaults")
 
@@ -150,7 +147,8 @@ def tiny_setup() -> Setup:
     real data, no tokenizer, seconds per point."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from permsparse.data.text import load_wikipedia_articles, split_token_stream
+    from permsparse.data.text import split_token_stream
+    from permsparse.data.wikipedia import load_wikipedia_articles
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -173,15 +171,24 @@ def configure(base: PruneConfig, overrides: dict) -> PruneConfig:
     return dataclasses.replace(base, learn=learn, **over)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """One calibration of the sweep's model, and the perplexities of its plain and heuristic plans."""
+
+    calibration: Calibration
+    ppl_none: float = math.nan
+    ppl_heuristic: float = math.nan
+
+
 class Sweep:
-    """Runs points against one :class:`Setup`, sharing statistics and heuristics."""
+    """Runs points against one :class:`Setup`, sharing calibrations (statistics, scores, heuristic)."""
 
     def __init__(self, setup: Setup, eval_batch: int = 4) -> None:
         self.s = setup
         self.eval_batch = eval_batch
         self.model = setup.model
         self.model.requires_grad_(False)
-        self._prep: dict[tuple, dict] = {}
+        self._prep: dict[tuple, Prepared] = {}
         self.learned: dict[tuple[str, str], dict] = {}  # (axis, setting) -> learned permutations
         self.dense_ppl = self._ppl()
         # Every linear layer's dense weight, restored after each pruned evaluation.
@@ -197,24 +204,21 @@ class Sweep:
                 get_module(self.model, n).weight.copy_(w)
 
     @contextlib.contextmanager
-    def pruned(self, prep: dict, cfg: PruneConfig, perms: dict | None):
+    def pruned(self, prep: Prepared, perms: dict | None):
         """The model pruned in place with ``perms`` (none: plain N:M) inside the block; the
-        dense weights are restored on the way out."""
-        pattern = parse_pattern(cfg.pattern)
+        dense weights are restored on the way out (cheaper than a copy per evaluation)."""
         try:
-            for site in prep["sites"]:
-                prune_site_(self.model, site, pattern, cfg.score, prep["stats"], (perms or {}).get(site.name),
-                            [prep["scores"][c] for c in site.consumers])
+            prep.calibration.apply_(self.model, perms)
             yield self.model
         finally:
             self._restore()
 
-    def ppl_of(self, prep: dict, cfg: PruneConfig, perms: dict | None) -> float:
+    def ppl_of(self, prep: Prepared, perms: dict | None) -> float:
         """Held-out perplexity of the model pruned with ``perms``."""
-        with self.pruned(prep, cfg, perms):
+        with self.pruned(prep, perms):
             return self._ppl()
 
-    def prepare(self, cfg: PruneConfig) -> dict:
+    def prepare(self, cfg: PruneConfig) -> Prepared:
         key = (cfg.score, cfg.pattern, cfg.groups, cfg.sync, cfg.learn.batch_size)
         if key not in self._prep:
             # Scores and statistics are the size of the model: keep only the base setup's and this one.
@@ -222,14 +226,10 @@ class Sweep:
             base_key = (base.score, base.pattern, base.groups, base.sync, base.learn.batch_size)
             for old in [k for k in self._prep if k != base_key]:
                 del self._prep[old]
-            t0 = time.perf_counter()
             sites = find_sites(self.model, sync=cfg.sync, attn_out=cfg.attn_out)
-            batches = make_batches(self.s.calib, cfg.learn.batch_size)
-            stats, scores, heur = score_sites(self.model, sites, cfg, batches)
-            prep = {"sites": sites, "stats": stats, "scores": scores, "heuristic": heur, "batches": batches,
-                    "prepare_seconds": time.perf_counter() - t0}
-            prep["ppl_none"] = self.ppl_of(prep, cfg, None)
-            prep["ppl_heuristic"] = self.ppl_of(prep, cfg, heur)
+            prep = Prepared(calibrate(self.model, cfg, make_batches(self.s.calib, cfg.learn.batch_size), sites=sites))
+            prep.ppl_none = self.ppl_of(prep, None)
+            prep.ppl_heuristic = self.ppl_of(prep, prep.calibration.heuristic)
             self._prep[key] = prep
         return self._prep[key]
 
@@ -237,59 +237,69 @@ class Sweep:
         prep = self.prepare(cfg)
         info: dict = {}
         epochs: list[dict] = []
-        steps_per_epoch = len(prep["batches"])
+        steps_per_epoch = len(prep.calibration.batches)
 
         def on_step(rec, state) -> None:
             if "cost_params" not in info:
                 info["cost_params"] = sum(p.numel() for p in state.bank.parameters())
             if epoch_eval and (rec.step + 1) % steps_per_epoch == 0:
-                perms = state.bank.hard()
                 epochs.append({"epoch": (rec.step + 1) // steps_per_epoch, "step": rec.step,
-                               "ppl_learned": self.ppl_of(prep, cfg, perms)})
+                               "ppl_learned": self.ppl_of(prep, state.bank.hard())})
 
-        t0 = time.perf_counter()
-        cands, hist, guard, kept = learn_permutations(self.model, prep["sites"], prep["scores"], prep["heuristic"],
-                                                      cfg, prep["batches"], on_step=on_step)
-        learn_s = time.perf_counter() - t0
+        plans = plan_candidates(self.model, cfg, calibration=prep.calibration, on_step=on_step)
+        rows = [self._row(axis, label, cfg, prep, plans, info)]
+        if epoch_eval:
+            rows += self._epoch_rows(rows[0], plans.history, epochs, steps_per_epoch)
+        if axis == "sync":
+            rows[0].update(self.gather_cost(prep, plans.plans["learned"]))
+        self.learned[(axis, label)] = plans.plans["learned"]
+        return rows
+
+    def _row(self, axis: str, label: str, cfg: PruneConfig, prep: Prepared, plans: CandidatePlans,
+             info: dict) -> dict:
+        hist = plans.history
         train_s = sum(h.seconds for h in hist)
+        learned = plans.plans["learned"]
         row = {
             "axis": axis, "setting": label, "model": self.s.name, "pattern": cfg.pattern, "score": cfg.score,
             "groups": cfg.groups, "sync": cfg.sync, "init": cfg.learn.init,
             "tau_start": cfg.learn.tau_start, "tau_end": cfg.learn.tau_end, "tau_schedule": cfg.learn.tau_schedule,
             "sinkhorn_iters": cfg.learn.sinkhorn_iters, "epochs": cfg.learn.epochs, "steps": len(hist),
-            "ppl_dense": self.dense_ppl, "ppl_none": prep["ppl_none"], "ppl_heuristic": prep["ppl_heuristic"],
-            "ppl_learned": self.ppl_of(prep, cfg, cands["learned"]),
-            "kept_plan": kept, "cost_params": info.get("cost_params", 0),
+            "ppl_dense": self.dense_ppl, "ppl_none": prep.ppl_none, "ppl_heuristic": prep.ppl_heuristic,
+            "ppl_learned": self.ppl_of(prep, learned),
+            "kept_plan": plans.kept, "cost_params": info.get("cost_params", 0),
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(len(hist), 1), 2),
-            "guard_seconds": round(learn_s - train_s, 1), "prepare_seconds": round(prep["prepare_seconds"], 1),
+            "guard_seconds": round(plans.learn_seconds - train_s, 1),
+            "prepare_seconds": round(prep.calibration.seconds, 1),
             "moved_last_step": hist[-1].changed if hist else 0.0,
-            "moved_vs_heuristic": round(moved_share(prep["heuristic"], cands["learned"]), 4),
+            "moved_vs_heuristic": round(moved_share(prep.calibration.heuristic, learned), 4),
         }
         row["gain_vs_heuristic_pct"] = round(100.0 * (1 - row["ppl_learned"] / row["ppl_heuristic"]), 2)
-        rows = [row]
-        if epoch_eval:
-            n_steps = max(len(hist), 1)
-            for e in epochs:
-                part = hist[(e["epoch"] - 1) * steps_per_epoch: e["epoch"] * steps_per_epoch]
-                rows.append({**{k: row[k] for k in ("model", "pattern", "score", "groups", "epochs")},
-                             "axis": "epochs-curve", "setting": f"after epoch {e['epoch']}", "epoch": e["epoch"],
-                             "ppl_learned": e["ppl_learned"], "train_loss": sum(h.loss for h in part) / len(part),
-                             "tau": hist[min(e["step"], n_steps - 1)].tau})
-        if axis == "sync":
-            row.update(self.gather_cost(prep, cands["learned"], cfg))
-        self.learned[(axis, label)] = cands["learned"]
+        return row
+
+    @staticmethod
+    def _epoch_rows(row: dict, hist: list, epochs: list[dict], steps_per_epoch: int) -> list[dict]:
+        """The long run's held-out perplexity and mean calibration loss after every epoch."""
+        n_steps = max(len(hist), 1)
+        rows = []
+        for e in epochs:
+            part = hist[(e["epoch"] - 1) * steps_per_epoch: e["epoch"] * steps_per_epoch]
+            rows.append({**{k: row[k] for k in ("model", "pattern", "score", "groups", "epochs")},
+                         "axis": "epochs-curve", "setting": f"after epoch {e['epoch']}", "epoch": e["epoch"],
+                         "ppl_learned": e["ppl_learned"], "train_loss": sum(h.loss for h in part) / len(part),
+                         "tau": hist[min(e["step"], n_steps - 1)].tau})
         return rows
 
-    def gather_cost(self, prep: dict, perms: dict, cfg: PruneConfig) -> dict:
+    def gather_cost(self, prep: Prepared, perms: dict) -> dict:
         """Deploy the pruned model with ``perms`` and profile the time of its gathers."""
         from permsparse.models.deploy import count_gathers, deploy
 
         sys.path.insert(0, str(HERE))
         from deploy import _gather_time  # the profiler attribution of bench/deploy.py
 
-        with self.pruned(prep, cfg, perms) as model:
+        with self.pruned(prep, perms) as model:
             masked = copy.deepcopy(model).eval()
-        deployed = deploy(copy.deepcopy(masked), prep["sites"], perms).eval()
+        deployed = deploy(copy.deepcopy(masked), prep.calibration.sites, perms).eval()
         gathers = count_gathers(deployed)
         ids = self.s.eval[:1]
         gather_ms, total_ms = _gather_time(deployed, masked, ids, rounds=3)
@@ -340,7 +350,7 @@ def run(setup: Setup, grid: dict, axes: list[str], log: Callable[[str], None] = 
             if baseline is not None and cfg == setup.base:
                 got = [{**baseline, "axis": axis, "setting": label}]
                 if axis == "sync":  # the same learned run, deployed and profiled
-                    got[0].update(sweep.gather_cost(sweep.prepare(cfg), sweep.learned[base_key], cfg))
+                    got[0].update(sweep.gather_cost(sweep.prepare(cfg), sweep.learned[base_key]))
             else:
                 t0 = time.perf_counter()
                 got = sweep.point(axis, label, cfg, epoch_eval=axis == "epochs" and cfg.learn.epochs > 1)
@@ -438,10 +448,9 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from permsparse.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
     fig, grid = plt.subplots(3, 3, figsize=(16, 13))

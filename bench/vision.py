@@ -6,9 +6,10 @@
 The model is the embedded default ``digits-vit`` (trained and cached on first use, see
 ``permsparse.data.digits_vit``); calibration images are drawn from the digits' train split with each
 seed, which also seeds the trainer. Per pattern and seed: one calibration pass, one
-heuristic search and one learned run, shared by the three pruned variants (Wanda,
-Wanda + heuristic, Wanda + learned as the guard keeps it, exactly what
-``permsparse prune --permutation learned`` returns). Top-1 and NLL on the held-out test
+heuristic search and one learned run (``permsparse.api.plan_candidates``, the search of
+``permsparse prune --permutation learned``, here from float32 statistics), shared by the
+three pruned variants: Wanda, Wanda + heuristic, Wanda + learned as the guard keeps it.
+Top-1 and NLL on the held-out test
 split (never used for any choice; ``--split val`` reports the validation split instead).
 
 Writes ``bench/results/vision.json`` (``rows``: one flat record per pattern and method with
@@ -43,19 +44,19 @@ def _nll(model, images) -> float:
 
 def run_seed(model, processor, pattern: str, seed: int, split: str, progress: bool) -> list[dict]:
     """The three pruned variants of one pattern and seed (one calibration, one learned run)."""
-    from permsparse.demo import shared_run
-    from permsparse.evaluate import top1_accuracy
-    from permsparse.data.images import load_image_data
-    from permsparse.config import LearnConfig
-    from permsparse.config import PruneConfig
+    from permsparse.api import plan_candidates
+    from permsparse.config import LearnConfig, PruneConfig
     from permsparse.data.digits_vit import DIGITS_PRUNE
+    from permsparse.data.images import load_image_data
+    from permsparse.evaluate import top1_accuracy
 
     tuned = dict(DIGITS_PRUNE)
     n_calib, batch_size, groups = (int(tuned.pop(k)) for k in ("n_calib", "batch_size", "groups"))
     data = load_image_data(f"digits:{split}", processor, model.config.image_size, n_calib, seed, progress=False)
     cfg = PruneConfig(pattern=pattern, score="wanda", permutation="learned", groups=groups, progress=progress,
                       learn=LearnConfig(batch_size=batch_size, seed=seed, **tuned))
-    run = shared_run(model, cfg, data.calib.batches(batch_size))
+    # float32 statistics: the wanda and heuristic rows are exactly what prune() gives without learning.
+    run = plan_candidates(model, cfg, data.calib.batches(batch_size), bf16_calibration=False)
 
     def top1(plan: str) -> float:
         pruned, _ = run.pruned(model, plan)
@@ -67,7 +68,7 @@ def run_seed(model, processor, pattern: str, seed: int, split: str, progress: bo
         row = {"pattern": pattern, "method": method, "seed": seed, "split": split,
                "top1": top1_accuracy(pruned, data.eval.pixel_values, data.eval.labels, progress=False),
                "nll": _nll(pruned, data.eval), "n_calib": len(data.calib),
-               "prune_seconds": run.shared_seconds + (run.learn_seconds if plan is None else 0.0)}
+               "prune_seconds": run.calibration.seconds + (run.learn_seconds if plan is None else 0.0)}
         if plan is None:  # also the learned permutations themselves, whatever the guard kept
             row.update(kept_plan=run.kept, train_steps=len(run.history), top1_learned_unguarded=top1("learned"),
                        **{f"guard_{k}": v for k, v in run.guard.items()})

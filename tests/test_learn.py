@@ -522,7 +522,7 @@ def test_bf16_calibration_pass_gives_bf16_teacher_logits_and_near_float32_statis
         calls.append(k.get("bf16"))
         return real(*a, **k)
 
-    import permsparse.api as pipeline
+    import permsparse.pipeline.calibration as pipeline
 
     for permutation, score, bf16 in (("learned", "wanda", True), ("heuristic", "wanda", False),
                                      ("learned", "sparsegpt", False)):

@@ -87,7 +87,7 @@ def test_missing_lm_eval_raises_install_hint(monkeypatch):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
-    with pytest.raises(ImportError, match=r"pip install 'permsparse\[eval\]'.*pip install lm-eval"):
+    with pytest.raises(ImportError, match=r"needs the optional package lm-eval: pip install 'permsparse\[eval\]'"):
         lm_eval_accuracy(object(), object(), ["hellaswag"])
 
 
@@ -117,7 +117,7 @@ def test_unknown_task_is_rejected_before_the_model_is_used(tmp_path):
 def test_smollm2_cloze_accuracy_above_chance(smollm2, tmp_path, monkeypatch):
     """Offline local task, real model: 20 items, well above the 4-way chance of 0.25 (measured 0.90)."""
     pytest.importorskip("lm_eval")
-    from permsparse.data.text import load_wikipedia_articles
+    from permsparse.data.wikipedia import load_wikipedia_articles
 
     model, tokenizer = smollm2
     items = cloze_items(load_wikipedia_articles(), n=20)

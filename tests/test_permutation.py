@@ -31,7 +31,7 @@ def _assert_respects_groups(p: Permutation, groups: int) -> None:
 # -- algebra -----------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60)
 @given(perm_setup())
 def test_inverse_is_identity(setup):
     d_in, groups, seed = setup
@@ -44,7 +44,7 @@ def test_inverse_is_identity(setup):
     assert torch.equal(p.inverse().apply_to_activations(p.apply_to_activations(x)), x)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60)
 @given(perm_setup())
 def test_compose_semantics_and_associativity(setup):
     d_in, groups, seed = setup
@@ -118,7 +118,7 @@ def test_wrong_length_application_rejected():
 # -- function equivalence ----------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60)
 @given(perm_setup(), st.integers(1, 6), st.integers(1, 3))
 def test_columns_and_activations_preserve_function(setup, d_out, batch):
     d_in, groups, seed = setup
@@ -133,7 +133,7 @@ def test_columns_and_activations_preserve_function(setup, d_out, batch):
     assert torch.equal(p.apply_to_columns(w), w[:, p.indices])
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60)
 @given(perm_setup(), st.integers(1, 6), st.integers(1, 6))
 def test_rows_fold_into_producer(setup, d_prod_in, d_out):
     d_mid, groups, seed = setup
@@ -154,7 +154,7 @@ def test_rows_fold_into_producer(setup, d_prod_in, d_out):
 # -- matrices ----------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60)
 @given(perm_setup())
 def test_matrices_roundtrip(setup):
     d_in, groups, seed = setup

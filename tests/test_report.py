@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 
 from permsparse.models.apply import SiteReport
@@ -154,3 +157,26 @@ def test_write_report_guard_without_history(tmp_path, kept):
     text = write_report(tmp_path, "t", [], {}, guard=guard, kept_plan=kept).read_text()
     assert f"The guard kept: **{kept}**." in text and "_(no rows)_" in text
     assert not (tmp_path / "training.png").exists()
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
+
+
+def test_report_without_matplotlib_has_the_numbers_and_one_warning(tmp_path, no_matplotlib, caplog):
+    with caplog.at_level(logging.WARNING, logger="permsparse.report"):
+        path = write_report(tmp_path, "t", [{"ppl": 12.5}], {"pattern": "2:4"}, _reports(), _history(),
+                            {"none": 1.0, "learned": 0.9}, "learned")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    text = path.read_text()
+    assert "Mean over 6 sites: plain N:M 72.50%" in text and "| 12.5 |" in text and "The guard kept" in text
+    assert ".png" not in text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pip install 'permsparse[plots]'" in warnings[0].getMessage()
+
+
+def test_a_plot_asked_for_without_matplotlib_names_the_extra(tmp_path, no_matplotlib):
+    with pytest.raises(ImportError, match=r"needs the optional package matplotlib: pip install 'permsparse\[plots\]'"):
+        plot_training(_history(), tmp_path / "training.png")

@@ -12,7 +12,8 @@ from permsparse.models.apply import heuristic_permutation, site_scores
 from permsparse.models.deploy import GatheredOutput, PermutedLinear, deploy
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
-from permsparse.models.sites import REGISTRY, Site, find_sites, get_module, trace_sites
+from permsparse.models.families import REGISTRY
+from permsparse.models.sites import Site, find_sites, get_module, trace_sites
 
 from conftest import REGISTERED_FAMILIES, TINY_FAMILIES
 

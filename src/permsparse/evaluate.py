@@ -4,13 +4,23 @@ image classifiers, and zero-shot accuracy through lm-evaluation-harness (optiona
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import difflib
 import logging
 import math
-from typing import Any, Iterable, Mapping
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from tqdm.auto import tqdm
+
+from permsparse._optional import require
 
 __all__ = ["perplexity", "top1_accuracy", "lm_eval_accuracy"]
 
@@ -30,6 +40,9 @@ def perplexity(
     batch_size: int = 4,
     device: torch.device | str | None = None,
     progress: bool = True,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    bf16: bool = False,
 ) -> float:
     """Perplexity ``exp(mean token NLL)`` of a causal LM over token windows.
 
@@ -44,6 +57,10 @@ def perplexity(
         batch_size: windows per forward pass.
         device: where to run; default the device of the model's parameters.
         progress: show a tqdm progress bar.
+        params: tensors (``{"<module>.weight": W}``) to run the model with in place of its
+            own (``torch.func.functional_call``; the model is left unchanged), e.g. the
+            weights of a candidate plan.
+        bf16: run the forward under bfloat16 autocast (the loss stays float32).
     """
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"windows must be (n >= 1, T >= 2) token ids, got shape {tuple(windows.shape)}")
@@ -53,11 +70,15 @@ def perplexity(
 
     total_nll = 0.0
     total_tokens = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for begin in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
             batch = windows[begin : begin + batch_size].to(device=device, dtype=torch.long)
             # use_cache=False: no KV cache is needed for one full pass, and it saves memory.
-            logits = model(input_ids=batch, use_cache=False).logits
+            inputs = {"input_ids": batch, "use_cache": False}
+            if params is None:
+                logits = model(**inputs).logits
+            else:
+                logits = functional_call(model, dict(params), (), inputs, strict=False).logits
             # Float32 log-softmax: a bf16/fp16 one loses precision over a 50k vocabulary.
             shift_logits = logits[:, :-1, :].float()
             targets = batch[:, 1:]
@@ -117,23 +138,17 @@ def top1_accuracy(
 # lm-evaluation-harness (optional extra: pip install 'permsparse[eval]')
 # ---------------------------------------------------------------------------------------
 
-_LM_EVAL_HINT = "lm_eval_accuracy needs lm-evaluation-harness: pip install 'permsparse[eval]' (or: pip install lm-eval)"
-
-
 def _import_lm_eval() -> tuple[Any, Any, Any]:
     """``(simple_evaluate, HFLM, TaskManager)``, imported lazily (lm-eval is an optional extra)."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:
-        raise ImportError(f"{_LM_EVAL_HINT} ({err})") from err
+    require("lm_eval", "eval", "lm_eval_accuracy")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     return simple_evaluate, HFLM, TaskManager
 
 
 def _is_task_file(name: str) -> bool:
-    from pathlib import Path
-
     return name.endswith((".yaml", ".yml")) and Path(name).is_file()
 
 
@@ -147,8 +162,6 @@ def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) 
     Raises:
         ValueError: a task name that is neither registered nor a task YAML file.
     """
-    import difflib
-
     names = [t for t in tasks if not _is_task_file(t)]
     if include_path is not None:
         local = TaskManager(include_path=include_path, include_defaults=False)
@@ -211,12 +224,28 @@ def lm_eval_accuracy(
         ValueError: no tasks, an unknown task name, no tokenizer, bad ``limit``/
             ``batch_size``/``num_fewshot``, or no accuracy metric in any result.
     """
-    import random
-    import time
+    tasks = _checked_tasks(tasks, tokenizer, limit, batch_size, num_fewshot)
+    simple_evaluate, HFLM, TaskManager = _import_lm_eval()
+    include = str(include_path) if include_path is not None else None
+    start = time.perf_counter()
+    manager = _task_manager(TaskManager, tasks, include)  # validates names before touching the model
+    with _model_left_as_is(model):
+        # HFLM may set a pad token on the tokenizer it is given: hand it a copy.
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                              bootstrap_iters=0,  # no stderr: we only return the point estimate
+                              log_samples=False)
+    if out is None:  # only non-zero ranks of a distributed run get None
+        return {}
+    accuracies = _accuracies(out["results"], tasks)
+    logger.info("lm-eval: %d task(s) in %.1f s", len(accuracies), time.perf_counter() - start)
+    return accuracies
 
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks)
+
+def _checked_tasks(tasks: "str | list[str]", tokenizer: Any, limit: int | None, batch_size: int,
+                   num_fewshot: int) -> list[str]:
+    """The task names as a list, once the arguments are known to be usable."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task")
     if batch_size < 1:
@@ -227,55 +256,42 @@ def lm_eval_accuracy(
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if tokenizer is None:
         raise ValueError("tokenizer is required (lm-eval would otherwise look it up by the model's name, maybe on the Hub)")
+    return tasks
 
-    simple_evaluate, HFLM, TaskManager = _import_lm_eval()
-    import copy
 
-    import numpy as np
-
-    include = str(include_path) if include_path is not None else None
-    start = time.perf_counter()
-    manager = _task_manager(TaskManager, tasks, include)  # validates names before touching the model
-
+@contextlib.contextmanager
+def _model_left_as_is(model: Any) -> Iterator[None]:
+    """Leave the model's train/eval mode, its tied weights and the RNG states as they were."""
     was_training = getattr(model, "training", False)
     py_state, np_state = random.getstate(), np.random.get_state()
-    # HFLM may set a pad token on the tokenizer it is given: hand it a copy.
-    tok = copy.deepcopy(tokenizer)
     # HFLM calls model.tie_weights(), which would re-tie an output head deliberately kept
     # separate from the (config-tied) embeddings: disable it on this instance meanwhile.
-    had_own_tie = "tie_weights" in vars(model) if hasattr(model, "__dict__") else False
+    has_dict = hasattr(model, "__dict__")
+    had_own_tie = has_dict and "tie_weights" in vars(model)
     own_tie = vars(model).get("tie_weights") if had_own_tie else None
     try:
-        if hasattr(model, "__dict__"):
+        if has_dict:
             model.tie_weights = lambda *args, **kwargs: None
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         # simple_evaluate seeds python/numpy/torch globally; keep the caller's RNG streams.
         with torch.random.fork_rng(devices=devices):
-            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-            out = simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                num_fewshot=num_fewshot,
-                limit=limit,
-                task_manager=manager,
-                bootstrap_iters=0,  # no stderr: we only return the point estimate
-                log_samples=False,
-            )
+            yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-        if hasattr(model, "__dict__"):
+        if has_dict:
             if had_own_tie:
                 model.tie_weights = own_tie
             else:
                 vars(model).pop("tie_weights", None)
         if hasattr(model, "train"):
             model.train(was_training)
-    if out is None:  # only non-zero ranks of a distributed run get None
-        return {}
 
+
+def _accuracies(results: Mapping[str, Mapping], tasks: list[str]) -> dict[str, float]:
+    """``acc_norm`` where a result row has it, else ``acc``; rows with neither are logged and left out."""
     accuracies: dict[str, float] = {}
-    for name, metrics in out["results"].items():
+    for name, metrics in results.items():
         key = "acc_norm,none" if "acc_norm,none" in metrics else "acc,none" if "acc,none" in metrics else None
         if key is None or not isinstance(metrics[key], (int, float)):
             logger.warning("lm-eval task %r reports no accuracy (metrics: %s); left out", name, sorted(metrics))
@@ -284,5 +300,4 @@ def lm_eval_accuracy(
         logger.info("lm-eval %s: %s = %.4f", name, key.split(",")[0], accuracies[name])
     if not accuracies:
         raise ValueError(f"none of the lm-eval tasks {tasks} reports an accuracy (acc or acc_norm)")
-    logger.info("lm-eval: %d task(s) in %.1f s", len(accuracies), time.perf_counter() - start)
     return accuracies

@@ -4,6 +4,9 @@
   per step of the learned run;
 * ``retained.png``: retained score per site, plain N:M vs with the permutation, against
   the unstructured ceiling.
+
+The plots need matplotlib (``permsparse[plots]``); without it the page is written
+without them, with one warning.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from permsparse._optional import MissingExtra, require
 from permsparse.models.apply import SiteReport
 from permsparse.train.learn import StepLog
 
-__all__ = ["markdown_table", "plot_training", "plot_retained", "write_report"]
+__all__ = ["markdown_table", "pyplot", "plot_training", "plot_retained", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +42,10 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; :class:`MissingExtra` without matplotlib."""
+    require("matplotlib", "plots", "plotting").use("Agg")
+    return require("matplotlib.pyplot", "plots", "plotting")
 
 
 def _save(fig, path: Path) -> None:
@@ -65,7 +66,7 @@ def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None
     """Loss (and CE / KL), τ, entropy and moved channels per step."""
     if not history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     steps = [h.step for h in history]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     ax = axes[0, 0]
@@ -93,7 +94,7 @@ def _finish(fig, path: "str | Path") -> Path:
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -102,7 +103,7 @@ def plot_retained(reports: Sequence[SiteReport], path: "str | Path") -> Path | N
     ok = [r for r in reports if r.retained == r.retained]
     if not ok:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     x = list(range(len(ok)))
     fig, ax = plt.subplots(figsize=(max(8, len(ok) * 0.09), 4))
     ax.plot(x, [100 * r.retained_ceiling for r in ok], "k--", lw=1, label="unstructured ceiling")
@@ -129,8 +130,12 @@ def write_report(
     """``report.md`` plus ``training.png`` and ``retained.png`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_png = plot_training(history, out / "training.png")
-    ret_png = plot_retained(reports, out / "retained.png")
+    try:
+        train_png = plot_training(history, out / "training.png")
+        ret_png = plot_retained(reports, out / "retained.png")
+    except MissingExtra as err:
+        log.warning("the report has no plots: %s", err)
+        train_png = ret_png = None
     parts = [f"# {title}\n", markdown_table(summary_rows)]
     if kept_plan:
         parts.append(f"\nThe guard kept: **{kept_plan}**.\n")
@@ -139,14 +144,15 @@ def write_report(
         parts.append(markdown_table([{"plan": k, "calibration_loss": v} for k, v in guard.items()]))
     if train_png:
         parts.append("\n## Training\n\n![training curves](training.png)\n")
-    if ret_png:
-        ok = [r for r in reports if r.retained == r.retained]
+    ok = [r for r in reports if r.retained == r.retained]
+    if ok:
         mean = lambda f: sum(f(r) for r in ok) / len(ok)  # noqa: E731
         parts.append(
             "\n## Retained score\n\n"
             f"Mean over {len(ok)} sites: plain N:M {100 * mean(lambda r: r.retained_plain):.2f}%, "
             f"with permutation {100 * mean(lambda r: r.retained):.2f}%, "
-            f"unstructured ceiling {100 * mean(lambda r: r.retained_ceiling):.2f}%.\n\n![retained](retained.png)\n"
+            f"unstructured ceiling {100 * mean(lambda r: r.retained_ceiling):.2f}%.\n"
+            + ("\n![retained](retained.png)\n" if ret_png else "")
         )
     parts.append("\n## Configuration\n\n```\n" + "\n".join(f"{k}: {v}" for k, v in config.items()) + "\n```\n")
     path = out / "report.md"

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from permsparse.data.assets import default_cache_dir
+
 __all__ = [
     "DIGITS_VIT",
     "DigitsViTConfig",
@@ -121,10 +123,11 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
 
 
 @torch.no_grad()
-def _accuracy(model: Any, pixel_values: torch.Tensor, labels: torch.Tensor) -> float:
-    from .evaluate import top1_accuracy
-
-    return top1_accuracy(model, pixel_values, labels, batch_size=256, progress=False)
+def _accuracy(model: Any, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 on tensors (``permsparse.evaluate.top1_accuracy`` sits in a layer above this one)."""
+    correct = sum(int((model(pixel_values=pixel_values[i : i + batch_size]).logits.argmax(-1)
+                       == labels[i : i + batch_size]).sum()) for i in range(0, labels.shape[0], batch_size))
+    return correct / labels.shape[0]
 
 
 def train_digits_vit(
@@ -220,12 +223,10 @@ def digits_vit_path(
     progress: bool = True,
 ) -> Path:
     """The cached digits ViT folder for ``preset``, trained first when missing."""
-    from permsparse.data.text import _default_cache_dir
-
     if preset not in PRESETS:
         raise ValueError(f"unknown digits-vit preset {preset!r}: use one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = root / f"digits-vit-{preset}-{cfg.key()}"
     if (out / _TRAIN_FILE).is_file():
         return out

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from permsparse._optional import require
+
 __all__ = [
     "DIGITS_SOURCES",
     "DIGITS_SPLITS",
@@ -53,7 +55,6 @@ DIGITS_SPLITS = ("train", "val", "test")
 #: File suffixes read as images (torchvision's ``IMG_EXTENSIONS``).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _SPLIT_SEED = 0  # fixed: the digits split never changes with the run's seed
-_VISION_PIP = "pip install 'permsparse[vision]'"
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,7 @@ def list_image_folder(root: "str | os.PathLike[str]") -> tuple[list[Path], list[
 
 
 def _import_pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as err:  # pragma: no cover - pillow comes with transformers' vision deps
-        raise ImportError(f"reading images needs Pillow: {_VISION_PIP}") from err
-    return Image
+    return require("PIL.Image", "vision", "reading images")
 
 
 def _open_rgb(file: Path) -> Any:
@@ -272,11 +269,7 @@ def to_pixel_values(images: Sequence[Any], processor: Any = None, image_size: in
 
 
 def _load_digits() -> Any:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(f"the embedded digits need scikit-learn: {_VISION_PIP}") from err
-    return load_digits()
+    return require("sklearn.datasets", "vision", "the embedded digits").load_digits()
 
 
 def digits_images() -> tuple[list[Any], torch.Tensor]:

@@ -225,6 +225,34 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _first_inputs(model: nn.Module, blocks: list[nn.Module], batches: Iterable["torch.Tensor | dict"],
+                  progress: bool, offload_to: torch.device | None) -> BlockInputs:
+    """The first block's inputs. Offloading, the blocks stay on CPU and the layers before the
+    first block visit ``offload_to`` for the capture (which stops at the first block)."""
+    if offload_to is None:
+        return capture_block_inputs(model, blocks[0], batches, progress)
+    cpu = torch.device("cpu")
+    for b in blocks:
+        b.to(cpu)
+    _move_outside_(model, blocks, offload_to)
+    try:
+        return capture_block_inputs(model, blocks[0], batches, progress, stop=True, device=offload_to, keep_on=cpu)
+    finally:
+        _move_outside_(model, blocks, cpu)
+
+
+def _next_inputs(block: nn.Module, inputs: BlockInputs, dense: bool) -> BlockInputs:
+    """The next block's inputs: this block's outputs (the dense ones already computed when
+    ``dense``, else those of the block as it is now, i.e. pruned)."""
+    if dense:
+        outs = inputs.outputs
+    else:
+        with torch.no_grad():
+            outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+    calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
+    return BlockInputs([a for a, _ in calls], [k for _, k in calls])
+
+
 def run_blocks(
     model: nn.Module,
     blocks: Sequence[tuple[str, nn.Module]],
@@ -262,19 +290,10 @@ def run_blocks(
     if owned is not None and not dense:
         raise ValueError("run_blocks: owned= needs dense=True (pruned blocks that are not owned would be skipped)")
     last = max(i for i, m in enumerate(mine) if m)
-    mods = [b for _, b in blocks]
     cpu = torch.device("cpu")
     if offload:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for b in mods:
-            b.to(cpu)
-        _move_outside_(model, mods, device)
-        try:
-            inputs = capture_block_inputs(model, mods[0], batches, progress, stop=True, device=device, keep_on=cpu)
-        finally:
-            _move_outside_(model, mods, cpu)
-    else:
-        inputs = capture_block_inputs(model, mods[0], batches, progress)
+    inputs = _first_inputs(model, [b for _, b in blocks], batches, progress, device if offload else None)
     n = len(blocks)
     bar = tqdm(blocks[: last + 1], desc=f"block 1/{n}", disable=not progress)
     for i, (name, block) in enumerate(bar):
@@ -297,14 +316,7 @@ def run_blocks(
         if mine[i]:
             on_block(name, block, stats, inputs)
         if i < last:
-            if dense:
-                outs = inputs.outputs
-            else:
-                with torch.no_grad():
-                    outs = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
-            calls = [with_hidden(a, k, o) for a, k, o in zip(inputs.args, inputs.kwargs, outs)]
-            inputs = BlockInputs([a for a, _ in calls], [k for _, k in calls])
-            del outs, calls
+            inputs = _next_inputs(block, inputs, dense)
         if offload:
             block.to(cpu)
             if i < last:

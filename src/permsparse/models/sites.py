@@ -12,31 +12,30 @@ plus the way the permutation of that input is paid for at run time (DESIGN.md §
   boundaries and is the same for every query head of a KV group: such sites have one
   permutation group per head, tied across the heads of a KV group.
 
-The per-family table :data:`REGISTRY` maps ``config.model_type`` to block templates,
-matched by block class name; anything else goes through :func:`trace_sites`, the
-generic fallback.
+:func:`find_sites` reads them from the per-family table
+(:data:`permsparse.models.families.REGISTRY`, matched by ``config.model_type`` and block
+class) or, for anything else, from a traced forward (:mod:`permsparse.models.trace`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
+from permsparse.models.families import REGISTRY, BlockTemplate, match_blocks
+from permsparse.models.trace import HEADS, block_of, shared_input_layers
 
 __all__ = [
     "Producer",
     "Site",
-    "BlockTemplate",
-    "SiteSpec",
-    "REGISTRY",
+    "PAYMENTS",
     "find_sites",
-    "find_blocks",
     "trace_sites",
     "get_module",
     "set_module",
@@ -194,112 +193,6 @@ class Site:
         )
 
 
-# -- the per-family table ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """A site inside one block, by module names relative to the block."""
-
-    name: str
-    consumers: tuple[str, ...]
-    payment: str
-    norm: str | None = None
-    producers: tuple[tuple[str, int], ...] = ()  # (module, which third of a fused qkv: 0 or 2, x d_in)
-    through_attention: bool = False  # fold via v rows: head-tied
-
-
-HeadsFn = Callable[[nn.Module], tuple[int, int, int]]  # block -> (num_heads, num_kv_heads, head_dim)
-
-
-@dataclass(frozen=True)
-class BlockTemplate:
-    block_classes: tuple[str, ...]
-    sites: tuple[SiteSpec, ...]
-    heads: HeadsFn
-
-
-def _llama_heads(block: nn.Module) -> tuple[int, int, int]:
-    attn = block.self_attn
-    cfg = attn.config
-    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), attn.head_dim
-
-
-def _encoder_heads(block: nn.Module) -> tuple[int, int, int]:
-    """ViT / BERT: multi-head attention, heads read from the attention module or its config."""
-    att = block.attention
-    for sub in ("attention", "self"):  # transformers 4.x nests the heads one level down
-        att = getattr(att, sub, att)
-    n = getattr(att, "num_attention_heads", None) or att.config.num_attention_heads
-    head_dim = getattr(att, "attention_head_size", None) or getattr(att, "head_dim", None)
-    if head_dim is None:
-        head_dim = att.config.hidden_size // n
-    return n, n, head_dim
-
-
-def _qwen_vision_heads(block: nn.Module) -> tuple[int, int, int]:
-    attn = block.attn
-    return attn.num_heads, attn.num_heads, attn.proj.in_features // attn.num_heads
-
-
-LLAMA_LIKE_SITES = (
-    SiteSpec("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "gather_norm", norm="input_layernorm"),
-    SiteSpec("attn_out", ("self_attn.o_proj",), "fold", producers=(("self_attn.v_proj", 0),), through_attention=True),
-    SiteSpec("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "gather_norm", norm="post_attention_layernorm"),
-    SiteSpec("mlp_out", ("mlp.down_proj",), "fold", producers=(("mlp.gate_proj", 0), ("mlp.up_proj", 0))),
-)
-
-VIT_SITES = (
-    SiteSpec("attn_in", ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "gather_norm", norm="layernorm_before"),
-    SiteSpec("attn_out", ("attention.o_proj",), "fold", producers=(("attention.v_proj", 0),), through_attention=True),
-    SiteSpec("mlp_in", ("mlp.fc1",), "gather_norm", norm="layernorm_after"),
-    SiteSpec("mlp_out", ("mlp.fc2",), "fold", producers=(("mlp.fc1", 0),)),
-)
-
-VIT_SITES_V4 = (  # transformers 4.x module names
-    SiteSpec(
-        "attn_in",
-        ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
-        "gather_norm",
-        norm="layernorm_before",
-    ),
-    SiteSpec("attn_out", ("attention.output.dense",), "fold", producers=(("attention.attention.value", 0),), through_attention=True),
-    SiteSpec("mlp_in", ("intermediate.dense",), "gather_norm", norm="layernorm_after"),
-    SiteSpec("mlp_out", ("output.dense",), "fold", producers=(("intermediate.dense", 0),)),
-)
-
-# BERT is post-LayerNorm: the block's input is the residual stream, read again by the
-# residual adds, so its readers cannot share a gather in a norm; each gathers on its own.
-BERT_SITES = (
-    SiteSpec("attn_in", ("attention.self.query", "attention.self.key", "attention.self.value"), "gather"),
-    SiteSpec("attn_out", ("attention.output.dense",), "fold", producers=(("attention.self.value", 0),), through_attention=True),
-    SiteSpec("mlp_in", ("intermediate.dense",), "gather"),
-    SiteSpec("mlp_out", ("output.dense",), "fold", producers=(("intermediate.dense", 0),)),
-)
-
-QWEN_VISION_SITES = (
-    SiteSpec("attn_in", ("attn.qkv",), "gather_norm", norm="norm1"),
-    SiteSpec("attn_out", ("attn.proj",), "fold", producers=(("attn.qkv", 2),), through_attention=True),
-    SiteSpec("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "gather_norm", norm="norm2"),
-    SiteSpec("mlp_out", ("mlp.down_proj",), "fold", producers=(("mlp.gate_proj", 0), ("mlp.up_proj", 0))),
-)
-
-REGISTRY: dict[str, tuple[BlockTemplate, ...]] = {
-    "llama": (BlockTemplate(("LlamaDecoderLayer",), LLAMA_LIKE_SITES, _llama_heads),),
-    "mistral": (BlockTemplate(("MistralDecoderLayer",), LLAMA_LIKE_SITES, _llama_heads),),
-    "qwen2": (BlockTemplate(("Qwen2DecoderLayer",), LLAMA_LIKE_SITES, _llama_heads),),
-    "qwen2_5_vl": (
-        BlockTemplate(("Qwen2_5_VLDecoderLayer",), LLAMA_LIKE_SITES, _llama_heads),
-        BlockTemplate(("Qwen2_5_VLVisionBlock",), QWEN_VISION_SITES, _qwen_vision_heads),
-    ),
-    "vit": (
-        BlockTemplate(("ViTLayer",), VIT_SITES, _encoder_heads),
-        BlockTemplate(("ViTLayer",), VIT_SITES_V4, _encoder_heads),
-    ),
-    "bert": (BlockTemplate(("BertLayer",), BERT_SITES, _encoder_heads),),
-}
-
-
 # -- module access -------------------------------------------------------------------------
 
 
@@ -315,42 +208,68 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(get_module(model, parent) if parent else model, child, module)
 
 
-def find_blocks(model: nn.Module, template: BlockTemplate) -> list[tuple[str, nn.Module]]:
-    """Blocks of ``template``'s classes that hold every module its sites name."""
-    out = []
-    for n, m in model.named_modules():
-        if type(m).__name__ not in template.block_classes:
-            continue
-        names = {c for spec in template.sites for c in spec.consumers + tuple(p for p, _ in spec.producers)}
-        names |= {spec.norm for spec in template.sites if spec.norm}
-        if all(_has(m, c) for c in names):
-            out.append((n, m))
-    return out
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _match_blocks(model: nn.Module, templates: Sequence[BlockTemplate]) -> list[tuple[str, nn.Module, BlockTemplate]]:
-    """Each block with the first template that fits it, in forward (module) order."""
-    found: dict[str, tuple[nn.Module, BlockTemplate]] = {}
-    for template in templates:
-        for name, block in find_blocks(model, template):
-            found.setdefault(name, (block, template))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return [(n, b, t) for n, (b, t) in sorted(found.items(), key=lambda kv: order[kv[0]])]
-
-
 def _linear_in(module: nn.Module, name: str) -> int:
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise ValueError(f"{name} is not a linear layer (no 2-D weight)")
     return weight.shape[1]
+
+
+# -- finding the sites ---------------------------------------------------------------------
+
+
+def find_sites(
+    model: nn.Module,
+    sync: bool = True,
+    attn_out: str = "fold",
+    example_inputs: dict | None = None,
+) -> list[Site]:
+    """All permutation sites of ``model``, in forward order.
+
+    Args:
+        sync: share one permutation among layers that read the same input (the paper's
+            choice). ``False`` gives every consumer its own site paid by its own gather.
+        attn_out: ``"fold"`` (into ``v`` rows, head-tied) or ``"gather"`` (free groups).
+        example_inputs: inputs for the generic fallback's traced forward, for model types
+            not in :data:`REGISTRY`.
+    """
+    if attn_out not in ("fold", "gather"):
+        raise ValueError(f"attn_out must be 'fold' or 'gather', got {attn_out!r}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    templates = REGISTRY.get(model_type)
+    if templates is None:
+        log.info("model type %r is not in the registry; tracing shared inputs instead", model_type)
+        if example_inputs is None:
+            raise ValueError(
+                f"model type {model_type!r} is not in the registry ({', '.join(sorted(REGISTRY))}); "
+                "pass example_inputs so that the generic fallback can trace which layers share an input"
+            )
+        sites = trace_sites(model, example_inputs)
+    else:
+        sites = []
+        for block_name, block, template in match_blocks(model, templates):
+            sites.extend(_block_sites(model, block_name, block, template))
+        if not sites:
+            raise ValueError(f"found no Transformer blocks in this {model_type} model")
+    if attn_out == "gather":
+        sites = [
+            replace(s, payment="gather", producers=(), head_dim=None, kv_of_head=None) if s.head_tied else s
+            for s in sites
+        ]
+    if not sync:
+        sites = _split(sites)
+    return sites
+
+
+def _split(sites: Sequence[Site]) -> list[Site]:
+    out = []
+    for s in sites:
+        if len(s.consumers) == 1 or s.payment == "fold":
+            out.append(s)
+            continue
+        for c in s.consumers:
+            out.append(Site(f"{s.name}.{c.rsplit('.', 1)[-1]}", (c,), s.d_in, "gather", block=s.block))
+    return out
 
 
 def _block_sites(model: nn.Module, block_name: str, block: nn.Module, template: BlockTemplate) -> list[Site]:
@@ -387,124 +306,9 @@ def _block_sites(model: nn.Module, block_name: str, block: nn.Module, template: 
     return sites
 
 
-def find_sites(
-    model: nn.Module,
-    sync: bool = True,
-    attn_out: str = "fold",
-    example_inputs: dict | None = None,
-) -> list[Site]:
-    """All permutation sites of ``model``, in forward order.
-
-    Args:
-        sync: share one permutation among layers that read the same input (the paper's
-            choice). ``False`` gives every consumer its own site paid by its own gather.
-        attn_out: ``"fold"`` (into ``v`` rows, head-tied) or ``"gather"`` (free groups).
-        example_inputs: inputs for the generic fallback's traced forward, for model types
-            not in :data:`REGISTRY`.
-    """
-    if attn_out not in ("fold", "gather"):
-        raise ValueError(f"attn_out must be 'fold' or 'gather', got {attn_out!r}")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    templates = REGISTRY.get(model_type)
-    if templates is None:
-        log.info("model type %r is not in the registry; tracing shared inputs instead", model_type)
-        if example_inputs is None:
-            raise ValueError(
-                f"model type {model_type!r} is not in the registry ({', '.join(sorted(REGISTRY))}); "
-                "pass example_inputs so that the generic fallback can trace which layers share an input"
-            )
-        sites = trace_sites(model, example_inputs)
-    else:
-        sites = []
-        for block_name, block, template in _match_blocks(model, templates):
-            sites.extend(_block_sites(model, block_name, block, template))
-        if not sites:
-            raise ValueError(f"found no Transformer blocks in this {model_type} model")
-    if attn_out == "gather":
-        sites = [
-            replace(s, payment="gather", producers=(), head_dim=None, kv_of_head=None) if s.head_tied else s
-            for s in sites
-        ]
-    if not sync:
-        sites = _split(sites)
-    return sites
-
-
-def _split(sites: Sequence[Site]) -> list[Site]:
-    out = []
-    for s in sites:
-        if len(s.consumers) == 1 or s.payment == "fold":
-            out.append(s)
-            continue
-        for c in s.consumers:
-            out.append(Site(f"{s.name}.{c.rsplit('.', 1)[-1]}", (c,), s.d_in, "gather", block=s.block))
-    return out
-
-
-def _block_of(name: str) -> str:
-    """The block holding layer ``name``: its innermost ancestor that is a ``ModuleList``
-    entry (``...layers.3``), else its parent module."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i - 1].isdigit():
-            return ".".join(parts[:i])
-    return name.rpartition(".")[0]
-
-
-HEADS = ("lm_head", "classifier", "score")  # output heads are left dense, as in Wanda and SparseGPT
-
-
 def trace_sites(model: nn.Module, example_inputs: dict, exclude: Sequence[str] = HEADS) -> list[Site]:
     """Generic fallback: linear layers that receive the very same input tensor in a traced
     forward share a site, paid by gathers. Reports the layers it cannot handle."""
-    seen: dict[int, list[str]] = {}
-    order: list[int] = []
-    keep_alive: list[torch.Tensor] = []  # ids are only unique while the tensors live
-    handles = []
-    skipped: list[str] = []
-
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                skipped.append(f"{name} (input is not a tensor)")
-                return
-            key = id(x)
-            if key not in seen:
-                seen[key] = []
-                order.append(key)
-                keep_alive.append(x)
-            if name not in seen[key]:
-                seen[key].append(name)
-
-        return fn
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in exclude:
-            handles.append(module.register_forward_pre_hook(hook(name)))
-        elif type(module).__name__ == "Conv1D":
-            skipped.append(f"{name} (transformers Conv1D; weight is (d_in, d_out), not handled)")
-    try:
-        with torch.no_grad():
-            model(**example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    counts: dict[str, int] = {}
-    for names in seen.values():
-        for n in names:
-            counts[n] = counts.get(n, 0) + 1
-    sites = []
-    for key in order:
-        names = [n for n in seen[key] if counts[n] == 1]
-        for n in seen[key]:
-            if counts[n] > 1 and f"{n} (called more than once per forward)" not in skipped:
-                skipped.append(f"{n} (called more than once per forward)")
-        if not names:
-            continue
-        d_in = _linear_in(get_module(model, names[0]), names[0])
-        block = _block_of(names[0])
-        sites.append(Site(f"{names[0]}.site", tuple(names), d_in, "gather", block=block))
-    for s in skipped:
-        log.warning("generic fallback could not handle %s", s)
-    return sites
+    return [Site(f"{names[0]}.site", names, _linear_in(get_module(model, names[0]), names[0]), "gather",
+                 block=block_of(names[0]))
+            for names in shared_input_layers(model, example_inputs, exclude)]

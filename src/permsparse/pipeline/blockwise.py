@@ -1,0 +1,158 @@
+"""Block by block: statistics, scores and the plan of one block at a time.
+
+Learned permutations use the block-wise objective against each block's dense output.
+Two feeds of a block's inputs:
+
+* default (sequential): the outputs of the already-pruned blocks before it, so a block
+  is fitted to the inputs it will receive in the pruned model; this forces one block
+  after another, and under torch.distributed every rank does every block (replicated).
+* ``spread_blocks``: the dense model's inputs (one dense walk through the blocks;
+  statistics as in one-shot calibration). A block is then fitted to inputs that the
+  pruned model will not quite give it (a possible loss of quality), but blocks are
+  independent: each rank learns and prunes its contiguous share, then
+  the permutations, reports and losses are all-gathered and each pruned block's weights
+  broadcast from its owner, so every rank ends with the same model. A rank holds the
+  inputs of one block at a time and stops its walk after its last block; one process
+  gives the same result as any number of ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from permsparse.config import PruneConfig
+from permsparse.core.pattern import NMPattern
+from permsparse.core.permutation import Permutation
+from permsparse.models.apply import SiteReport, prune_site_
+from permsparse.models.calibrate import BlockInputs, block_output, run_blocks
+from permsparse.models.sites import Site, get_module
+from permsparse.pipeline.calibration import scores_and_heuristic
+from permsparse.train import distributed as dist
+from permsparse.train.learn import StepLog, block_loss, train_block
+
+__all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockwiseOutcome:
+    """What the walk chose, in forward order (``kept_plan``: the guard's choices, counted per block)."""
+
+    perms: dict[str, Permutation] = field(default_factory=dict)
+    reports: list[SiteReport] = field(default_factory=list)
+    history: list[StepLog] = field(default_factory=list)
+    guard: dict[str, float] = field(default_factory=dict)
+    kept_plan: str = "none"
+
+
+def identity_plan(sites: Sequence[Site], groups: int) -> dict[str, Permutation]:
+    """The plan that permutes nothing, in each site's group structure."""
+    return {s.name: Permutation.identity(s.d_in, s.structure(groups)[0]) for s in sites}
+
+
+def _learn_block(block: nn.Module, name: str, sites: list[Site], scores: dict, heur: dict, pattern: NMPattern,
+                 cfg: PruneConfig, inputs: BlockInputs) -> tuple[dict[str, Permutation], dict]:
+    """Learn one block's plan and let the block-wise guard choose among none, heuristic and learned."""
+    calls = list(zip(inputs.args, inputs.kwargs))
+    targets = inputs.outputs  # the dense outputs, when run_blocks computed them already
+    if targets is None:
+        with torch.no_grad():
+            targets = [block_output(block(*a, **k)).detach() for a, k in calls]
+    learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
+                                start=heur if cfg.learn.init == "heuristic" else None)
+    candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": heur, "learned": learned}
+    losses = {k: block_loss(block, name, sites, c, scores, pattern, calls, targets, cfg.learn.bf16)
+              for k, c in candidates.items()}
+    best = min(losses, key=lambda k: (losses[k], k != "learned"))
+    rec = {"history": [h.to_json() for h in hist], "guard": {f"{name}:{k}": v for k, v in losses.items()},
+           "kept": best}
+    return candidates[best], rec
+
+
+def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], pattern: NMPattern | None,
+              cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs) -> dict:
+    """Score, choose the plan of and prune one block; what it chose, as plain values (they
+    cross ranks when the blocks are spread)."""
+    scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, permutation in ("heuristic", "learned"))
+    chosen: dict[str, Permutation] = {}
+    rec: dict = {"history": [], "guard": {}, "kept": None}
+    if permutation == "heuristic":
+        chosen = heur
+    elif permutation == "learned":
+        chosen, rec = _learn_block(block, name, sites, scores, heur, pattern, cfg, inputs)
+    rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
+    rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
+                                         [scores[c] for c in s.consumers]))
+                      for s in sites]
+    return rec
+
+
+def _share_spread(model: nn.Module, chain: list[tuple[str, nn.Module]], owners: list[int],
+                  by_block: dict[str, list[Site]], done: dict[str, dict]) -> None:
+    """Every rank gets every block's record and pruned weights from the block's owner."""
+    for part in dist.all_gather_object(done):
+        done.update(part)
+    with torch.no_grad():  # the pruned weights, in the same order on every rank
+        for (name, _), owner in zip(chain, owners):
+            for s in by_block[name]:
+                for c in s.consumers:
+                    dist.broadcast_(get_module(model, c).weight.data, owner)
+
+
+def _collect(order: list[str], done: dict[str, dict], permutation: str) -> BlockwiseOutcome:
+    out = BlockwiseOutcome()
+    kept: dict[str, int] = {"none": 0, "heuristic": 0, "learned": 0}
+    for name in order:
+        rec = done[name]
+        out.perms.update({n: Permutation(torch.tensor(idx), groups) for n, (idx, groups) in rec["perms"].items()})
+        out.reports += [SiteReport(**r) for r in rec["reports"]]
+        out.history += [StepLog(**h) for h in rec["history"]]
+        out.guard.update(rec["guard"])
+        if rec["kept"] is not None:
+            kept[rec["kept"]] += 1
+    if permutation == "learned":
+        out.kept_plan = ", ".join(f"{k} {v}/{len(order)}" for k, v in kept.items() if v)
+        log.info("block-wise guard kept: %s", out.kept_plan)
+    else:
+        out.kept_plan = permutation
+    return out
+
+
+def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern | None, cfg: PruneConfig,
+                    permutation: str, batches: Sequence[dict]) -> BlockwiseOutcome:
+    """Prune ``model`` in place block by block (see the module's docstring for the two feeds)."""
+    by_block: dict[str, list[Site]] = {}
+    for s in sites:
+        by_block.setdefault(s.block, []).append(s)
+    order = [n for n, _ in model.named_modules() if n in by_block]
+    chain = [(n, get_module(model, n)) for n in order]
+    spread = cfg.spread_blocks
+    owners = dist.block_owners(len(chain)) if spread else []
+    owner_of = dict(zip(order, owners))
+    if spread:
+        mine = [n for n, r in zip(order, owners) if r == dist.rank()]
+        log.info("spread blocks: rank %d/%d learns %d of %d blocks%s", dist.rank(), dist.world_size(), len(mine),
+                 len(chain), f" ({mine[0]} .. {mine[-1]})" if mine else "")
+    elif dist.world_size() > 1 and dist.is_main():
+        log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
+                 "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
+    done: dict[str, dict] = {}
+
+    def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
+        done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs)
+
+    device = None
+    if cfg.offload:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block,
+               cfg.score == "sparsegpt", cfg.progress and dist.is_main(), offload=cfg.offload, device=device,
+               owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread)
+    if spread:
+        _share_spread(model, chain, owners, by_block, done)
+    return _collect(order, done, permutation)
