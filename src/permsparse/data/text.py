@@ -31,7 +31,7 @@ from typing import Any
 import mwparserfromhell
 import torch
 
-from permsparse.io.export import atomic_write_text
+from permsparse.io.atomic import atomic_write_text
 from mwparserfromhell.nodes import Argument, Comment, ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink
 
 __all__ = [
