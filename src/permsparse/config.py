@@ -67,6 +67,15 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+def _jsonable(value: Any) -> Any:
+    """``asdict`` output as JSON holds it (tuples as lists), so that a config equals its read-back."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """``cls(**data)`` with unknown keys named in a ``ValueError``."""
     known = {f.name for f in fields(cls)}
@@ -200,7 +209,7 @@ class PruneConfig:
 
     def to_json(self) -> dict:
         """The fields, ``learn`` nested: the schema of a recipe and of ``permsparse.json``'s ``config``."""
-        return asdict(self)
+        return _jsonable(asdict(self))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "PruneConfig":
@@ -230,7 +239,7 @@ class DataConfig:
             raise ValueError("n_calib, window and eval_tokens must be positive")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return _jsonable(asdict(self))
 
 
 @dataclass
