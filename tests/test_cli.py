@@ -524,6 +524,11 @@ def test_recipe_nested_schema_and_flag_names(tmp_path):
     got = load_recipe(recipe)
     assert got == {"sync": False, "bf16": False, "groups": "auto", "average": (0.7,), "tail_average": None,
                    "checkpoint_path": "c"}
+    # A permsparse.json replays its recorded config, but not into the earlier run's checkpoint.
+    plan = {"format_version": 1, "sites": [], "config": PruneConfig(learn={"checkpoint_path": "c", "lr": 0.1}).to_json()}
+    recipe.write_text(json.dumps(plan))
+    got = load_recipe(recipe)
+    assert got["lr"] == 0.1 and "checkpoint_path" not in got
     recipe.write_text(json.dumps({"learn": {"pattern": "2:4"}}))  # a field in the wrong section
     with pytest.raises(UsageError, match=r"unknown option\(s\) learn\.pattern"):
         load_recipe(recipe)
