@@ -114,17 +114,17 @@ def _failure_line(err: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.quiet:  # for tqdm bars of modules imported from here on
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
     from permsparse.cli.commands import cmd_demo, cmd_eval
     from permsparse.cli.prune import cmd_prune
 
     commands = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
-    # TQDM_DISABLE only reaches tqdm imported after it is set; transformers' own bars
-    # ("Loading weights", "Writing model shards") have their own switch.
-    from transformers.utils import logging as hf_logging
-
+    # transformers' own bars ("Loading weights", "Writing model shards") have their own switch.
     hf_bars = hf_logging.is_progress_bar_enabled()
     if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
         hf_logging.disable_progress_bar()
     try:
         return commands[args.command](args)
