@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from permsparse.models.apply import prune_site_  # noqa: E402
 from permsparse.models.deploy import count_gathers, deploy  # noqa: E402
-from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.core.pattern import NMPattern, count_violations, nm_mask  # noqa: E402
 from permsparse.core.sinkhorn import host_cores  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402

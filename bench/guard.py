@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
-from permsparse.io.export import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.train.learn import (  # noqa: E402
     LearnConfig, TeacherCache, _plan_with, evaluate_plan, hard_params, make_batches, teacher_logits, train_end_to_end,
 )

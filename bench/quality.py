@@ -181,7 +181,7 @@ def add_gap_closed(rows: list[dict]) -> None:
 
 def write_outputs(rows: list[dict], meta: dict) -> None:
     sys.path.insert(0, str(HERE.parent / "src"))
-    from permsparse.io.export import atomic_write_json, atomic_write_text
+    from permsparse.io.atomic import atomic_write_json, atomic_write_text
     from permsparse.report import markdown_table
 
     RESULTS.mkdir(parents=True, exist_ok=True)

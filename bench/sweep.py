@@ -410,7 +410,7 @@ def merge(runs: list[dict]) -> tuple[list[dict], dict]:
 
 
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
-    from permsparse.io.export import atomic_write_json, atomic_write_text
+    from permsparse.io.atomic import atomic_write_json, atomic_write_text
     from permsparse.report import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = solver_rows(model, groups)
         meta = {"command": "python bench/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "preset": opts.preset, "setup": "solver only", "complete": True, "date": time.strftime("%Y-%m-%d")}
-        from permsparse.io.export import atomic_write_json
+        from permsparse.io.atomic import atomic_write_json
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "sweep.json", {"rows": rows, "meta": meta})

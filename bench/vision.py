@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from permsparse.evaluate import top1_accuracy
     from permsparse.data.images import load_digits_set
-    from permsparse.io.export import atomic_write_json, atomic_write_text
+    from permsparse.io.atomic import atomic_write_json, atomic_write_text
     from permsparse.models.loading import load_model
     from permsparse.data.digits_vit import DIGITS_PRUNE, digits_vit_path, train_record
 

@@ -2,8 +2,9 @@
 
 The model folder is a stock Hugging Face folder (``config.json`` + safetensors + a fast
 tokenizer trained here on the embedded Wikipedia text); the calibration text is real
-Wikipedia text in a local ``.txt`` file. Every test runs ``permsparse.cli.main`` in
-process, so exit codes, stdout and stderr are checked directly.
+Wikipedia text in a local ``.txt`` file. Most tests run ``permsparse.cli.main`` in
+process, so exit codes, stdout and stderr are checked directly; the exit-code tests run
+the command in a subprocess.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+import permsparse
 from permsparse.cli import main
-from permsparse.io.export import PLAN_FILE, read_plan
+from permsparse.io.plan import PLAN_FILE, read_plan
 
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
@@ -380,7 +385,7 @@ def test_quiet_before_or_after_command(model_dir, calib_txt, tmp_path, capsys):
 # -- a diverging run -------------------------------------------------------------------------
 
 
-def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
+def test_nan_loss_exits_1_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
     import permsparse.train.learn as learn
 
     real = learn.task_loss
@@ -396,7 +401,7 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
     monkeypatch.setattr(learn, "task_loss", nan_after_first)
     out = tmp_path / "run"
     rc = main(_prune(model_dir, calib_txt, out, "--permutation", "learned"))
-    assert rc == 2
+    assert rc == 1  # a failure at run time, not a usage error
     line = _one_error_line(capsys.readouterr().err)
     assert "loss became nan" in line and "--lr" in line
     assert calls["n"] == 2
@@ -405,21 +410,215 @@ def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
     assert os.listdir(tmp_path) == []
 
 
+# -- options generated from the config dataclasses ------------------------------------------------
+
+
+def _configs(*flags: str, recipe: dict | None = None, task: str = "causal-lm"):
+    from permsparse.cli import build_parser
+    from permsparse.cli.options import given_values, resolve
+
+    args = build_parser().parse_args(["prune", "m", "--out", "o", *flags])
+    return resolve(task, recipe or {}, given_values(args))
+
+
 def test_trainer_knobs_reach_the_config():
-    from permsparse.cli import _apply_recipe, _prune_config, build_parser
+    from permsparse.cli import UsageError
     from permsparse.config import LearnConfig
 
-    base = ["prune", "m", "--out", "o", "--epochs", "1", "--batch-size", "4", "--groups", "4"]
-    args = _apply_recipe(build_parser(), base + ["--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1",
-                                                 "--lr-end", "0.002"])
-    learn = _prune_config(args).learn
+    learn = _configs("--average", "0.5,0.7", "--teacher-cache-gb", "0", "--snapshots", "1", "--lr-end", "0.002")[0].learn
     assert (learn.average, learn.teacher_cache_gb, learn.snapshots, learn.lr_end) == ((0.5, 0.7), 0.0, 1, 0.002)
-    assert _prune_config(_apply_recipe(build_parser(), base + ["--average", "0"])).learn.average == ()
-    assert _prune_config(_apply_recipe(build_parser(), base + ["--lr-end", "0"])).learn.lr_end is None
-    default = _prune_config(_apply_recipe(build_parser(), base)).learn
+    assert _configs("--average", "0")[0].learn.average == ()
+    assert _configs("--lr-end", "0")[0].learn.lr_end is None
+    default = _configs()[0].learn
     assert (default.average, default.teacher_cache_gb, default.lr_end) == ((0.8, 0.9), 8.0, LearnConfig.lr_end)
     assert default.tail_average == LearnConfig.tail_average == 0.5
     for flag, want in (("0.25", 0.25), ("0", 0.0), ("off", None)):
-        assert _prune_config(_apply_recipe(build_parser(), base + ["--tail-average", flag])).learn.tail_average == want
+        assert _configs("--tail-average", flag)[0].learn.tail_average == want
+    with pytest.raises(ValueError, match="tail_average"):
+        _configs("--tail-average", "1.5")
+    with pytest.raises(UsageError, match="--score"):
+        _configs("--score", "best")
+    cfg, data, run = _configs("--independent", "--no-bf16", "--checkpoint", "c.st", "--groups", "auto", "--no-eval",
+                              "--n-calib", "7", "--resume")
+    assert (cfg.sync, cfg.learn.bf16, cfg.learn.checkpoint_path, cfg.groups) == (False, False, "c.st", "auto")
+    assert (data.n_calib, run.no_eval, run.resume, run.out) == (7, True, True, "o")
+
+
+def test_defaults_of_what_is_pruned():
+    """Image classifiers calibrate on more images in larger batches; on the digits, with the
+    settings chosen on their validation split. A recipe and the flags still win."""
+    from permsparse.config import DIGITS_PRUNE
+
+    cfg, data, _ = _configs()
+    assert (data.calib, data.n_calib, cfg.learn.batch_size, cfg.groups) == ("wikipedia", 128, 4, 4)
+    cfg, data, _ = _configs(task="image-classification")
+    assert (data.calib, data.n_calib, cfg.learn.batch_size) == ("digits", DIGITS_PRUNE["n_calib"],
+                                                                  DIGITS_PRUNE["batch_size"])
+    assert (cfg.learn.epochs, cfg.groups) == (DIGITS_PRUNE["epochs"], DIGITS_PRUNE["groups"])
+    cfg, data, _ = _configs("--calib", "imgs", task="image-classification")
+    assert (data.n_calib, cfg.learn.batch_size, cfg.groups) == (512, 32, 4)
+    cfg, data, _ = _configs("--batch-size", "8", recipe={"n_calib": 16}, task="image-classification")
+    assert (data.n_calib, cfg.learn.batch_size) == (16, 8)
+
+
+def _config_options():
+    from permsparse.cli.options import SECTIONS, help_text, options
+
+    opts = options()
+    for _, cls, _ in SECTIONS:
+        for f in fields(cls):
+            if f.name in opts and opts[f.name].flag:
+                yield cls, f, opts[f.name], help_text(opts[f.name])
+
+
+def test_every_config_field_is_an_option_with_its_default(capsys, monkeypatch):
+    from permsparse.config import LearnConfig, PruneConfig
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     with pytest.raises(SystemExit):
-        _apply_recipe(build_parser(), base + ["--tail-average", "1.5"])
+        main(["prune", "--help"])
+    entries: dict[str, str] = {}  # flag -> its lines of help, joined (long invocations put the help below)
+    for ln in capsys.readouterr().out.splitlines():
+        if ln.startswith("  -"):
+            flag = ln.split()[0].rstrip(",")
+            entries[flag] = ln
+        elif ln.startswith("   ") and entries:
+            entries[flag] += " " + ln.strip()
+    seen = set()
+    for cls, f, opt, _ in _config_options():
+        line = entries.get(opt.flag)
+        assert line is not None, f"{opt.flag} ({cls.__name__}.{f.name}) missing from prune --help"
+        assert f.metadata["help"] in line
+        default = getattr(cls(), f.name)
+        if isinstance(default, bool):
+            assert "[default: off]" in line, line
+        else:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+            assert f"[default: {'none' if default is None else shown}" in line, line
+        seen.add(f.name)
+    # Every field has a flag, except the nested trainer and the progress bars (-q).
+    every = {f.name for cls in (PruneConfig, LearnConfig) for f in fields(cls)}
+    assert every - seen == {"learn", "progress"}
+    assert {"--checkpoint", "--independent", "--no-bf16", "--no-eval", "--n-calib"} <= {o.flag for *_, o, _ in
+                                                                                     _config_options()}
+
+
+# -- recipes: the nested schema, and a run replayed from its permsparse.json ---------------------------
+
+
+def test_recipe_nested_schema_and_flag_names(tmp_path):
+    from permsparse.cli import UsageError
+    from permsparse.cli.recipe import load_recipe
+    from permsparse.config import PruneConfig
+
+    recipe = tmp_path / "r.json"
+    nested = PruneConfig(pattern="4:8", sync=False).to_json()
+    nested["learn"]["lr"] = 0.05
+    nested["data"] = {"n_calib": 16}
+    recipe.write_text(json.dumps(nested))
+    got = load_recipe(recipe)
+    assert (got["pattern"], got["sync"], got["lr"], got["n_calib"], got["average"]) == ("4:8", False, 0.05, 16,
+                                                                                         [0.8, 0.9])
+    recipe.write_text(json.dumps({"independent": True, "no-bf16": True, "groups": "auto", "average": "0.7",
+                                  "tail-average": "off", "checkpoint": "c"}))
+    got = load_recipe(recipe)
+    assert got == {"sync": False, "bf16": False, "groups": "auto", "average": (0.7,), "tail_average": None,
+                   "checkpoint_path": "c"}
+    # A permsparse.json replays its recorded config, but not into the earlier run's checkpoint.
+    plan = {"format_version": 1, "sites": [], "config": PruneConfig(learn={"checkpoint_path": "c", "lr": 0.1}).to_json()}
+    recipe.write_text(json.dumps(plan))
+    got = load_recipe(recipe)
+    assert got["lr"] == 0.1 and "checkpoint_path" not in got
+    recipe.write_text(json.dumps({"learn": {"pattern": "2:4"}}))  # a field in the wrong section
+    with pytest.raises(UsageError, match=r"unknown option\(s\) learn\.pattern"):
+        load_recipe(recipe)
+
+
+def test_yaml_recipe_without_pyyaml_names_the_extra(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("pattern: '4:8'\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    rc = main(_prune(model_dir, calib_txt, tmp_path / "run", "--recipe", str(recipe)))
+    assert rc == 2
+    assert "pip install 'permsparse[yaml]'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_run_replays_from_its_permsparse_json(model_dir, calib_txt, tmp_path, capsys):
+    """``--recipe OUT/permsparse.json`` runs the same configuration on the same data: the
+    learned permutations are the same; a flag on the command line still wins."""
+    first = tmp_path / "first"
+    rc = main(_prune(model_dir, calib_txt, first, "--permutation", "learned", "--pattern", "4:8", "--groups", "2",
+                     "--lr", "0.05", "--no-eval"))
+    assert rc == 0, capsys.readouterr().err
+    meta, sites, perms = read_plan(first)
+    assert meta["config"]["learn"]["lr"] == 0.05 and meta["config"]["data"]["n_calib"] == 8
+    assert sum(not p.is_identity() for p in perms.values()) > 0
+
+    again = tmp_path / "again"
+    rc = main(["prune", str(model_dir), "--recipe", str(first / PLAN_FILE), "--out", str(again), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    meta2, sites2, perms2 = read_plan(again)
+    assert sites2 == sites and all(perms2[s.name] == perms[s.name] for s in sites)
+    assert meta2["config"] == meta["config"]
+    assert meta2["metrics"]["guard"] == pytest.approx(meta["metrics"]["guard"])
+
+    other = tmp_path / "other"
+    rc = main(["prune", str(model_dir), "--recipe", str(first / PLAN_FILE), "--out", str(other), "-q",
+               "--permutation", "none"])
+    assert rc == 0, capsys.readouterr().err
+    meta3, _, perms3 = read_plan(other)
+    assert meta3["pattern"] == "4:8" and meta3["config"]["permutation"] == "none"
+    assert all(p.is_identity() for p in perms3.values())
+
+
+# -- exit codes, through a real process ------------------------------------------------------------
+
+
+def _cli(args: list[str], fail: str | None = None) -> subprocess.CompletedProcess:
+    """``permsparse ARGS`` in a fresh interpreter running this tree's package; ``fail="nan"``:
+    the training loss turns NaN (a failure at run time), ``fail="bug"``: an unexpected exception."""
+    boot = [
+        "import sys, permsparse",
+        f"assert permsparse.__file__ == {permsparse.__file__!r}, permsparse.__file__",
+    ]
+    if fail == "nan":
+        boot += ["import permsparse.train.learn as L",
+                 "real = L.task_loss",
+                 "L.task_loss = lambda *a: tuple(x * float('nan') if i == 0 else x for i, x in enumerate(real(*a)))"]
+    elif fail == "bug":
+        boot += ["import permsparse.api as A",
+                 "def boom(*a, **k): raise KeyError('an unexpected bug')",
+                 "A.prune = boom"]
+    boot += ["from permsparse.cli import main", f"sys.exit(main({args!r}))"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-c", "\n".join(boot)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_exit_2_for_a_usage_error_in_one_line(model_dir, calib_txt, tmp_path):
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--score", "best"))
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert "--score" in line and "best" in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_exit_1_for_a_failure_at_run_time_in_one_line(model_dir, calib_txt, tmp_path):
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--permutation", "learned", "--no-eval"), fail="nan")
+    assert proc.returncode == 1, proc.stderr
+    assert "loss became nan" in _one_error_line(proc.stderr)
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--no-eval"), fail="bug")
+    assert proc.returncode == 1, proc.stderr
+    assert "KeyError: 'an unexpected bug'" in _one_error_line(proc.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_traceback_only_with_verbose(model_dir, calib_txt, tmp_path):
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--no-eval", "-v"), fail="bug")
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "in boom" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "permsparse: error: KeyError: 'an unexpected bug'"
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--pattern", "4:2", "-v"))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("permsparse: error: invalid N:M pattern 4:2")

@@ -40,7 +40,7 @@ def test_demo_wiring_on_a_tiny_model(tiny, tmp_path, monkeypatch, one_thread):
 @pytest.mark.slow
 def test_demo_quick_preset_learned_not_worse_than_heuristic(tmp_path):
     from permsparse.demo import run_demo
-    from permsparse.io.export import read_plan
+    from permsparse.io.plan import read_plan
 
     rows = run_demo("quick", out=tmp_path / "demo", progress=False)
     ppl = {r["method"]: r["ppl"] for r in rows}

@@ -12,7 +12,9 @@ import pytest
 import torch
 import transformers
 
+from permsparse.io import atomic
 from permsparse.io import export as psio
+from permsparse.io import plan as pplan
 from permsparse.models.apply import heuristic_permutation, prune_site_, site_scores
 from permsparse.models.calibrate import collect_stats, run_blocks
 from permsparse.models.deploy import GatheredOutput, PermutedLinear, deploy, deployed_violations, to_semi_structured
@@ -110,11 +112,11 @@ def test_prune_deploy_export_load(tiny, family, tmp_path):
     assert max_diff(t.output(plain), pruned) <= 1e-5
 
     # The plan reads back as written.
-    meta, sites2, perms2 = psio.read_plan(out_dir)
+    meta, sites2, perms2 = pplan.read_plan(out_dir)
     assert sites2 == sites
     assert all(perms2[s.name] == perms[s.name] for s in sites)
     assert (meta["pattern"], meta["score"], meta["groups"]) == ("2:4", "wanda", GROUPS)
-    assert meta["format_version"] == psio.FORMAT_VERSION
+    assert meta["format_version"] == pplan.FORMAT_VERSION
     assert set(meta["versions"]) == {"permsparse", "torch", "transformers"}
     assert meta["metrics"] == {"note": "test", "retained": 0.5}
     assert meta["created"]
@@ -337,7 +339,7 @@ def site_entry(data, name):
 def test_plan_wrong_length(export_copy):
     edit_plan(export_copy, lambda d: site_entry(d, "model.layers.1.mlp_in")["permutation"].pop())
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp_in.*length 63"):
-        psio.read_plan(export_copy)
+        pplan.read_plan(export_copy)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp_in"):
         psio.load(export_copy)
 
@@ -418,21 +420,21 @@ def test_plan_json_errors(export_copy):
     text = plan.read_text()
     plan.write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match="not valid JSON"):
-        psio.read_plan(export_copy)
+        pplan.read_plan(export_copy)
     data = json.loads(text)
     plan.write_text(json.dumps({**data, "format_version": 99}))
     with pytest.raises(ValueError, match="unsupported format_version 99"):
         psio.load(export_copy)
     plan.write_text(json.dumps({k: v for k, v in data.items() if k != "groups"}))
     with pytest.raises(ValueError, match="missing keys groups"):
-        psio.read_plan(export_copy)
+        pplan.read_plan(export_copy)
     plan.write_text(json.dumps({**data, "pattern": "4:2"}))
     with pytest.raises(ValueError, match="bad pattern"):
-        psio.read_plan(export_copy)
+        pplan.read_plan(export_copy)
     del data["sites"][0]["permutation"]
     plan.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.attn_in is missing keys permutation"):
-        psio.read_plan(export_copy)
+        pplan.read_plan(export_copy)
     plan.unlink()
     with pytest.raises(FileNotFoundError, match="permsparse.json is missing"):
         psio.load(export_copy)
@@ -473,7 +475,7 @@ def test_not_a_model_dir(tmp_path):
 
 def test_export_refuses_existing_and_overwrites_atomically(llama_export, tmp_path):
     src, t = llama_export
-    _, sites, perms = psio.read_plan(src)
+    _, sites, perms = pplan.read_plan(src)
     model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     target = tmp_path / "out"
     psio.export(model, target, sites, perms, pattern="2:4", score="wanda", groups=GROUPS)
@@ -483,7 +485,7 @@ def test_export_refuses_existing_and_overwrites_atomically(llama_export, tmp_pat
     log.write_text('{"step": 1}\n')
     psio.export(model, target, sites, perms, pattern="2:4", score="magnitude", groups=GROUPS,
                 metrics={"v": 2}, overwrite=True, config={"lr": 0.1}, extra_files={"logs/steps.jsonl": log})
-    meta, _, _ = psio.read_plan(target)
+    meta, _, _ = pplan.read_plan(target)
     assert meta["score"] == "magnitude" and meta["metrics"] == {"v": 2} and meta["config"] == {"lr": 0.1}
     assert (target / "logs" / "steps.jsonl").read_text() == '{"step": 1}\n'
     with pytest.raises(ValueError, match="relative path"):
@@ -495,7 +497,7 @@ def test_export_refuses_existing_and_overwrites_atomically(llama_export, tmp_pat
 
 def test_export_crash_leaves_nothing(llama_export, tmp_path, monkeypatch):
     src, t = llama_export
-    _, sites, perms = psio.read_plan(src)
+    _, sites, perms = pplan.read_plan(src)
     model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     real_save = type(model).save_pretrained
 
@@ -540,11 +542,75 @@ def test_export_refuses_deployed_and_bad_plans(tiny, tmp_path):
 
 
 def test_atomic_write_helpers(tmp_path):
-    p = psio.atomic_write_json(tmp_path / "sub" / "x.json", {"a": torch.tensor([1, 2]), "b": Path("/p")})
+    p = atomic.atomic_write_json(tmp_path / "sub" / "x.json", {"a": torch.tensor([1, 2]), "b": Path("/p")})
     assert json.loads(p.read_text()) == {"a": [1, 2], "b": "/p"}
-    psio.atomic_write_text(p, "new")
+    atomic.atomic_write_text(p, "new")
     assert p.read_text() == "new"
     assert [q.name for q in p.parent.iterdir()] == ["x.json"]
+
+
+def test_atomic_dir_keeps_an_existing_folder_unless_told(tmp_path):
+    target = tmp_path / "d"
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(FileExistsError):
+        with atomic.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("third")
+            raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "first"
+    with atomic.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("fourth")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+# -- the Hugging Face habits: save_pretrained / from_pretrained --------------------------------------
+
+
+def test_save_pretrained_from_pretrained_round_trip(tiny, tmp_path):
+    import permsparse
+
+    t = tiny("llama")
+    cfg = permsparse.PruneConfig(pattern="2:4", permutation="heuristic", groups=GROUPS, progress=False)
+    result = permsparse.prune(t.model, None, cfg, calib=t.batches(2))
+    assert result.config.pattern == "2:4" and result.groups == GROUPS
+    assert sum(not p.is_identity() for p in result.perms.values()) > 0
+    pruned = t.output()
+    out = result.save_pretrained(tmp_path / "out", t.model)
+    meta, sites, perms = pplan.read_plan(out)
+    assert meta["config"] == cfg.to_json() and meta["metrics"]["kept_plan"] == "heuristic"
+    assert permsparse.PruneConfig.from_json(meta["config"]) == cfg
+    assert all(perms[s.name] == result.perms[s.name] for s in sites)
+
+    plain = permsparse.from_pretrained(out)  # original coordinates, the checkpoint's dtype
+    assert not is_deployed(plain) and next(plain.parameters()).dtype == torch.float32
+    assert torch.equal(t.output(plain), pruned)
+    fast = permsparse.from_pretrained(out, deploy=True, device="cpu")
+    assert is_deployed(fast)
+    assert max_diff(t.output(fast), pruned) <= ATOL
+
+    # dtype "auto" is the checkpoint's, as in transformers; a dtype can still be forced.
+    t.model.to(torch.bfloat16)
+    half = result.save_pretrained(tmp_path / "bf16", t.model)
+    loaded = permsparse.from_pretrained(half)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    stock = transformers.AutoModelForCausalLM.from_pretrained(half, dtype="auto").eval()
+    assert torch.equal(t.output(loaded), t.output(stock))
+    assert next(permsparse.from_pretrained(half, dtype=torch.float32).parameters()).dtype == torch.float32
+    with pytest.raises(FileExistsError):
+        result.save_pretrained(half, t.model)
+
+
+def test_save_pretrained_needs_the_config(tiny, tmp_path):
+    from permsparse.api import PruneResult
+
+    t = tiny("llama")
+    with pytest.raises(ValueError, match="no config"):
+        PruneResult(find_sites(t.model), {}, []).save_pretrained(tmp_path / "x", t.model)
 
 
 # -- CUDA: 2:4 semi-structured kernels --------------------------------------------------------------

@@ -19,7 +19,7 @@ from permsparse.models import apply
 from permsparse.models import calibrate
 
 from permsparse.train import learn
-from permsparse.io.export import check_plan
+from permsparse.io.plan import check_plan
 from permsparse.train.learn import (
     LearnConfig,
     NonFiniteLossError,

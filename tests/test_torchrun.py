@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from permsparse.cli import main
-from permsparse.io.export import PLAN_FILE, load, read_plan
+from permsparse.io.export import load
+from permsparse.io.plan import PLAN_FILE, read_plan
 from test_cli import WINDOW, calib_txt, model_dir, words  # noqa: F401  (fixtures)
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -61,6 +61,7 @@ class PruneResult:
     seconds: float = 0.0
     learned: dict[str, Permutation] = field(default_factory=dict)  # what training ended with, kept or not
     groups: int = 0  # the G used (``PruneConfig.groups`` resolved)
+    config: PruneConfig | None = None  # what the run used (``groups`` resolved)
 
     def retained(self) -> dict[str, float]:
         """Mean retained score fraction over sites, plain N:M vs with the permutations."""
@@ -72,6 +73,38 @@ class PruneResult:
             "retained": sum(r.retained for r in ok) / len(ok),
             "retained_ceiling": sum(r.retained_ceiling for r in ok) / len(ok),
         }
+
+    def save_pretrained(
+        self,
+        out_dir: "str | Path",
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        metrics: Mapping | None = None,
+        config: Mapping | None = None,
+        overwrite: bool = False,
+        extra_files: Mapping | None = None,
+    ) -> Path:
+        """Write the pruned ``model`` (and ``tokenizer``) with this result's plan to ``out_dir``:
+        a stock Hugging Face folder plus ``permsparse.json``, which records :attr:`config` (the
+        schema ``permsparse prune --recipe`` reads) and, unless ``metrics`` is given, the kept
+        plan, the guard's losses and the retained scores. :func:`permsparse.export` with what
+        the result knows; :func:`permsparse.from_pretrained` loads it back.
+
+        Raises:
+            ValueError: a result without a config (not made by :func:`prune`), or a model
+                that does not match the plan (see :func:`permsparse.export`).
+            FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        """
+        from permsparse.io.export import export
+
+        if self.config is None:
+            raise ValueError("this PruneResult carries no config (not made by prune()); use permsparse.export")
+        if metrics is None:
+            metrics = {"kept_plan": self.kept_plan, "guard": self.guard, **self.retained()}
+        return export(model, out_dir, self.sites, self.perms, pattern=self.config.pattern, score=self.config.score,
+                      groups=self.groups, tokenizer=tokenizer, metrics=metrics, overwrite=overwrite,
+                      config=self.config.to_json() if config is None else config, extra_files=extra_files)
 
 
 def prune(
@@ -120,6 +153,7 @@ def prune(
         result = plans.prune_(model)
     result.seconds = time.perf_counter() - t0
     result.groups = cfg.groups
+    result.config = cfg
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result
 

@@ -1,83 +1,141 @@
-"""The configuration of a run, in one place: what to prune (:class:`PruneConfig`) and how the
-permutations are learned (:class:`LearnConfig`). Every default is stated here once."""
+"""The configuration of a run, in one place: what to prune (:class:`PruneConfig`), how the
+permutations are learned (:class:`LearnConfig`), what the command line calibrates and
+evaluates on (:class:`DataConfig`) and where it writes (:class:`RunConfig`).
+
+Every default, its choices and its help text are stated here once, in the fields'
+``metadata`` (``help``, ``choices``; ``flag`` where the command-line flag is not the field
+name; ``cli=False`` for a field without one): ``permsparse prune``'s options are generated
+from these dataclasses. Defaults that depend on what is pruned are :data:`CLASSIFIER_DEFAULTS`
+and :data:`DIGITS_PRUNE` (see :func:`workload_defaults`).
+
+:meth:`PruneConfig.to_json` is the schema of a recipe and of ``config`` in ``permsparse.json``:
+the fields of :class:`PruneConfig`, with :class:`LearnConfig` nested under ``learn`` (and, for
+a command-line run, :class:`DataConfig` under ``data``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
 
 from permsparse.core.heuristics import HEURISTIC_POWER
 from permsparse.core.pattern import parse_pattern
 from permsparse.core.scores import SCORES
 from permsparse.core.sinkhorn import TemperatureSchedule
 
-__all__ = ["PruneConfig", "LearnConfig", "PERMUTATIONS", "INIT_CHOICES"]
+__all__ = ["PruneConfig", "LearnConfig", "DataConfig", "RunConfig", "PERMUTATIONS", "INIT_CHOICES",
+           "OBJECTIVES", "HEURISTICS", "ATTN_OUT", "TAU_SCHEDULES", "CLASSIFIER_DEFAULTS", "DIGITS_PRUNE",
+           "workload_defaults"]
 
 PERMUTATIONS = ("none", "heuristic", "learned")
 #: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
 #: a random starting permutation.
 INIT_CHOICES = ("heuristic", "identity", "noise", "random")
+OBJECTIVES = ("e2e", "blockwise")
+HEURISTICS = ("zigzag", "zigzag+swap")
+ATTN_OUT = ("fold", "gather")
+TAU_SCHEDULES = ("exponential", "linear", "cosine", "constant")
+
+#: Image classifiers calibrate on labelled images, more of them per step than text windows.
+CLASSIFIER_DEFAULTS: dict[str, Any] = {"calib": "digits", "n_calib": 512, "batch_size": 32}
+#: Image classifiers calibrated on the embedded digits: the learned settings were chosen on
+#: the digits' validation split, never on the test split (bench/results/vision.md).
+DIGITS_PRUNE: dict[str, Any] = {"n_calib": 1024, "batch_size": 64, "epochs": 10.0, "groups": 1}
+
+
+def workload_defaults(task: str, calib: str | None = None) -> dict[str, Any]:
+    """Defaults, by field name, of what is pruned, for the options a run leaves unset: none
+    for language models (the dataclass defaults), :data:`CLASSIFIER_DEFAULTS` for image
+    classifiers, and :data:`DIGITS_PRUNE` over them when they calibrate on the digits."""
+    if task != "image-classification":
+        return {}
+    out = dict(CLASSIFIER_DEFAULTS)
+    if str(calib or out["calib"]).lower().startswith("digits"):
+        out.update(DIGITS_PRUNE)
+    return out
+
+
+def _opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any) -> Any:
+    """A dataclass field whose metadata holds its help text (and ``choices``, ``flag``, ``cli``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    """``asdict`` output as JSON holds it (tuples as lists), so that a config equals its read-back."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """``cls(**data)`` with unknown keys named in a ``ValueError``."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    return cls(**data)
 
 
 @dataclass
 class LearnConfig:
-    """Knobs of the trainer (defaults: see the README's recommendations)."""
+    """Knobs of the trainer (the README's recommendations are the defaults)."""
 
-    objective: str = "e2e"  # "e2e" or "blockwise"
-    init: str = "heuristic"  # "heuristic" (warm start), "identity", "noise" or "random"
-    epochs: float = 1.0
-    batch_size: int = 4
-    lr: float = 0.02
-    # The lr falls linearly from ``lr`` to this over the run, by the same progress as τ, so the
-    # late steps at low τ refine the plan instead of jittering it; None: a constant lr.
-    # SmolLM2 2:4, independent sites, 600 s (bench/results/quality.md): 73.2, 78.0 and 75.9
-    # against 75.2, 76.6 and 79.5 at a constant lr (means 75.7 and 77.1, within the spread).
-    lr_end: float | None = 0.002
-    margin: float = 0.1  # initial cost advantage of the starting permutation
-    noise: float = 0.01
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    # Linear: τ stays high longer, and most of the gain comes while it is above ~0.3. SmolLM2 2:4,
-    # one permutation per layer, 600 s (bench/results/quality.md): 79.6 against 85.4 exponential;
-    # the sweep (16 steps, synchronised): 101.1 against 110.9.
-    tau_schedule: str = "linear"
-    sinkhorn_iters: int = 5  # bench/results/sweep.md: 5 no worse than 10 (97.1 vs 110.9) at half the Sinkhorn cost
-    alpha: float = 1.0  # weight of the distillation KL
-    bf16: bool = True  # autocast the model's forward and backward (CPU and CUDA)
-    steps_per_block: int = 24  # block-wise objective
-    guard_batches: int = 2
-    # End to end: hard plans taken at 1/(n+1), 2/(n+1), ... of the run, which the guard weighs
-    # beside the last one (the training loss is noisy at low τ and a late plan can be worse).
-    snapshots: int = 3
-    # End to end: also the hard plans of running averages of the costs (one per decay per step;
-    # empty: none).
-    # ~15 % of the channels change place at every step, late steps too (bench/results/quality.md):
-    # the last plan is one noisy draw, the averaged costs the consensus of the last few steps.
-    # SmolLM2 2:4: the 0.8 average won the guard in every full run with (0.8,) alone
-    # (bench/results/quality.md); at the end of one run of the default trainer
-    # (bench/results/guard_averages.md) the plans of decays 0.8 / 0.9 / 0.95 gave held-out
-    # perplexity 74.8 / 72.8 / 74.1 (the last plan 77.9), and the guard picked 0.9.
-    average: tuple[float, ...] = (0.8, 0.9)
-    # End to end: also the hard plan of the uniform average of the costs over the steps from this
-    # share of the run on (Polyak-Ruppert averaging with a burn-in; None: none). The held-out
-    # perplexity stops falling about halfway (bench/results/guard.md), and the plans after that
-    # are noisy draws around one level: their mean costs are a consensus of many more steps
-    # than the 0.8 average's ~5 (guard_averages.md: 73.9 from half the run on, 76.6 from 3/4).
-    tail_average: float | None = 0.5
-    # End to end: keep the dense logits of the calibration pass (float16, on the host) as the
-    # distillation teacher when they fit in this many GiB, instead of a teacher forward at every
-    # step (SmolLM2, 2 cores, measured at the older 15 s step: 15.0 s against 15.6 s);
-    # 0: always recompute.
-    teacher_cache_gb: float = 8.0
-    time_budget: float | None = None  # seconds of training; τ anneals by steps or time, whichever is further
-    seed: int = 0
-    checkpoint_path: str | None = None  # end to end: resumable state (one safetensors file), written atomically
-    checkpoint_every: int = 50  # steps between checkpoints (and one after the last step)
+    objective: str = _opt("e2e", "end to end: CE + KL on the model's output; blockwise: per-block output MSE "
+                          "(memory flat in depth)", choices=OBJECTIVES)
+    init: str = _opt("heuristic", "cost initialisation: heuristic warm start, identity-biased, zero + noise, "
+                     "or a random permutation", choices=INIT_CHOICES)
+    epochs: float = _opt(1.0, "passes over the calibration windows (images)")
+    batch_size: int = _opt(4, "windows (images) per step")
+    lr: float = _opt(0.02, "Adam learning rate on the costs")
+    # Late steps at low τ refine the plan instead of jittering it: bench/results/quality.md.
+    lr_end: float | None = _opt(0.002, "the lr falls linearly to this over the run, with τ; 0: a constant lr")
+    margin: float = _opt(0.1, "initial cost advantage of the starting permutation")
+    noise: float = _opt(0.01, "std of the initial cost noise")
+    tau_start: float = _opt(1.0, "initial Sinkhorn temperature")
+    tau_end: float = _opt(0.05, "final Sinkhorn temperature")
+    # τ stays high longer, where most of the gain comes: bench/results/quality.md, sweep.md.
+    tau_schedule: str = _opt("linear", "how τ goes from tau-start to tau-end over the run", choices=TAU_SCHEDULES)
+    # No worse than 10 at half the Sinkhorn cost: bench/results/sweep.md.
+    sinkhorn_iters: int = _opt(5, "Sinkhorn iterations per step")
+    alpha: float = _opt(1.0, "weight of the distillation KL")
+    bf16: bool = _opt(True, "bfloat16 autocast of the model's forward and backward while learning; "
+                      "--no-bf16 (bf16 false): float32", flag="no-bf16")
+    steps_per_block: int = _opt(24, "steps per block (blockwise objective)")
+    guard_batches: int = _opt(2, "calibration batches the final guard compares the plans on")
+    # The training loss is noisy at low τ and a late plan can be worse than an earlier one.
+    snapshots: int = _opt(3, "end to end: hard plans taken evenly during training that the guard weighs "
+                          "beside the last one")
+    # The last plan is one noisy draw, the averaged costs a consensus: bench/results/guard_averages.md.
+    average: tuple[float, ...] = _opt(help="end to end: decays (comma-separated) of running averages of the "
+                                      "costs whose hard plans the guard also weighs; 0: none",
+                                      factory=lambda: (0.8, 0.9))
+    # Polyak-Ruppert averaging with a burn-in; the held-out perplexity stops falling about
+    # halfway: bench/results/guard.md, guard_averages.md.
+    tail_average: float | None = _opt(0.5, "end to end: the guard also weighs the plan of the costs averaged "
+                                      "uniformly from this share of the run on; off: none")
+    # Saves the teacher forward of every step: bench/results/step.md.
+    teacher_cache_gb: float = _opt(8.0, "end to end: keep the calibration pass's dense logits (float16, on the "
+                                   "host) as the distillation teacher when they fit in this many GiB; 0: a "
+                                   "teacher forward at every step")
+    time_budget: float | None = _opt(None, "seconds of training at most; τ anneals by steps or time, "
+                                     "whichever is further")
+    seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
+    checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
+                                       "written atomically", flag="checkpoint")
+    checkpoint_every: int = _opt(50, "steps between checkpoints (and one after the last step)")
 
     def __post_init__(self) -> None:
-        if self.objective not in ("e2e", "blockwise"):
-            raise ValueError(f"objective must be 'e2e' or 'blockwise', got {self.objective!r}")
-        if self.init not in INIT_CHOICES:
-            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("init", self.init, INIT_CHOICES)
         if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("lr, batch_size and epochs must be positive")
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
@@ -100,29 +158,33 @@ class LearnConfig:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
-
 @dataclass
 class PruneConfig:
-    """What to prune and how. ``pattern`` keeps N of every M (``"2:4"``) or is
-    ``"unstructured50"`` (per-row 50%, the reference ceiling)."""
+    """What to prune and how; ``learn`` holds the trainer's knobs."""
 
-    pattern: str = "2:4"
-    score: str = "wanda"
-    permutation: str = "learned"
-    groups: int | str = 4  # or "auto": see resolve_groups
-    heuristic: str = "zigzag"  # or "zigzag+swap"
-    swap_seconds: float = 1.0  # per site, for "zigzag+swap"
-    heuristic_power: float = HEURISTIC_POWER  # the search keeps the most Σ score**power (2: output error energy)
-    sequential: bool = False  # statistics block by block from the already-pruned blocks
-    sync: bool = True  # one permutation per site of layers reading the same input
-    attn_out: str = "fold"
-    learn: LearnConfig = field(default_factory=LearnConfig)
-    progress: bool = True
-    offload: bool = False  # block by block: only the current block (and its inputs) on `device`, the rest on CPU
-    device: str | None = None  # compute device of the streamed blocks [cuda if available, else cpu]
-    # Block-wise: each block learns against the DENSE model's inputs, so blocks are independent
-    # and torch.distributed ranks take contiguous shares of them (see _prune_blockwise).
-    spread_blocks: bool = False
+    pattern: str = _opt("2:4", "N:M pattern, N weights KEPT in every M inputs (2:4, 4:8), or unstructured50 "
+                        "(per-row 50%, the reference ceiling)")
+    score: str = _opt("wanda", "pruning score", choices=SCORES)
+    permutation: str = _opt("learned", "how input channels are permuted before masking", choices=PERMUTATIONS)
+    groups: int | str = _opt(4, "permutation groups G per site (1: global), or auto: the fewest groups of at "
+                             "most 768 channels (SmolLM2: 2; a 7B model: 16)")
+    heuristic: str = _opt("zigzag", "heuristic search (also the learned run's warm start)", choices=HEURISTICS)
+    swap_seconds: float = _opt(1.0, "time budget per site of zigzag+swap")
+    heuristic_power: float = _opt(HEURISTIC_POWER, "the heuristic keeps the most sum(score**p): 2 = the output "
+                                  "error energy w^2*|x|^2 (Wanda), 1 = the plain kept score of RIA/Apex")
+    sequential: bool = _opt(False, "calibrate block by block on the outputs of the already-pruned blocks")
+    sync: bool = _opt(True, "one permutation per site of layers reading the same input; --independent (sync "
+                      "false): one per layer, each paying a gather", flag="independent")
+    attn_out: str = _opt("fold", "o_proj: fold into v_proj rows (head-aligned) or gather", choices=ATTN_OUT)
+    learn: LearnConfig = _opt(help="the trainer (permutation learned)", factory=LearnConfig)
+    progress: bool = _opt(True, "progress bars (the command line: off with -q)", cli=False)
+    offload: bool = _opt(False, "stream block by block: one block and its inputs on the compute device, the "
+                         "rest on CPU")
+    device: str | None = _opt(None, "compute device of the streamed blocks (None: cuda if available, else cpu)")
+    # Each block learns against the DENSE model's inputs, so blocks are independent and
+    # torch.distributed ranks take contiguous shares of them (see api._prune_blockwise).
+    spread_blocks: bool = _opt(False, "blockwise objective: learn each block against the dense model's inputs, "
+                               "so that torchrun's processes split the blocks between them")
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -132,10 +194,12 @@ class PruneConfig:
             raise ValueError(f"unknown permutation {self.permutation!r}: use one of {PERMUTATIONS}")
         if self.groups != "auto" and not (isinstance(self.groups, int) and self.groups >= 1):
             raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
+        _check_choice("heuristic", self.heuristic, HEURISTICS)
+        _check_choice("attn_out", self.attn_out, ATTN_OUT)
         if not self.heuristic_power > 0:
             raise ValueError(f"heuristic_power must be positive, got {self.heuristic_power}")
-        if isinstance(self.learn, dict):
-            self.learn = LearnConfig(**self.learn)
+        if isinstance(self.learn, Mapping):
+            self.learn = _from_mapping(LearnConfig, self.learn, "learn")
         if self.spread_blocks and self.sequential:
             raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
                              "pruned blocks' outputs: choose one")
@@ -144,6 +208,46 @@ class PruneConfig:
                              "objective already shares its work over ranks by splitting batches")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The fields, ``learn`` nested: the schema of a recipe and of ``permsparse.json``'s ``config``."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PruneConfig":
+        """The inverse of :meth:`to_json`; a ``data`` section (a command-line run's) is ignored.
+
+        Raises:
+            ValueError: an unknown key (named) or a bad value.
+        """
+        return _from_mapping(cls, {k: v for k, v in data.items() if k != "data"}, "config")
 
 
+@dataclass
+class DataConfig:
+    """What the command line calibrates on and evaluates with (the library takes tensors)."""
+
+    calib: str = _opt("wikipedia", "language models: wikipedia (embedded), a .txt file, or a datasets name "
+                      "(wikitext2, c4); image classifiers: digits (embedded) or an image folder "
+                      "root/<class>/<images>")
+    n_calib: int = _opt(128, "calibration windows (images)")
+    window: int = _opt(512, "tokens per window")
+    eval_tokens: int = _opt(32768, "evaluation tokens (the last of the text)")
+    eval_images: str | None = _opt(None, "image classifiers: a labelled image folder for top-1 (digits: its "
+                                   "held-out test split)")
+
+    def __post_init__(self) -> None:
+        if self.n_calib < 1 or self.window < 1 or self.eval_tokens < 1:
+            raise ValueError("n_calib, window and eval_tokens must be positive")
+
+    def to_json(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class RunConfig:
+    """Where a command-line run writes, and how: not part of what a run computes, so never
+    recorded in ``permsparse.json``."""
+
+    out: str | None = _opt(None, "output directory (required)")
+    overwrite: bool = _opt(False, "replace --out if it already holds a run")
+    resume: bool = _opt(False, "continue the training from --checkpoint if it exists")
+    no_eval: bool = _opt(False, "skip the perplexity (top-1) before and after")

@@ -12,12 +12,11 @@ without them, with one warning.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from permsparse._optional import MissingExtra, require
+from permsparse.io.atomic import atomic_file, atomic_write_text
 from permsparse.models.apply import SiteReport
 from permsparse.train.learn import StepLog
 
@@ -50,16 +49,8 @@ def pyplot():
 
 def _save(fig, path: Path) -> None:
     """Atomic PNG write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None:
@@ -155,10 +146,4 @@ def write_report(
             + ("\n![retained](retained.png)\n" if ret_png else "")
         )
     parts.append("\n## Configuration\n\n```\n" + "\n".join(f"{k}: {v}" for k, v in config.items()) + "\n```\n")
-    path = out / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.md.")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(parts))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.md", "".join(parts))

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from permsparse.data.assets import default_cache_dir
+from permsparse.config import DIGITS_PRUNE
+from permsparse.io.atomic import atomic_dir
 
 __all__ = [
     "DIGITS_VIT",
@@ -81,11 +82,6 @@ PRESETS: dict[str, DigitsViTConfig] = {
                             dropout=0.0, epochs=4, batch_size=32, lr=3e-3, warmup_epochs=1, label_smoothing=0.0,
                             max_shift=0, min_accuracy=0.0),
 }
-
-
-#: Defaults of ``permsparse prune digits-vit --calib digits`` for flags left unset (the
-#: learned settings were chosen on the digits' validation split, never on the test split).
-DIGITS_PRUNE: dict[str, float | int] = {"n_calib": 1024, "batch_size": 64, "epochs": 10.0, "groups": 1}
 
 
 def digits_processor(cfg: DigitsViTConfig = PRESETS["default"]) -> Any:
@@ -198,22 +194,15 @@ def train_digits_vit(
 
 def _save_atomic(model: Any, processor: Any, record: dict, out: Path) -> Path:
     """Save into a hidden sibling, then rename: a reader never sees a half-written model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    if out.exists() and not (out / _TRAIN_FILE).is_file():  # a stale incomplete folder
+        shutil.rmtree(out)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / _TRAIN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():  # another process finished first, or a stale incomplete folder
-            if (out / _TRAIN_FILE).is_file():
-                shutil.rmtree(tmp)
-                return out
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            (tmp / _TRAIN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    except FileExistsError:  # another process finished first: keep its folder
+        pass
     return out
 
 

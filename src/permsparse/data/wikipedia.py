@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from permsparse._optional import require
 from permsparse.data.assets import default_cache_dir, embedded_corpus_path
-from permsparse.io.export import atomic_write_text
+from permsparse.io.atomic import atomic_write_text
 
 __all__ = ["clean_wikitext", "load_wikipedia_articles"]
 

@@ -28,6 +28,10 @@ __all__ = [
     "ModelSpec",
     "resolve_model_spec",
     "model_task",
+    "config_task",
+    "model_class",
+    "folder_spec",
+    "drop_gguf_quantizer",
     "load_model",
 ]
 
@@ -77,8 +81,13 @@ def _looks_local(spec: str) -> bool:
     return os.sep in spec and not _HUB_ID.match(spec)
 
 
-def _folder_spec(folder: Path) -> ModelSpec:
-    """Validate a local folder: a Hugging Face model folder with safetensors, or one GGUF."""
+def folder_spec(folder: Path) -> ModelSpec:
+    """Validate a local folder: a Hugging Face model folder with safetensors, or one GGUF.
+
+    Raises:
+        ValueError: pickle-only weights (refused unread), no weights, several GGUF files or
+            nothing loadable.
+    """
     files = [p for p in folder.iterdir() if p.is_file()]
     names = {p.name for p in files}
     if "config.json" in names:
@@ -126,10 +135,10 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise ValueError(f"refusing to load {path}: pickle checkpoints can run arbitrary code; use safetensors")
         if path.suffix.lower() == ".safetensors":
-            return _folder_spec(path.parent.resolve())
+            return folder_spec(path.parent.resolve())
         raise ValueError(f"{path} is not a model: expected a .gguf file or a Hugging Face model folder")
     if path.is_dir():
-        return _folder_spec(path.resolve())
+        return folder_spec(path.resolve())
     if path.exists():
         raise ValueError(f"{path} is neither a file nor a folder")
     if _looks_local(text):
@@ -161,12 +170,39 @@ def model_task(spec: str | os.PathLike[str]) -> str:
     except (OSError, ValueError) as err:
         logger.debug("could not read the config of %s (%s); assuming a causal LM", text, err)
         return "causal-lm"
+    return config_task(config) or "causal-lm"
+
+
+def config_task(config: Any) -> str | None:
+    """The :data:`TASKS` entry a model config names, or ``None`` when its architecture says
+    nothing: ``*ForImageClassification`` is an image classifier, a ``vision_config`` beside a
+    text config a vision-language model, ``*ForCausalLM`` a causal LM."""
     archs = " ".join(getattr(config, "architectures", None) or [])
     if archs.endswith("ForImageClassification"):
         return "image-classification"
     if getattr(config, "vision_config", None) is not None and hasattr(config, "get_text_config"):
         return "image-text-to-text"
-    return "causal-lm"
+    if archs.endswith("ForCausalLM"):
+        return "causal-lm"
+    return None
+
+
+def model_class(config: Any, task: str | None = None) -> Any:
+    """The ``transformers`` class that loads a model of ``config``: the :data:`TASKS` class of
+    ``task`` when given; else the built-in class its ``architectures`` names (never remote
+    code); else the auto class of :func:`config_task` (``AutoModel`` when that says nothing)."""
+    import transformers
+
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+        return getattr(transformers, TASKS[task])
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    sniffed = config_task(config)
+    return getattr(transformers, TASKS[sniffed]) if sniffed else transformers.AutoModel
 
 
 def _auto_classes(task: str) -> tuple[Any, Any]:
@@ -189,7 +225,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
-def _drop_gguf_quantizer(model: Any) -> None:
+def drop_gguf_quantizer(model: Any) -> None:
     """Forget the GGUF "quantizer" transformers attaches to a dequantized GGUF model.
 
     The weights are plain float tensors after loading, but with the quantizer attached
@@ -275,7 +311,7 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
             f"has safetensors weights): {exc}"
         ) from exc
 
-    _drop_gguf_quantizer(model)
+    drop_gguf_quantizer(model)
     _check_tied_embeddings(model)
     model.eval()
     model.requires_grad_(False)
