@@ -52,7 +52,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from permsparse.models.apply import prune_site_  # noqa: E402
 from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
-from permsparse.train.learn import make_batches, moved_share  # noqa: E402
+from permsparse.train.bank import moved_share
+from permsparse.train.loop import make_batches  # noqa: E402
 from permsparse.config import LearnConfig  # noqa: E402
 from permsparse.api import learn_permutations, score_sites  # noqa: E402
 from permsparse.config import PruneConfig  # noqa: E402
@@ -303,7 +304,7 @@ def solver_rows(model: torch.nn.Module, groups: tuple[int, ...], repeats: int = 
     axis costs apart from the model's forward and backward, measured on an idle machine."""
     import statistics
 
-    from permsparse.train.learn import PermutationBank
+    from permsparse.train.bank import PermutationBank
     from permsparse.core.pattern import NMPattern
 
     pattern = NMPattern.parse("2:4")

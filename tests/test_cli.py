@@ -381,7 +381,7 @@ def test_quiet_before_or_after_command(model_dir, calib_txt, tmp_path, capsys):
 
 
 def test_nan_loss_exits_2_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
-    import permsparse.train.learn as learn
+    import permsparse.train.loop as learn
 
     real = learn.task_loss
     calls = {"n": 0}

@@ -24,17 +24,11 @@ from permsparse.models.apply import SiteReport, heuristic_permutation, prune_sit
 from permsparse.core.heuristics import HEURISTIC_POWER
 from permsparse.core.pattern import parse_pattern
 from permsparse.models.calibrate import BlockInputs, block_output, collect_stats, run_blocks
-from permsparse.train.learn import (
-    LearnConfig,
-    StepLog,
-    make_batches,
-    block_loss,
-    evaluate_plan,
-    TeacherCache,
-    teacher_logits,
-    train_block,
-    train_end_to_end,
-)
+from permsparse.config import PruneConfig
+from permsparse.train.blockwise import block_loss, train_block
+from permsparse.train.guard import TeacherCache, evaluate_plan, teacher_logits
+from permsparse.train.loop import make_batches, train_end_to_end
+from permsparse.train.state import StepLog
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.core.scores import SCORES

@@ -507,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from permsparse.train.learn import NonFiniteLossError
+    from permsparse.train.state import NonFiniteLossError
 
     commands = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
     # TQDM_DISABLE only reaches tqdm imported after it is set; transformers' own bars

@@ -20,7 +20,7 @@ from torch import nn
 
 from permsparse.models.apply import prune_site_
 from permsparse.core.pattern import parse_pattern
-from permsparse.train.learn import make_batches
+from permsparse.train.loop import make_batches
 from permsparse.config import LearnConfig
 from permsparse.api import PruneResult, learn_permutations, resolved, score_sites
 from permsparse.config import PruneConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from permsparse.models.apply import SiteReport
-from permsparse.train.learn import StepLog
+from permsparse.train.state import StepLog
 
 __all__ = ["markdown_table", "plot_training", "plot_retained", "write_report"]
 
