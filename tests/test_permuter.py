@@ -12,14 +12,8 @@ from permsparse.core.heuristics import zigzag_permutation
 from permsparse.core.metrics import efficacy, retained
 from permsparse.core.pattern import count_violations, nm_mask
 from permsparse.core.permutation import Permutation
-from permsparse.core.permuter import (
-    INITS,
-    LearnablePermuter,
-    fit_to_score,
-    permute_columns,
-    permuted_prune,
-    unpermute_columns,
-)
+from permsparse.core.permuter import INITS, permute_columns, permuted_prune, unpermute_columns
+from permsparse.experimental.layer_learner import LearnablePermuter, fit_to_score
 from permsparse.core.sinkhorn import permutation_entropy
 
 
