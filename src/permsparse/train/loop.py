@@ -109,9 +109,9 @@ def train_end_to_end(
             ckpt.restore(state)
         cbs.append(ckpt)
     run.good = {k: v.detach().clone() for k, v in state.bank.state_dict().items()}
-    for cb in cbs:
-        cb.on_train_begin(state)
     try:
+        for cb in cbs:
+            cb.on_train_begin(state)
         while state.step < state.steps:
             if not _advance(state):
                 break
