@@ -37,7 +37,7 @@ from permsparse.core.heuristics import swap_search, zigzag_permutation
 from permsparse.core.metrics import efficacy, retained, unstructured_kept
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
-from permsparse.core.permuter import fit_to_score
+from permsparse.experimental.layer_learner import fit_to_score
 from permsparse.core.sinkhorn import hard_assignment, sinkhorn
 
 MATRICES = ("gaussian", "lognormal_cols")

@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,8 +37,8 @@ from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E
 from permsparse.config import LearnConfig  # noqa: E402
 from permsparse.api import prune  # noqa: E402
 from permsparse.config import PruneConfig  # noqa: E402
-from permsparse.core.sinkhorn import hard_assignment  # noqa: E402
-from steptimer import StepTimers  # noqa: E402  (bench/, beside this script)
+from permsparse.core.sinkhorn import hard_assignment, host_cores, solver_threads  # noqa: E402
+from permsparse.train.callbacks import PhaseTimer  # noqa: E402
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, blocks=32, params=6.74e9)
@@ -69,22 +69,17 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     t0 = time.perf_counter()
-    pool = sinkhorn_mod._solver_pool  # noqa: SLF001
-    if assign == "serial":  # the solver as it was before it used every host core (one thread)
-        serial = ThreadPoolExecutor(max_workers=1)
-        sinkhorn_mod._solver_pool = lambda: serial  # noqa: SLF001
-    try:
-        with StepTimers(device) as timers:
-            res = prune(model, None, pc, calib)
-    finally:
-        sinkhorn_mod._solver_pool = pool  # noqa: SLF001
+    timer = PhaseTimer(device)
+    # serial: the solver as it was before it used every host core (one thread)
+    with solver_threads(1) if assign == "serial" else nullcontext():
+        res = prune(model, None, pc, calib, on_step=timer)
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
     step = [h.seconds for h in res.history]
     # The first step pays one-off costs (kernel selection, the mask cache); the median skips it.
     tail = slice(1, None) if len(step) > 2 else slice(None)
     step_s = statistics.median(step[tail])
-    parts = timers.medians(len(step))
+    parts = timer.medians()
     bank_s, weights_s = parts["bank_s"], parts["weights_s"]
     row = {
         "kind": "e2e_step", "shape": "llama2-7b" if shape is LLAMA2_7B else "tiny", "init": init, "assign": assign, "blocks": depth,
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": rows[0]["device"], "torch": torch.__version__,
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "steps": args.steps, "batch": args.batch, "window": window,
-        "host_cores": sinkhorn_mod.host_cores(),
+        "host_cores": host_cores(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_block" if not args.tiny else "gpu_block_tiny"

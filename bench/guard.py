@@ -40,9 +40,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.train.learn import (  # noqa: E402
-    LearnConfig, TeacherCache, _plan_with, evaluate_plan, hard_params, make_batches, teacher_logits, train_end_to_end,
-)
+from permsparse.config import LearnConfig  # noqa: E402
+from permsparse.train.bank import hard_params, plan_with  # noqa: E402
+from permsparse.train.guard import TeacherCache, evaluate_plan, teacher_logits  # noqa: E402
+from permsparse.train.loop import make_batches, train_end_to_end  # noqa: E402
 from permsparse.models.loading import load_model  # noqa: E402
 from permsparse.api import score_sites  # noqa: E402
 from permsparse.config import PruneConfig  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
                         acc[k] = p.clone() if k not in acc else acc[k].lerp_(p, 1.0 / tail_n[f])
         if opts.every and rec.step >= 24 and (rec.step - 24) % opts.every == 0:
             plans[f"raw@{rec.step}"] = state.bank.hard()
-            plans[f"avg@{rec.step}"] = _plan_with(state.bank, ema)
+            plans[f"avg@{rec.step}"] = plan_with(state.bank, ema)
 
     averaged: dict = {}
     t0 = time.perf_counter()
@@ -124,7 +125,7 @@ def main() -> None:
         if d != 0.8:
             plans[f"ema{d:g}@{end}(end)"] = averaged[f"avg{d:g}"]
     for f, acc in tails.items():
-        plans[f"tail{f:g}@{end}(end) ({tail_n[f]} steps)"] = _plan_with(seen["bank"], acc)
+        plans[f"tail{f:g}@{end}(end) ({tail_n[f]} steps)"] = plan_with(seen["bank"], acc)
     print(f"[guard] {len(history)} steps, {len(plans)} candidates", flush=True)
 
     guard_train = batches[:2]

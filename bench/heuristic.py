@@ -28,7 +28,7 @@ from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from permsparse.train.learn import make_batches  # noqa: E402
+from permsparse.train.loop import make_batches  # noqa: E402
 from permsparse.models.loading import load_model  # noqa: E402
 from permsparse.api import score_sites  # noqa: E402
 from permsparse.config import PruneConfig  # noqa: E402

@@ -5,13 +5,14 @@ library's default trainer (bf16 autocast, cached teacher), batches of 4 x 512 to
 quality table's learned row (bench/quality.py), whose 600 s of training buys as many steps
 as this step time allows. Each step is split into the permutation bank (Sinkhorn + hard
 assignments), ``W_eff``, the student's forward, the loss (CE + KL over the 49k vocabulary)
-and the backward (bench/steptimer.py); medians over the steps after the first.
+and the backward (the trainer's phases, timed by its ``PhaseTimer`` callback); medians over the
+steps after the first.
 
     python bench/step.py                  # bench/results/step.{json,md}; about 3 minutes
 
 Rows are keyed by the commit of the library measured, so one checkout can record another's
-step for comparison (copy bench/step.py and bench/steptimer.py beside it, run it there with
-``--out`` pointing here).
+step for comparison (copy bench/step.py into it, run it there with ``--out`` pointing here;
+the checkout must have ``permsparse.train.callbacks.PhaseTimer``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from permsparse.config import LearnConfig  # noqa: E402
 from permsparse.models.loading import load_model  # noqa: E402
 from permsparse.api import prune  # noqa: E402
 from permsparse.config import PruneConfig  # noqa: E402
-from steptimer import PARTS, StepTimers  # noqa: E402  (bench/, beside this script)
+from permsparse.train.callbacks import PhaseTimer  # noqa: E402
+
+#: The parts of a step in the table; the rest (the cached teacher's copy, the optimizer,
+#: bookkeeping) is `other`.
+PARTS = ("bank", "weights", "forward", "loss", "backward")
 
 
 def _commit() -> str:
@@ -63,11 +68,11 @@ def measure(steps: int, batch: int, window: int) -> dict:
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn,
                       progress=False, sync=False)
     t0 = time.perf_counter()
-    with StepTimers("cpu") as timers:
-        res = prune(model, tok, cfg, windows.calib)
+    timer = PhaseTimer("cpu")
+    res = prune(model, tok, cfg, windows.calib, on_step=timer)
     seconds = time.perf_counter() - t0
     step = [h.seconds for h in res.history]
-    parts = timers.medians(len(step))
+    parts = timer.medians()
     step_s = statistics.median(step[1:] if len(step) > 2 else step)
     commit = _commit()
     row = {"commit": commit.split(" ", 1)[0], "subject": commit.split(" ", 1)[-1][:80],

@@ -53,7 +53,8 @@ from permsparse.api import CandidatePlans, Calibration, calibrate, plan_candidat
 from permsparse.config import LearnConfig, PruneConfig  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
 from permsparse.models.sites import find_sites, get_module  # noqa: E402
-from permsparse.train.learn import make_batches, moved_share  # noqa: E402
+from permsparse.train.loop import make_batches  # noqa: E402
+from permsparse.train.bank import moved_share  # noqa: E402
 
 AXES = ("groups", "tau", "init", "sync", "epochs", "score", "defaults")
 
@@ -313,7 +314,7 @@ def solver_rows(model: torch.nn.Module, groups: tuple[int, ...], repeats: int = 
     axis costs apart from the model's forward and backward, measured on an idle machine."""
     import statistics
 
-    from permsparse.train.learn import PermutationBank
+    from permsparse.train.bank import PermutationBank
     from permsparse.core.pattern import NMPattern
 
     pattern = NMPattern.parse("2:4")

@@ -386,7 +386,7 @@ def test_quiet_before_or_after_command(model_dir, calib_txt, tmp_path, capsys):
 
 
 def test_nan_loss_exits_1_and_writes_nothing(model_dir, calib_txt, tmp_path, capsys, monkeypatch):
-    import permsparse.train.learn as learn
+    import permsparse.train.loop as learn
 
     real = learn.task_loss
     calls = {"n": 0}
@@ -582,7 +582,7 @@ def _cli(args: list[str], fail: str | None = None) -> subprocess.CompletedProces
         f"assert permsparse.__file__ == {permsparse.__file__!r}, permsparse.__file__",
     ]
     if fail == "nan":
-        boot += ["import permsparse.train.learn as L",
+        boot += ["import permsparse.train.loop as L",
                  "real = L.task_loss",
                  "L.task_loss = lambda *a: tuple(x * float('nan') if i == 0 else x for i, x in enumerate(real(*a)))"]
     elif fail == "bug":

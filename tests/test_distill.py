@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from permsparse.train.loss import IGNORE_INDEX, lm_ce_kl
-from permsparse.train.learn import task_loss
+from permsparse.train.loss import task_loss
 
 
 def _plain(logits, targets, teacher):

@@ -178,7 +178,7 @@ def test_learned_insertion_surrogate_beats_the_linear_one(one_thread):
     """From noise on a log-normal layer: the insertion-gain surrogate reaches a better
     permutation than the plain S P ⊙ M linearisation with its best settings."""
     from permsparse.core.metrics import efficacy
-    from permsparse.core.permuter import fit_to_score
+    from permsparse.experimental.layer_learner import fit_to_score
 
     g = torch.Generator().manual_seed(1)
     score = (torch.randn(128, 128, generator=g) * torch.exp(torch.randn(128, generator=g))).abs()
@@ -233,7 +233,7 @@ def test_energy_objective_lowers_real_perplexity(smollm2, one_thread):
     from permsparse.models.apply import heuristic_permutation, prune_site_
     from permsparse.data.text import load_text_windows
     from permsparse.evaluate import perplexity
-    from permsparse.train.learn import make_batches
+    from permsparse.train.loop import make_batches
     from permsparse.api import score_sites
     from permsparse.config import PruneConfig
     from permsparse.models.sites import find_sites

@@ -12,14 +12,8 @@ from permsparse.core.heuristics import zigzag_permutation
 from permsparse.core.metrics import efficacy, retained
 from permsparse.core.pattern import count_violations, nm_mask
 from permsparse.core.permutation import Permutation
-from permsparse.core.permuter import (
-    INITS,
-    LearnablePermuter,
-    fit_to_score,
-    permute_columns,
-    permuted_prune,
-    unpermute_columns,
-)
+from permsparse.core.permuter import INITS, permute_columns, permuted_prune, unpermute_columns
+from permsparse.experimental.layer_learner import LearnablePermuter, fit_to_score
 from permsparse.core.sinkhorn import permutation_entropy
 
 
@@ -256,3 +250,42 @@ def test_fit_to_score_warm_start_keeps_heuristic_gain(lognormal_layer, one_threa
 def test_fit_to_score_rejects_bad_width():
     with pytest.raises(ValueError, match=r"groups\*M = 4\*4"):
         fit_to_score(torch.rand(4, 24), "2:4", groups=4, steps=1)
+
+
+# -- the one straight-through forward, the unpermuted mask ------------------------------------
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_straight_through_is_hard_in_value_and_soft_in_gradient(exact):
+    from permsparse.core.permuter import straight_through
+    from permsparse.core.sinkhorn import hard_assignment, sinkhorn, sinkhorn_detached
+
+    cost = torch.randn(3, 8, 8, generator=_gen(30), requires_grad=True)
+    st = straight_through(cost, 0.5, 7, exact=exact)
+    assert torch.equal(st.local, hard_assignment(cost))
+    assert torch.equal(st.matrices.detach(), Permutation.from_local(st.local).to_matrices())
+    assert st.entropy.shape == (3,) and bool(((st.entropy >= 0) & (st.entropy <= 1)).all())
+    target = torch.randn(3, 8, 8, generator=_gen(31))
+    (g_st,) = torch.autograd.grad((st.matrices * target).sum(), cost)
+    soft = sinkhorn(cost, 0.5, 7) if exact else sinkhorn_detached(-cost / 0.5, 7)[0]
+    (g_soft,) = torch.autograd.grad((soft * target).sum(), cost)
+    torch.testing.assert_close(g_st, g_soft)
+    with pytest.raises(ValueError, match="tau"):
+        straight_through(cost, 0.0)
+
+
+def test_unpermuted_mask_checks_unless_told_not_to():
+    from permsparse.core.permuter import unpermuted_mask
+
+    perm = Permutation.random(16, 2, _gen(32))
+    s = torch.rand(4, 16, generator=_gen(33))
+    m = unpermuted_mask(s, perm, "2:4")
+    assert torch.equal(m, perm.inverse().apply_to_columns(nm_mask(perm.apply_to_columns(s), "2:4")))
+    assert torch.equal(unpermuted_mask(s, perm, "2:4", validate=False), m)
+    bad = s.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        unpermuted_mask(bad, perm, "2:4")
+    with pytest.raises(ValueError):
+        unpermuted_mask(s, Permutation.identity(8), "2:4")
+    unpermuted_mask(bad, perm, "2:4", validate=False)  # the trainer's form: a checked score, no check

@@ -10,7 +10,7 @@ import torch
 
 from permsparse.api import calibrate, plan_candidates, prune
 from permsparse.config import LearnConfig, PruneConfig
-from permsparse.train.learn import make_batches
+from permsparse.train.loop import make_batches
 
 LEARN = LearnConfig(epochs=1, batch_size=2, snapshots=1, lr=0.05)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from permsparse.models.apply import SiteReport
-from permsparse.train.learn import StepLog
+from permsparse.train.state import StepLog
 from permsparse.report import markdown_table, plot_retained, plot_training, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

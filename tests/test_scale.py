@@ -166,7 +166,7 @@ def _env(**extra) -> dict:
 
 
 def _ckpt_step(path: Path) -> int:
-    from permsparse.train.learn import load_checkpoint
+    from permsparse.train.checkpoint import load_checkpoint
 
     try:
         return load_checkpoint(path)[1]["step"]
@@ -201,7 +201,7 @@ def test_sigkill_and_resume_gives_the_same_permutations(tmp_path):
 
 
 def test_checkpoint_is_one_safetensors_file_and_validated(tmp_path):
-    from permsparse.train.learn import load_checkpoint
+    from permsparse.train.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "s.safetensors"
     res, _ = _run_prune(_config(checkpoint_path=str(ckpt), checkpoint_every=3))

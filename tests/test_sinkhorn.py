@@ -244,3 +244,23 @@ def test_schedule_rejects_bad_args():
         TemperatureSchedule(1.0, -0.1)
     with pytest.raises(ValueError, match="unknown temperature schedule 'step'"):
         TemperatureSchedule(1.0, 0.01, 10, "step")
+
+
+def test_solver_threads_sets_the_host_threads_and_not_the_result():
+    import permsparse.core.sinkhorn as sk
+
+    # Columns' cheapest rows collide in every group, so every group goes to the solver.
+    cost = torch.randn(6, 12, 12, generator=_gen(40))
+    cost[:, 0, :] -= 10.0
+    want = hard_assignment(cost)
+    with sk.solver_threads(1):
+        assert sk._THREADS == 1
+        assert torch.equal(hard_assignment(cost), want)
+        with sk.solver_threads(3):
+            assert torch.equal(hard_assignment(cost), want)
+            assert sk._POOL[1] == 3  # the pool of the requested size solved them
+        assert sk._THREADS == 1
+    assert sk._THREADS is None
+    with pytest.raises(ValueError, match="threads"):
+        with sk.solver_threads(0):
+            pass

@@ -36,13 +36,9 @@ from permsparse.pipeline.calibration import (
     score_sites,
 )
 from permsparse.train import distributed as dist
-from permsparse.train.learn import (
-    StepLog,
-    evaluate_plan,
-    make_batches,
-    teacher_logits,
-    train_end_to_end,
-)
+from permsparse.train.state import StepLog
+from permsparse.train.guard import evaluate_plan, teacher_logits
+from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
            "learn_permutations", "resolve_groups", "AUTO_MAX_GROUP"]

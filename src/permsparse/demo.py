@@ -19,7 +19,7 @@ from permsparse.evaluate import perplexity
 from permsparse.io.export import export
 from permsparse.models.loading import load_model
 from permsparse.report import write_report
-from permsparse.train.learn import make_batches
+from permsparse.train.loop import make_batches
 
 __all__ = ["PRESETS", "run_demo"]
 

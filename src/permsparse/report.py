@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 from permsparse._optional import MissingExtra, require
 from permsparse.io.atomic import atomic_file, atomic_write_text
 from permsparse.models.apply import SiteReport
-from permsparse.train.learn import StepLog
+from permsparse.train.state import StepLog
 
 __all__ = ["markdown_table", "pyplot", "plot_training", "plot_retained", "write_report"]
 

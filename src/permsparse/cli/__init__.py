@@ -102,7 +102,7 @@ def _failure_line(err: BaseException) -> str:
     """One line for a failure at run time, with a hint where there is one."""
     import torch
 
-    from permsparse.train.learn import NonFiniteLossError
+    from permsparse.train.state import NonFiniteLossError
 
     text = " ".join(str(err).split())
     if isinstance(err, NonFiniteLossError):

@@ -128,7 +128,7 @@ def insertion_gain(score: torch.Tensor, perm: Permutation, pattern: "NMPattern |
     depends on the channel. It is the exact first-order value of moving one channel, with
     the competition inside the block that the plain ``S P ⊙ M`` linearisation ignores (a
     channel placed in a pruned slot may still be kept if it beats a block-mate), and the
-    gradient that :func:`permsparse.core.permuter.fit_to_score` descends by default.
+    gradient that :func:`permsparse.experimental.layer_learner.fit_to_score` descends by default.
     """
     s, pattern = _prepare(score, pattern, perm.groups)
     n, m = pattern.n_kept, pattern.m

@@ -1,30 +1,30 @@
-"""The learnable permuter of one site, and the permuted pruning operator.
+"""The permuted pruning operator and the straight-through permutation of a learnable cost.
 
-One :class:`LearnablePermuter` holds the cost ``C`` of shape ``(G, k, k)`` for one
-permutation site. Its forward gives the straight-through permutation matrices
-``P_st = P_hard + (P_soft - P_soft.detach())``: hard in value, soft in gradient.
+:func:`straight_through` turns costs ``C`` of shape ``(N, k, k)`` into the matrices
+``P_st = P_hard + (P_soft - P_soft.detach())``: hard in value, soft in gradient. It is the
+one soft/hard forward of every learner (the trainer's bank, the layer-level experiment).
 
 :func:`permuted_prune` computes ``W_eff = (W P ⊙ M) Pᵀ`` for every weight of the site.
 With a hard ``P`` it equals ``W ⊙ M[:, π⁻¹]`` exactly, so the forward pass stays in
-original coordinates while gradients reach ``C`` through both ``P``.
+original coordinates while gradients reach ``C`` through both ``P``;
+:func:`hard_permuted_prune` is the same at a hard ``P`` without the dense products.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import torch
-from torch import nn
 
 from permsparse.core.pattern import NMPattern, nm_mask
 from permsparse.core.permutation import Permutation
-from permsparse.core.sinkhorn import hard_assignment, permutation_entropy, sinkhorn
+from permsparse.core.sinkhorn import hard_assignment, log_sinkhorn, sinkhorn_detached
 
 __all__ = [
-    "init_cost",
-    "LearnablePermuter", "permuted_prune", "hard_permuted_prune",
-    "permuted_mask", "unpermuted_mask",
-    "GroupAdam", "permute_columns", "unpermute_columns", "fit_to_score", "INITS"]
+    "init_cost", "INITS", "StraightThrough", "straight_through",
+    "permuted_prune", "hard_permuted_prune", "permuted_mask", "unpermuted_mask",
+    "permute_columns", "unpermute_columns"]
 
 INITS = ("noise", "identity", "permutation")
 
@@ -59,60 +59,34 @@ def init_cost(
     return cost
 
 
-class LearnablePermuter(nn.Module):
-    """Learnable group-wise permutation of ``d_in`` channels for one site.
+class StraightThrough(NamedTuple):
+    """What :func:`straight_through` returns for ``N`` costs of size ``k``."""
 
-    Args:
-        d_in: channels permuted (the site's input width).
-        groups: ``G``; the permutation moves channels only within ``G`` contiguous groups.
-        init: ``"noise"`` (zero cost plus noise: uniform soft permutation),
-            ``"identity"`` (identity-biased), or ``"permutation"`` (warm start from ``warm_start``).
-        margin: how much cheaper the initial assignment is than any other, in cost units.
-            With Adam the hard permutation cannot move before about ``margin / lr`` steps,
-            so keep the two in proportion.
-        noise: standard deviation of the initial noise (breaks ties).
-        warm_start: the permutation to start from when ``init="permutation"``.
-        generator: for reproducible noise.
+    matrices: torch.Tensor  # (N, k, k): the hard matrices in value, the soft ones in gradient
+    local: torch.Tensor  # (N, k): the hard permutation, local indices (on the host)
+    entropy: torch.Tensor  # (N,): mean row entropy of the soft matrices, in [0, 1] (no gradient)
+
+
+def straight_through(cost: torch.Tensor, tau: float, n_iters: int = 10, exact: bool = False) -> StraightThrough:
+    """Soft ``P = sinkhorn(-C / τ)`` and hard ``π = assignment(-C)`` of costs ``(N, k, k)``,
+    combined as ``P_st = P_hard + (P - P.detach())``.
+
+    ``exact=False`` (the trainer): the cheap Sinkhorn gradient of
+    :func:`~permsparse.core.sinkhorn.sinkhorn_detached`; ``exact=True``: the gradient through
+    every log-domain iteration.
     """
-
-    def __init__(
-        self,
-        d_in: int,
-        groups: int = 4,
-        init: str = "identity",
-        margin: float = 0.5,
-        noise: float = 0.01,
-        warm_start: Permutation | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.d_in, self.groups = d_in, groups
-        cost = init_cost(d_in, groups, init, margin, noise, warm_start, generator)
-        self.cost = nn.Parameter(cost)  # (G, k, k)
-
-    @property
-    def group_size(self) -> int:
-        return self.d_in // self.groups
-
-    def soft(self, tau: float, n_iters: int = 20) -> torch.Tensor:
-        """Soft (doubly stochastic) permutation matrices ``(G, k, k)``."""
-        return sinkhorn(self.cost, tau, n_iters)
-
-    def hard(self) -> Permutation:
-        """The hard permutation: linear assignment on ``-C``, batched over groups."""
-        return Permutation.from_local(hard_assignment(self.cost))
-
-    def forward(self, tau: float, n_iters: int = 20) -> tuple[torch.Tensor, Permutation, torch.Tensor]:
-        """Straight-through matrices, their hard permutation and the soft entropy.
-
-        Returns ``(P_st, hard, entropy)`` with ``P_st`` of shape ``(G, k, k)``: the value of
-        the hard permutation and the gradient of the soft one.
-        """
-        soft = self.soft(tau, n_iters)
-        hard = self.hard()
-        p_hard = hard.to_matrices(soft.dtype).to(soft.device)
-        p_st = p_hard + (soft - soft.detach())  # exactly p_hard in value
-        return p_st, hard, permutation_entropy(soft.detach())
+    if not tau > 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    if exact:
+        log_p = log_sinkhorn(-cost / tau, n_iters)
+        soft = log_p.exp()
+    else:
+        soft, log_p = sinkhorn_detached(-cost / tau, n_iters)  # (N, k, k)
+    local = hard_assignment(cost)  # (N, k)
+    hard = torch.zeros_like(soft).scatter_(1, local.unsqueeze(1).to(soft.device), 1.0)
+    with torch.no_grad():
+        entropy = -(soft * log_p).sum(-1).mean(-1) / math.log(max(cost.shape[-1], 2))  # (N,)
+    return StraightThrough(hard + (soft - soft.detach()), local, entropy)  # value: exactly the hard matrices
 
 
 def permute_columns(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -155,80 +129,6 @@ def permuted_prune(
     return out
 
 
-def fit_to_score(
-    score: torch.Tensor,
-    pattern: "NMPattern | str",
-    groups: int = 4,
-    steps: int = 800,
-    lr: float = 0.005,
-    tau_start: float = 1.0,
-    tau_end: float = 0.01,
-    n_iters: int = 20,
-    init: str = "noise",
-    warm_start: Permutation | None = None,
-    straight_through: bool = False,
-    seed: int = 0,
-    surrogate: str = "insertion",
-) -> tuple[Permutation, list[float]]:
-    """Learn one layer's permutation by gradient descent on its retained score alone.
-
-    A layer-level check of the learnable machinery (the trainer learns from the model's
-    loss instead). ``P`` is soft (or straight-through) and the loss linear in it:
-
-    * ``surrogate="insertion"`` (default): ``-Σ gain ⊙ P`` with
-      :func:`permsparse.core.heuristics.insertion_gain` at the current hard permutation, the
-      exact value of putting each channel in each slot given its block-mates;
-    * ``surrogate="linear"``: ``-Σ (S P ⊙ M)`` with the mask of the current permuted score
-      (a channel is worth its score in a kept slot and nothing in a pruned one), whose
-      fixed points are poorer (bench/results/core.md).
-
-    The hard permutation with the highest retained score seen is returned (the warm start
-    counts as seen), with the history of retained fractions per step.
-    """
-    from permsparse.core.heuristics import insertion_gain  # local: sibling leaves, avoid a cycle at import
-    from permsparse.core.metrics import kept_score
-    from permsparse.core.sinkhorn import TemperatureSchedule
-
-    if surrogate not in ("insertion", "linear"):
-        raise ValueError(f"surrogate must be 'insertion' or 'linear', got {surrogate!r}")
-
-    pattern = NMPattern.parse(pattern)
-    pattern.check_width(score.shape[1], groups)
-    gen = torch.Generator().manual_seed(seed)
-    permuter = LearnablePermuter(score.shape[1], groups, init=init, warm_start=warm_start, generator=gen)
-    opt = torch.optim.Adam(permuter.parameters(), lr=lr)
-    schedule = TemperatureSchedule(tau_start, tau_end, steps)
-    s = score.detach().float()
-    s_norm = s / s.mean().clamp_min(1e-12)  # scale-free: lr means the same for every layer
-    total = float(s.sum(dtype=torch.float64))
-    best = warm_start if warm_start is not None else Permutation.identity(s.shape[1], groups)
-    best_kept = kept_score(s, pattern, best)
-    history = []
-    for step in range(steps):
-        tau = schedule(step)
-        if straight_through:
-            p, hard, _ = permuter(tau, n_iters)
-        else:
-            p, hard = permuter.soft(tau, n_iters), permuter.hard()
-        if surrogate == "insertion":
-            gain = insertion_gain(s_norm, hard, pattern).float()
-            gain = gain / gain.std().clamp_min(1e-12)  # scale-free: lr means the same for every layer
-            loss = -(gain * p).sum()
-        else:
-            sp = permute_columns(s_norm, p)
-            with torch.no_grad():
-                mask = nm_mask(sp, pattern)
-            loss = -(sp * mask).sum() / s.shape[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        kept = kept_score(s, pattern, hard)
-        history.append(kept / total)
-        if kept > best_kept:
-            best, best_kept = hard, kept
-    return best, history
-
-
 class _HardPermutedPrune(torch.autograd.Function):
     """``W_eff = (W P ⊙ M) Pᵀ`` at a hard ``P``: one product forward, analytic gradient for ``P``.
 
@@ -264,9 +164,13 @@ class _HardPermutedPrune(torch.autograd.Function):
         return grad_p.to(ctx.p_dtype), None, None, None, None
 
 
-def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
-    """The N:M mask of ``S[:, π]``, in permuted coordinates."""
+def permuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str",
+                  validate: bool = True) -> torch.Tensor:
+    """The N:M mask of ``S[:, π]``, in permuted coordinates. ``validate=False`` skips the
+    width and finiteness checks, for a score already checked (the trainer re-masks it often)."""
     with torch.no_grad():
+        if validate:
+            return nm_mask(perm.apply_to_columns(score), pattern)
         return nm_mask(score.index_select(1, perm.indices.to(score.device)), pattern, validate=False)
 
 
@@ -284,49 +188,14 @@ def hard_permuted_prune(
     of the permuted score, brought back to the weight's own columns: :func:`permuted_mask`
     then ``perm.inverse()``) may be given when already known: it only changes with ``perm``."""
     if mask is None:
-        mask = unpermuted_mask(score, perm, pattern)
+        mask = unpermuted_mask(score, perm, pattern, validate=False)
     local = perm.local.to(weight.device)
     return _HardPermutedPrune.apply(p_st, weight.detach(), local, mask.to(weight.device), grad_dtype)
 
 
-def unpermuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str") -> torch.Tensor:
+def unpermuted_mask(score: torch.Tensor, perm: Permutation, pattern: "NMPattern | str",
+                    validate: bool = True) -> torch.Tensor:
     """The N:M mask chosen on ``S[:, π]``, in the original column order (what multiplies
-    ``W``: the same entries ``(W P ⊙ M) Pᵀ`` keeps)."""
-    m = permuted_mask(score, perm, pattern)
+    ``W``: the same entries ``(W P ⊙ M) Pᵀ`` keeps). ``validate``: see :func:`permuted_mask`."""
+    m = permuted_mask(score, perm, pattern, validate)
     return m.index_select(1, perm.inverse().indices.to(m.device))
-
-
-class GroupAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one scalar per permutation group (a ``k x k`` cost slice).
-
-    Plain Adam moves every cost entry by about ``lr`` per step whatever its gradient, so
-    after ``margin / lr`` steps whole groups cross at once (bursts of moved channels driven
-    by noise). Sharing the normaliser within a group keeps the step scale-free across sites
-    and losses while entries with small gradients move little: the swaps the loss asks for
-    most strongly happen first.
-    """
-
-    def __init__(self, params, lr: float = 0.02, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch optimizer protocol
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["t"] = 0
-                    st["m"] = torch.zeros_like(p)
-                    st["v"] = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
-                st["t"] += 1
-                g = p.grad
-                st["m"].mul_(b1).add_(g, alpha=1 - b1)
-                dims = tuple(range(1, p.dim()))
-                st["v"].mul_(b2).add_(g.pow(2).mean(dim=dims, keepdim=True), alpha=1 - b2)
-                m_hat = st["m"] / (1 - b1 ** st["t"])
-                v_hat = st["v"] / (1 - b2 ** st["t"])
-                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
-        return None

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ __all__ = [
     "sinkhorn_detached",
     "sinkhorn",
     "hard_assignment",
+    "solver_threads",
+    "host_cores",
     "permutation_entropy",
     "TemperatureSchedule",
 ]
@@ -114,14 +118,32 @@ def hard_assignment(cost: torch.Tensor) -> torch.Tensor:
     # scipy's solver releases the GIL, so the groups are solved on all host cores at once:
     # at LLaMA-2-7B widths the assignments are most of a GPU training step
     # (bench/results/gpu_block.md).
-    solved = _solver_pool().map(linear_sum_assignment, (arr[g] for g in todo)) if len(todo) > 1 else (
-        linear_sum_assignment(arr[g]) for g in todo)
+    threads = _THREADS or host_cores()
+    if len(todo) > 1 and threads > 1:
+        solved = _solver_pool(threads).map(linear_sum_assignment, (arr[g] for g in todo))
+    else:
+        solved = (linear_sum_assignment(arr[g]) for g in todo)
     for g, (rows, cols) in zip(todo, solved):  # row i -> column cols[i]
         out[g, cols] = rows
     return torch.from_numpy(out)
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_THREADS: int | None = None  # set by solver_threads; None: one per host core
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+
+
+@contextmanager
+def solver_threads(n: int) -> Iterator[None]:
+    """Solve the hard assignments on ``n`` host threads inside the ``with`` block (default
+    outside it: one per core this process may use; 1: one after another on the caller's thread)."""
+    global _THREADS
+    if n < 1:
+        raise ValueError(f"solver threads must be >= 1, got {n}")
+    before, _THREADS = _THREADS, n
+    try:
+        yield
+    finally:
+        _THREADS = before
 
 
 def host_cores() -> int:
@@ -130,13 +152,15 @@ def host_cores() -> int:
     return max(1, cores or 1)
 
 
-def _solver_pool() -> ThreadPoolExecutor:
-    """One pool of host threads for the assignments, one per core this process may use;
-    a forked child (whose copy of the pool has no threads) makes its own."""
+def _solver_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool of ``threads`` host threads for the assignments, made again when the count
+    changes; a forked child (whose copy of the pool has no threads) makes its own."""
     global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=host_cores(), thread_name_prefix="permsparse-assign"))
-    return _POOL[1]
+    if _POOL is None or _POOL[:2] != (os.getpid(), threads):
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="permsparse-assign"))
+    return _POOL[2]
 
 
 def permutation_entropy(p: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from permsparse.core.heuristics import HEURISTIC_POWER, swap_search, zigzag_perm
 from permsparse.core.metrics import kept_score, unstructured_kept
 from permsparse.core.pattern import NMPattern, nm_mask, unstructured_mask
 from permsparse.core.permutation import Permutation
+from permsparse.core.permuter import unpermuted_mask
 from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
 from permsparse.models.sites import Site, get_module
 
@@ -135,7 +136,7 @@ def prune_site_(
         elif perm is None or perm.is_identity():
             mask = nm_mask(s, pattern)
         else:
-            mask = perm.inverse().apply_to_columns(nm_mask(perm.apply_to_columns(s), pattern))
+            mask = unpermuted_mask(s, perm, pattern)
         w.mul_(mask.to(w.dtype))
     total = max(total, 1e-30)
     if pattern is None:

@@ -33,7 +33,8 @@ from permsparse.models.calibrate import BlockInputs, block_output, run_blocks
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.calibration import scores_and_heuristic
 from permsparse.train import distributed as dist
-from permsparse.train.learn import StepLog, block_loss, train_block
+from permsparse.train.state import StepLog
+from permsparse.train.blockwise import block_loss, train_block
 
 __all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
 

@@ -23,7 +23,7 @@ from permsparse.models.apply import SiteReport, heuristic_permutation, prune_sit
 from permsparse.models.calibrate import collect_stats
 from permsparse.models.sites import Site, find_sites
 from permsparse.train import distributed as dist
-from permsparse.train.learn import TeacherCache
+from permsparse.train.guard import TeacherCache
 
 __all__ = ["Calibration", "calibrate", "score_sites", "scores_and_heuristic", "pattern_sites", "resolve_groups",
            "resolved", "AUTO_MAX_GROUP"]
@@ -157,7 +157,7 @@ def calibrate(
     bf16: bool = False,
     teacher_cache: bool = False,
 ) -> Calibration:
-    """Calibrate ``model`` on ``batches`` (see :func:`permsparse.train.learn.make_batches`)
+    """Calibrate ``model`` on ``batches`` (see :func:`permsparse.train.loop.make_batches`)
     once: its sites (found unless given), statistics, scores and, with ``heuristic``, the
     heuristic plan. ``bf16``: the pass under bfloat16 autocast; ``teacher_cache``: keep the
     dense logits of the pass as a learned run's teacher (within ``cfg.learn.teacher_cache_gb``)."""

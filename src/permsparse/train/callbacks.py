@@ -1,0 +1,235 @@
+"""What the training loop does beside the step itself, as callbacks.
+
+The loop (:mod:`permsparse.train.loop`) calls, on every callback in order:
+
+* ``on_train_begin(state)`` once, after the state is built (and restored, on a resume);
+* ``on_phase_begin(state, name)`` / ``on_phase_end(state, name)`` around each part of a
+  step (:data:`PHASES`), inside a ``torch.profiler.record_function("permsparse.<name>")``
+  range that a profiler sees and that costs nothing without one;
+* ``on_step_end(state, log)`` after each step (the optimizer has stepped, ``state.step``
+  counts it, ``state.history`` ends with ``log``);
+* ``on_train_end(state)`` when the run ends normally (all steps, or the time budget);
+* ``close()`` always, last (errors included).
+
+A callback that holds something a resumed run needs gives it in ``state_dict()`` as
+``(tensors, json_meta)`` and takes it back in ``load_state_dict(tensors, meta)`` (called by
+the checkpoint after ``on_train_begin``); the names are the callback's own keys of one
+shared checkpoint file.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from permsparse.core.permutation import Permutation
+from permsparse.train import distributed as dist
+from permsparse.train.bank import plan_with
+from permsparse.train.state import StepLog, TrainState
+
+__all__ = ["Callback", "PHASES", "Averages", "Snapshots", "ProgressBar", "MetricsLog", "OnStep", "PhaseTimer"]
+
+#: The parts of a training step, in order: Sinkhorn + hard assignments, ``W_eff``, the
+#: teacher's logits, the student's forward, CE + KL, the backward.
+PHASES = ("bank", "weights", "teacher", "forward", "loss", "backward")
+
+
+class Callback:
+    """Does nothing at every point; subclasses override what they need."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        pass
+
+    def on_phase_begin(self, state: TrainState, name: str) -> None:
+        pass
+
+    def on_phase_end(self, state: TrainState, name: str) -> None:
+        pass
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        pass
+
+    def on_train_end(self, state: TrainState) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        pass
+
+
+class Averages(Callback):
+    """Running averages of the costs: an exponential one per decay (per step) and the uniform
+    mean over the steps from the share ``tail`` of the run on; their hard plans at the end go
+    into ``out`` as ``avg<decay>`` and ``tail<share>``."""
+
+    def __init__(self, decays: Sequence[float], tail: float | None,
+                 out: dict[str, dict[str, Permutation]] | None = None) -> None:
+        self.decays, self.tail, self.out = tuple(decays), tail, out
+        self.ema: dict[float, dict[str, torch.Tensor]] = {}
+        self.tail_mean: dict[str, torch.Tensor] = {}
+        self.tail_n = 0
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self._bank = state.bank
+        # The exponential averages start at the costs the run starts from.
+        self.ema = {d: {k: p.detach().clone() for k, p in state.bank.named_parameters()} for d in self.decays}
+
+    @torch.no_grad()
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        for d, e in self.ema.items():
+            for k, p in state.bank.named_parameters():
+                e[k].lerp_(p.detach(), 1.0 - d)
+        if self.tail is not None and state.progress >= self.tail:
+            self.tail_n += 1
+            for k, p in state.bank.named_parameters():  # the running mean of the tail's costs
+                self.tail_mean[k] = (p.detach().clone() if self.tail_n == 1
+                                     else self.tail_mean[k].lerp_(p.detach(), 1.0 / self.tail_n))
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.out is None or not state.history:
+            return
+        self.out.update({f"avg{d:g}": plan_with(state.bank, e) for d, e in self.ema.items()})
+        if self.tail_n:
+            self.out[f"tail{self.tail:g}"] = plan_with(state.bank, self.tail_mean)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"ema/{d}/{k}": v for d, e in self.ema.items() for k, v in e.items()}
+        tensors.update({f"tail/{k}": v for k, v in self.tail_mean.items()})
+        return tensors, {"tail_n": self.tail_n}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        params = dict(self._bank.named_parameters())
+        self.ema = {d: {k: tensors[f"ema/{d}/{k}"].to(v.device, v.dtype) for k, v in e.items()}
+                    for d, e in self.ema.items()}
+        if self.tail is not None:
+            self.tail_n = int(meta.get("tail_n", 0))
+            self.tail_mean = ({k: tensors[f"tail/{k}"].to(p.device, p.dtype) for k, p in params.items()}
+                              if self.tail_n else {})
+
+
+class Snapshots(Callback):
+    """The hard plan a step ran with, at ``n`` evenly spaced marks of the run (1/(n+1),
+    2/(n+1), ...; progress counts time under a budget), into ``out`` as ``{step: plan}``."""
+
+    def __init__(self, n: int, out: dict[int, dict[str, Permutation]]) -> None:
+        self.marks = [i / (n + 1) for i in range(1, n + 1)]
+        self.out = out
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        # Once per mark passed.
+        if len([m for m in self.marks if m <= state.progress]) > len(self.out):
+            self.out[log.step] = state.plan
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        # A copy: the snapshot of the last step is the very plan the loop keeps as its last
+        # plan (safetensors refuses tensors that share memory).
+        tensors = {f"snap/{st}/{n}": p.indices.clone() for st, plan in self.out.items() for n, p in plan.items()}
+        return tensors, {"snapshots": {str(st): {n: p.groups for n, p in plan.items()} for st, plan in self.out.items()}}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        for st, plan in meta.get("snapshots", {}).items():
+            self.out[int(st)] = {n: Permutation(tensors[f"snap/{st}/{n}"], g) for n, g in plan.items()}
+
+
+class ProgressBar(Callback):
+    """A tqdm bar of the steps with the loss, τ, entropy and moved share (and, under a time
+    budget, the time left: tqdm's own ETA counts steps, and the budget may end the run sooner)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.first, self.t_loop = state.step, time.perf_counter()
+        self.bar = tqdm(total=state.steps, initial=state.step, desc="learn permutations",
+                        disable=not self.enabled or not dist.is_main())
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        self.bar.update(1)
+        post = dict(loss=f"{log.loss:.3f}", tau=f"{log.tau:.3g}", ent=f"{log.entropy:.2f}", moved=f"{log.changed:.1%}")
+        budget = state.cfg.time_budget if state.cfg is not None else None
+        if budget:
+            left = max(budget - state.clock.elapsed(), 0.0)
+            by_steps = (time.perf_counter() - self.t_loop) / (state.step - self.first) * (state.steps - state.step)
+            post["left"] = f"{min(left, by_steps):.0f}s"
+        self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsLog(Callback):
+    """One JSON line per step (:meth:`StepLog.to_json`), appended to ``path`` (rank 0 only)."""
+
+    def __init__(self, path: "str | Path") -> None:
+        self.path = Path(path)
+        self.file = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if dist.is_main():
+            self.file = open(self.path, "a")
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        if self.file:
+            self.file.write(json.dumps(log.to_json()) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class OnStep(Callback):
+    """A caller's ``fn(log, state)`` after every step; its time is not training time (the
+    clock pauses: a caller's evaluation neither counts against the budget nor anneals τ)."""
+
+    def __init__(self, fn: Callable[[StepLog, TrainState], None]) -> None:
+        self.fn = fn
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        with state.clock.paused():
+            self.fn(log, state)
+
+
+class PhaseTimer(Callback):
+    """Wall time of each part of every step (:data:`PHASES`), in ``times[name]`` (one entry
+    per step). On CUDA it synchronises before and after each part, so the GPU work is charged
+    to the part that queued it (which slows the step a little: a measuring tool)."""
+
+    def __init__(self, device: "torch.device | str" = "cpu") -> None:
+        self.device = torch.device(device)
+        self.times: dict[str, list[float]] = {p: [] for p in PHASES}
+        self._t0: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_phase_begin(self, state: TrainState, name: str) -> None:
+        self._sync()
+        self._t0[name] = time.perf_counter()
+
+    def on_phase_end(self, state: TrainState, name: str) -> None:
+        self._sync()
+        self.times.setdefault(name, []).append(time.perf_counter() - self._t0.pop(name))
+
+    def medians(self, skip_first: bool = True) -> dict[str, float]:
+        """``{"<part>_s": median seconds}`` over the steps; the first step pays one-off costs
+        (mask cache, allocator, kernel selection) and is skipped when there are more than two."""
+        out = {}
+        for part, ts in self.times.items():
+            tail = ts[1:] if skip_first and len(ts) > 2 else ts
+            out[f"{part}_s"] = round(statistics.median(tail), 4) if tail else float("nan")
+        return out
