@@ -32,7 +32,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import permsparse.core.sinkhorn as sinkhorn_mod  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.config import LearnConfig  # noqa: E402
 from permsparse.api import prune  # noqa: E402

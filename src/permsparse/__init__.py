@@ -8,7 +8,7 @@
     fast = permsparse.from_pretrained("out", deploy=True)  # permsparse.load in transformers' habits
 """
 
-__version__ = "0.1.0"
+from permsparse._version import __version__
 
 from permsparse.api import PruneResult, prune
 from permsparse.config import LearnConfig, PruneConfig

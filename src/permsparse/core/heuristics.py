@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 

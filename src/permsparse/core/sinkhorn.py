@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 

@@ -33,7 +33,7 @@ _SITE_KEYS = ("name", "consumers", "d_in", "payment", "permutation")
 def _versions() -> dict[str, str]:
     import transformers
 
-    from permsparse import __version__
+    from permsparse._version import __version__
 
     return {"permsparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 

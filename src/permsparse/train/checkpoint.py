@@ -55,7 +55,7 @@ def save_checkpoint(path: "str | Path", tensors: Mapping[str, torch.Tensor], met
     (temporary sibling, fsync, rename): a reader sees the previous checkpoint or this one."""
     from safetensors.torch import save_file
 
-    from permsparse.io.export import atomic_file
+    from permsparse.io.atomic import atomic_file
 
     with atomic_file(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
