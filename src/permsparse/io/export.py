@@ -146,6 +146,7 @@ def load(
     task: str | None = None,
     dtype: "torch.dtype | str" = torch.float32,
     device: "str | torch.device | None" = None,
+    compile: "bool | str" = False,
 ) -> nn.Module:
     """Load an export written by :func:`export`, check its plan against its weights and
     (``deploy=True``) rewrite it into the permuted hardware-aligned form.
@@ -158,6 +159,11 @@ def load(
             ``"encoder"``, ``"masked-lm"``); by default ``config.architectures`` decides.
         dtype: parameter dtype; ``"auto"``: the checkpoint's (as in transformers).
         device: where the model is moved once loaded (``None``: it stays on the CPU).
+        compile: the fast CUDA model (:func:`permsparse.models.fast.accelerate`): 2:4 layers on
+            the cuSPARSELt kernels with a dense fallback where 2:4 loses, a static KV cache for
+            ``generate``, and ``torch.compile(mode="reduce-overhead")`` (``True``), CUDA graphs
+            only (``"cudagraphs"``) or another ``torch.compile`` mode. Needs ``deploy=True``,
+            a CUDA ``device`` and fp16/bf16 (docs/deploy.md).
 
     Returns:
         The model, in eval mode.
@@ -196,6 +202,10 @@ def load(
     if device is not None:
         model.to(device)
     model.eval()
+    if compile is not False:
+        from permsparse.models.fast import accelerate
+
+        accelerate(model, sites, compile=compile, pattern=pattern)
     return model
 
 
@@ -205,9 +215,11 @@ def from_pretrained(
     dtype: "torch.dtype | str" = "auto",
     device: "str | torch.device | None" = None,
     task: str | None = None,
+    compile: "bool | str" = False,
 ) -> nn.Module:
     """A pruned model saved by :meth:`permsparse.PruneResult.save_pretrained` (or
     :func:`export`), in transformers' habits: the checkpoint's dtype by default, and in
-    original coordinates unless ``deploy=True`` (the permuted hardware-aligned form).
+    original coordinates unless ``deploy=True`` (the permuted hardware-aligned form);
+    ``deploy=True, device="cuda", compile=True`` is the fast model (docs/deploy.md).
     :func:`load` with these defaults; see it for the checks and errors."""
-    return load(path, deploy=deploy, task=task, dtype=dtype, device=device)
+    return load(path, deploy=deploy, task=task, dtype=dtype, device=device, compile=compile)

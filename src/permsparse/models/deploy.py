@@ -4,7 +4,14 @@
 ``W[:, π]`` (N:M along its stored input dimension) and the permutation is paid for as
 the site says: a gather fused into the norm, a gather at the consumer, or folded into the
 producers' output rows. The function is unchanged. On CUDA, 2:4 weights can then be
-turned into semi-structured sparse tensors (:func:`to_semi_structured`).
+put on the cuSPARSELt kernels (:func:`to_semi_structured`; the fast model with CUDA graphs and
+a per-shape dense fallback is :func:`permsparse.models.fast.accelerate`).
+
+Gathers of synchronised sites (q/k/v, gate/up) are paid once, at the norm's output
+(:class:`GatheredOutput`), not once per consumer. In eager mode that is one ``index_select``
+kernel per site after the norm's kernels; under ``torch.compile`` inductor fuses it into the
+norm's kernel as an indirect load (one kernel ``..._index_select_mean_mul_pow_rsqrt...`` for
+norm and gather, as many kernels as the norm alone: tests/test_deploy_fast.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 from permsparse.core.pattern import NMPattern, count_violations
 from permsparse.core.permutation import Permutation
 from permsparse.models.sites import Site, get_module, set_module
+from permsparse.models.sparse24 import Sparse24Linear
 
 __all__ = ["PermutedLinear", "GatheredOutput", "deploy", "count_gathers", "deployed_violations", "to_semi_structured"]
 
@@ -107,7 +115,8 @@ def deploy(model: nn.Module, sites: Sequence[Site], perms: Mapping[str, Permutat
 def count_gathers(model: nn.Module) -> int:
     """Gathers the deployed form pays at run time: one per norm output gathered for a site,
     one per layer that gathers its own input (folded sites pay none)."""
-    return sum(isinstance(m, GatheredOutput) or (isinstance(m, PermutedLinear) and m.input_perm is not None)
+    return sum(isinstance(m, GatheredOutput)
+               or (isinstance(m, (PermutedLinear, Sparse24Linear)) and m.input_perm is not None)
                for m in model.modules())
 
 
@@ -123,21 +132,22 @@ def deployed_violations(model: nn.Module, sites: Sequence[Site], pattern: "NMPat
 
 
 def to_semi_structured(model: nn.Module, sites: Sequence[Site]) -> int:
-    """Convert deployed 2:4 weights to ``torch.sparse`` semi-structured tensors (CUDA only).
+    """Put deployed 2:4 weights on the cuSPARSELt kernels (:class:`Sparse24Linear`, CUDA only).
 
     Returns the number of layers converted. Needs fp16/bf16 weights on a CUDA device with
-    sparse tensor cores; raises ``RuntimeError`` elsewhere.
+    sparse tensor cores; raises ``RuntimeError`` elsewhere. Every input runs the 2:4 kernel
+    (no dense fallback; :func:`permsparse.models.fast.accelerate` chooses one per shape).
+    The layers' outputs are row-major, so attention keeps its fused fp16 kernels (why that
+    matters: :mod:`permsparse.models.sparse24`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("semi-structured 2:4 kernels need a CUDA device")
-    from torch.sparse import to_sparse_semi_structured
-
     n = 0
     for s in sites:
         for name in s.consumers:
-            lin = get_module(model, name)
-            if count_violations(lin.weight, "2:4"):
-                raise ValueError(f"{name}: weight is not 2:4 in its stored layout; deploy it first")
-            lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
+            try:
+                set_module(model, name, Sparse24Linear.from_linear(get_module(model, name)))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
             n += 1
     return n
