@@ -60,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: cuSPARSELt's fp16/bf16 shape rules (torch/sparse/semi_structured.py:565-566): the sparse
+#: cuSPARSELt's fp16/bf16 shape rules (torch/sparse/semi_structured.py:564-565): the sparse
 #: weight is a multiple of 16 x 16, the dense operand's rows (tokens) a multiple of 8.
 SPARSE_MIN = 16
 DENSE_MIN_ROWS = 8
