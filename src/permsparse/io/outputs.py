@@ -151,7 +151,7 @@ def check_output_dir(out: "str | os.PathLike[str]", overwrite: bool, protect: Ma
             rel = "is" if p == resolved else "contains"
             raise ValueError(f"{label} {out} {rel} {what}; refusing to write there: name a new folder")
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{label} {out} exists and is not a folder")
+        raise ValueError(f"{label} {out} exists and is not a directory")
     contents = folder_contents(path)
     if contents.kind == "other":
         even = f" even with {flag}" if overwrite else ""

@@ -349,9 +349,9 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
             raise
         first = " ".join(str(exc).split()).split(". ")[0]
         raise HubModelError(
-            f"could not load {resolved.location!r}: no local path by that name exists and the Hugging Face Hub "
-            f"did not give it ({first}); check the id, the network/HF_HUB_OFFLINE setting, and that the "
-            f"repository has safetensors weights"
+            f"could not load {resolved.location!r} from the Hugging Face Hub ({first}); no local path by that "
+            f"name exists: check the id, the network/HF_HUB_OFFLINE setting, and that the repository has "
+            f"safetensors weights"
         ) from exc
 
     check_finite_weights(model, spec)
