@@ -299,6 +299,7 @@ class RunConfig:
     recorded in ``permsparse.json``."""
 
     out: str | None = _opt(None, "output directory (required)")
-    overwrite: bool = _opt(False, "replace --out if it already holds a run")
+    overwrite: bool = _opt(False, "replace --out if it holds a previous permsparse run (never a folder of other "
+                           "files, the model's or the current folder)")
     resume: bool = _opt(False, "continue the training from --checkpoint if it exists")
     no_eval: bool = _opt(False, "skip the perplexity (top-1) before and after")

@@ -98,7 +98,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from permsparse.cli.preflight import check_out
     from permsparse.demo import run_demo
+
+    if args.out:  # before minutes of work: the export applies the same rule at the end
+        check_out(args.out, args.overwrite, "")
 
     rows = run_demo(args.preset, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
     print_table(rows)

@@ -133,7 +133,17 @@ def check_plan_computes(model: nn.Module, sites: Sequence[Site], perms: Mapping[
     active = [(s, perms[s.name]) for s in sites if s.name in perms and not perms[s.name].is_identity()]
     dtype = next(model.parameters()).dtype
     inputs = probe_inputs(model)
-    stock = _output(model, inputs)
+    reached: set[str] = set()
+    hooks = [get_module(model, c).register_forward_pre_hook(lambda *_, c=c: reached.add(c))
+             for s, _ in active for c in s.consumers]
+    try:
+        stock = _output(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    missed = [s.name for s, _ in active if not reached.intersection(s.consumers)]
+    if missed:  # e.g. a vision tower under a text-only probe: checked by fields and shapes only
+        log.info("%s: %d permuted sites are not reached by the probe input (e.g. %s)", where, len(missed), missed[0])
     if keep_deployed:
         deploy(model, [s for s, _ in active], {s.name: p for s, p in active})
         deployed = _output(model, inputs)
