@@ -631,7 +631,8 @@ def test_leftovers_of_a_killed_export_are_removed(model_dir, calib, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     stale = [tmp_path / ".run.tmp-abcd_123", tmp_path / f".run.tmp-{dead}.x1y2z3w4"]
-    kept = [tmp_path / f".run.tmp-{os.getpid()}.live0000", tmp_path / ".run.tmp-notes", tmp_path / ".other.tmp-abcd1234"]
+    kept = [tmp_path / f".run.tmp-{os.getpid()}.live0000", tmp_path / ".run.tmp-notes",
+            tmp_path / ".other.tmp-abcd1234"]
     for d in stale + kept:
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"0" * 1000)

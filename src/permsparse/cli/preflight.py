@@ -122,9 +122,11 @@ def _local(name: str) -> str:
 
 def run_identity(model: str, config: PruneConfig, data: DataConfig) -> str:
     """A hash of what a command-line run computes: the model, the data and every setting but
-    those a resumed run may change (the checkpoint's place and rhythm, the time budget)."""
+    those a resumed run may change (the checkpoint's place and rhythm, the time budget, the
+    device, the progress bars)."""
     cfg = config.to_json()
-    cfg.pop("progress", None)
+    for k in ("progress", "device"):  # how the run shows and where it computes, not what
+        cfg.pop(k, None)
     cfg["learn"] = {k: v for k, v in cfg["learn"].items() if k not in _RUN_ONLY}
     desc = {"model": _local(model), "config": cfg, "data": {**data.to_json(), "calib": _local(data.calib)}}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]

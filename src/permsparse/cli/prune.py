@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from permsparse.cli.options import UsageError, given_values, options, resolve
-from permsparse.cli.preflight import RunIdentity, check_checkpoint, check_device, check_out, interrupt_hint, run_identity
+from permsparse.cli.preflight import (
+    RunIdentity,
+    check_checkpoint,
+    check_device,
+    check_out,
+    interrupt_hint,
+    run_identity,
+)
 from permsparse.cli.recipe import load_recipe
 from permsparse.config import DataConfig, PruneConfig, RunConfig
 from permsparse.io.atomic import atomic_write_text
