@@ -299,7 +299,8 @@ def test_missing_data_file(model_dir, tmp_path, capsys):
 def test_occupied_out_needs_overwrite(model_dir, calib_txt, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / PLAN_FILE).write_text('{"an": "older run"}')
+    # An export of a version that did not list its files yet: its known names count as a run's.
+    (out / PLAN_FILE).write_text('{"format_version": 1, "pattern": "2:4", "sites": []}')
     (out / "model.safetensors").write_bytes(b"old weights")
     before = _snapshot(out)
 

@@ -15,6 +15,7 @@ a command-line run, :class:`DataConfig` under ``data``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
@@ -65,6 +66,50 @@ def _opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: An
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _named(obj: Any, name: str) -> str:
+    """A field as the user meets it: ``guard_batches (--guard-batches)``."""
+    meta = next((f.metadata for f in fields(obj) if f.name == name), {})
+    if meta.get("cli", True) is False:
+        return name
+    return f"{name} (--{meta.get('flag', name).replace('_', '-')})"
+
+
+def _check_int(obj: Any, name: str, low: int) -> None:
+    """``obj.name`` is an integer (not a bool) of at least ``low``."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{_named(obj, name)} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(obj: Any, name: str, low: float, *, above: bool = False, none_ok: bool = False,
+                 inf_ok: bool = False) -> None:
+    """``obj.name`` is a number ``>= low`` (``> low`` with ``above``), never NaN, and finite
+    unless ``inf_ok``; ``None`` too with ``none_ok``."""
+    value = getattr(obj, name)
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > low if above else value >= low) and (inf_ok or math.isfinite(value))
+    if not ok:
+        rule = f"{'>' if above else '>='} {low:g}" + ("" if inf_ok else " and finite")
+        raise ValueError(f"{_named(obj, name)} must be a number {rule}{' (or none)' if none_ok else ''}, "
+                         f"got {value!r}")
+
+
+def _check_device(device: str | None) -> None:
+    """A device torch can name (``cpu``, ``cuda``, ``cuda:1``, ``mps``); whether it is present
+    is a question for the machine the run starts on, not for the config."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device (--device) must name a torch device such as cpu, cuda or cuda:1; "
+                         f"got {device!r}") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -136,15 +181,21 @@ class LearnConfig:
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("init", self.init, INIT_CHOICES)
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("lr, batch_size and epochs must be positive")
+        # Values that would run but make the result meaningless (a guard on no batches keeps
+        # an arbitrary plan, a negative KL weight rewards drifting from the teacher) are refused.
+        for name in ("lr", "epochs", "tau_start", "tau_end"):
+            _check_float(self, name, 0.0, above=True)
+        for name in ("margin", "noise", "alpha"):
+            _check_float(self, name, 0.0)
+        _check_float(self, "time_budget", 0.0, above=True, none_ok=True)
+        _check_float(self, "teacher_cache_gb", 0.0, inf_ok=True)
+        for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
+                          ("snapshots", 0), ("checkpoint_every", 1)):
+            _check_int(self, name, low)
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
             self.lr_end = None
-        if self.lr_end is not None and self.lr_end < 0:
-            raise ValueError(f"lr_end must be positive (0 or None: a constant lr), got {self.lr_end}")
+        _check_float(self, "lr_end", 0.0, above=True, none_ok=True)
         TemperatureSchedule(self.tau_start, self.tau_end, 2, self.tau_schedule)  # validates
-        if self.snapshots < 0:
-            raise ValueError(f"snapshots must be >= 0, got {self.snapshots}")
         if isinstance(self.average, (int, float)):  # one decay given as a number (0: none)
             self.average = (self.average,) if self.average else ()
         self.average = tuple(float(d) for d in self.average)
@@ -152,10 +203,8 @@ class LearnConfig:
             raise ValueError(f"average must hold distinct decays in (0, 1), got {self.average}")
         if self.tail_average is not None and not 0.0 <= self.tail_average < 1.0:
             raise ValueError(f"tail_average must be in [0, 1) (None: none), got {self.tail_average}")
-        if self.teacher_cache_gb < 0:
-            raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.checkpoint_path is not None and not str(self.checkpoint_path).strip():
+            raise ValueError("checkpoint_path (--checkpoint) must name a file, got an empty path")
 
 
 @dataclass
@@ -196,8 +245,9 @@ class PruneConfig:
             raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
         _check_choice("heuristic", self.heuristic, HEURISTICS)
         _check_choice("attn_out", self.attn_out, ATTN_OUT)
-        if not self.heuristic_power > 0:
-            raise ValueError(f"heuristic_power must be positive, got {self.heuristic_power}")
+        _check_float(self, "heuristic_power", 0.0, above=True)
+        _check_float(self, "swap_seconds", 0.0)
+        _check_device(self.device)
         if isinstance(self.learn, Mapping):
             self.learn = _from_mapping(LearnConfig, self.learn, "learn")
         if self.spread_blocks and self.sequential:
@@ -235,8 +285,9 @@ class DataConfig:
                                    "held-out test split)")
 
     def __post_init__(self) -> None:
-        if self.n_calib < 1 or self.window < 1 or self.eval_tokens < 1:
-            raise ValueError("n_calib, window and eval_tokens must be positive")
+        # A window of one token has no next token to predict; calibration needs a sample.
+        for name, low in (("n_calib", 1), ("window", 2), ("eval_tokens", 1)):
+            _check_int(self, name, low)
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -248,6 +299,7 @@ class RunConfig:
     recorded in ``permsparse.json``."""
 
     out: str | None = _opt(None, "output directory (required)")
-    overwrite: bool = _opt(False, "replace --out if it already holds a run")
+    overwrite: bool = _opt(False, "replace --out if it holds a previous permsparse run (never a folder of other "
+                           "files, the model's or the current folder)")
     resume: bool = _opt(False, "continue the training from --checkpoint if it exists")
     no_eval: bool = _opt(False, "skip the perplexity (top-1) before and after")

@@ -9,8 +9,9 @@
 ``prune``'s options are generated from :mod:`permsparse.config` (see
 :mod:`permsparse.cli.options`). Exit status: 0 done; 2 a usage error (a bad flag value, a
 missing file the user named, an --out that holds a run, a bad recipe); 1 a failure at run
-time (a diverging loss, out of memory, an unexpected exception). Either way one line on
-stderr, and the traceback too with ``-v``; nothing is half-written.
+time (a diverging loss, out of memory, a full disk, an unexpected exception); 130
+interrupted (Ctrl-C), with how to continue when a checkpoint was saved. Either way one line
+on stderr, and the traceback too with ``-v``; nothing is half-written.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from typing import NoReturn, Sequence
 from permsparse.cli.options import UsageError, add_options
 from permsparse.config import DataConfig
 
-__all__ = ["main", "build_parser", "UsageError", "EXIT_USAGE", "EXIT_FAILURE"]
+__all__ = ["main", "build_parser", "UsageError", "EXIT_USAGE", "EXIT_FAILURE", "EXIT_INTERRUPTED"]
 
 log = logging.getLogger("permsparse")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: Exceptions that mean the user's input was wrong (exit 2); the library raises these for a
-#: missing file, a bad value, an occupied output, an optional dependency not installed.
-_USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+#: missing file, a bad value, an occupied output, an optional dependency not installed, a path
+#: that cannot be read or written. Any other OSError (a full disk) is a failure at run time.
+_USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, ImportError)
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _report(err: BaseException, code: int, verbose: bool) -> int:
     if verbose:
         traceback.print_exception(err, file=sys.stderr)
-    print(_failure_line(err) if code == EXIT_FAILURE else f"permsparse: error: {' '.join(str(err).split())}",
-          file=sys.stderr)
+    print(_failure_line(err) if code == EXIT_FAILURE else f"permsparse: error: {_text(err)}", file=sys.stderr)
     return code
+
+
+def _text(err: BaseException) -> str:
+    """The error's message on one line; an OSError as ``what: path`` (not ``[Errno 13] ...``)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{err.strerror}: {paths}"
+    return " ".join(str(err).split())
 
 
 def _failure_line(err: BaseException) -> str:
@@ -104,8 +115,10 @@ def _failure_line(err: BaseException) -> str:
 
     from permsparse.train.state import NonFiniteLossError
 
-    text = " ".join(str(err).split())
+    text = _text(err)
     if isinstance(err, NonFiniteLossError):
+        return f"permsparse: error: {text}"
+    if isinstance(err, OSError) and err.strerror:
         return f"permsparse: error: {text}"
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return (f"permsparse: error: out of memory ({text or type(err).__name__}); try a smaller --batch-size "
@@ -142,12 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(err, EXIT_USAGE, verbose)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    args.argv = argv  # the command line as given, for the interrupt's "run it again with --resume"
     try:
         return _run(args)
     except _USAGE_ERRORS as err:
         return _report(err, EXIT_USAGE, args.verbose)
-    except KeyboardInterrupt:
-        print("permsparse: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C: no traceback (unless -v), and how to continue
+        if args.verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        hint = " ".join(str(err).split())
+        print(f"permsparse: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - anything else is a failure at run time: one line, exit 1
         return _report(err, EXIT_FAILURE, args.verbose)

@@ -75,9 +75,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from permsparse.models.loading import load_model
 
         model, _ = load_model(str(path), task=task)
-    from transformers import AutoTokenizer
+    from permsparse.models.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     results: dict = {"dir": str(path)}
     windows = load_text_windows(args.data, tokenizer, args.window, 1, 0, eval_tokens=args.eval_tokens)
     results["ppl"] = perplexity(model, windows.eval, batch_size=args.batch_size, progress=not args.quiet)
@@ -98,7 +98,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from permsparse.cli.preflight import check_out
     from permsparse.demo import run_demo
+
+    if args.out:  # before minutes of work: the export applies the same rule at the end
+        check_out(args.out, args.overwrite, "")
 
     rows = run_demo(args.preset, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
     print_table(rows)

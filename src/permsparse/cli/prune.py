@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import tempfile
@@ -12,8 +13,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from permsparse.cli.options import UsageError, given_values, options, resolve
+from permsparse.cli.preflight import (
+    RunIdentity,
+    check_checkpoint,
+    check_device,
+    check_out,
+    interrupt_hint,
+    run_identity,
+)
 from permsparse.cli.recipe import load_recipe
 from permsparse.config import DataConfig, PruneConfig, RunConfig
+from permsparse.io.atomic import atomic_write_text
 
 __all__ = ["cmd_prune", "run_configs", "Invocation"]
 
@@ -31,17 +41,6 @@ class _Workload:
     info: dict  # what the data was, for the run's metrics
 
 
-def _check_out(out: str | None, overwrite: bool) -> Path:
-    if not out:
-        raise UsageError("--out DIR is required")
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} already holds a run; pass --overwrite to replace it")
-    return path
-
-
 @dataclass
 class Invocation:
     """What a ``prune`` command line asks for."""
@@ -52,15 +51,20 @@ class Invocation:
     config: PruneConfig
     data: DataConfig
     run: RunConfig
+    identity: str = ""  # what the run computes, hashed (preflight.run_identity)
 
 
 def run_configs(args: argparse.Namespace) -> Invocation:
     """The configs of a ``prune`` command line: the defaults of what MODEL is, under the
     recipe, under the flags.
 
+    Every path the run writes is checked here, before any model is read (see
+    :mod:`permsparse.cli.preflight`).
+
     Raises:
-        UsageError: no MODEL, a bad or occupied --out, a bad recipe or value, --resume
-            without --checkpoint.
+        UsageError: no MODEL, a bad, occupied or unwritable --out, a bad recipe or value,
+            --resume without --checkpoint, a --checkpoint that is not this run's, a device
+            this machine does not have.
     """
     from permsparse.models.loading import model_task
 
@@ -75,7 +79,7 @@ def run_configs(args: argparse.Namespace) -> Invocation:
         run = RunConfig(**{k: v for k, v in user.items() if options()[k].section == "run"})
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
-    out = _check_out(run.out, run.overwrite)
+    out = check_out(run.out, run.overwrite, str(model))
     task = model_task(model)
     try:
         config, data, run = resolve(task, recipe, flags)
@@ -83,7 +87,10 @@ def run_configs(args: argparse.Namespace) -> Invocation:
         raise UsageError(str(err)) from None
     if run.resume and not config.learn.checkpoint_path:
         raise UsageError("--resume needs --checkpoint PATH")
-    return Invocation(str(model), task, out, config, data, run)
+    check_device(config)
+    identity = run_identity(str(model), config, data)
+    check_checkpoint(config.learn.checkpoint_path, out, run.resume, identity)
+    return Invocation(str(model), task, out, config, data, run, identity)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -129,11 +136,20 @@ def _workload(task: str, data: DataConfig, config: PruneConfig, model, preproces
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    inv = run_configs(args)
+    try:
+        return _prune_and_export(args, inv)
+    except KeyboardInterrupt:
+        learned = inv.config.permutation == "learned"
+        raise KeyboardInterrupt(interrupt_hint(getattr(args, "argv", []), inv.config.learn.checkpoint_path,
+                                               inv.run.resume, learned)) from None
+
+
+def _prune_and_export(args: argparse.Namespace, inv: Invocation) -> int:
     from permsparse.api import prune
     from permsparse.models.loading import load_model
     from permsparse.train import distributed as dist
 
-    inv = run_configs(args)
     name, task, out, config, data, run = inv.model, inv.task, inv.out, inv.config, inv.data, inv.run
     main_rank = dist.is_main()
     progress = not args.quiet and main_rank
@@ -149,11 +165,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if evaluate:
         metrics[f"{work.metric}_dense"] = work.measure(model)
     with tempfile.TemporaryDirectory() as tmp:
-        steps_path = Path(tmp) / "steps.jsonl"
         t0 = time.perf_counter()
-        result = prune(model, tokenizer, config, work.calib, metrics_path=steps_path, resume=run.resume)
+        result = prune(model, tokenizer, config, work.calib, on_step=RunIdentity(inv.identity), resume=run.resume)
         if not main_rank:
             return 0  # every rank holds the same pruned model; rank 0 evaluates and writes it
+        if result.history:  # every step, those a resumed run restored from its checkpoint included
+            atomic_write_text(Path(tmp) / "steps.jsonl", "".join(json.dumps(h.to_json()) + "\n"
+                                                                 for h in result.history))
         metrics["prune_seconds"] = time.perf_counter() - t0
         metrics["kept_plan"] = result.kept_plan
         metrics["guard"] = result.guard
@@ -184,7 +202,7 @@ def _write(result, model, tokenizer, out: Path, run: RunConfig, title: str, summ
 
     write_report(tmp, title, summary, recorded, result.reports, result.history, result.guard, result.kept_plan)
     extras = {p.name: p for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")}
-    # _check_out let through only --overwrite or an existing EMPTY folder; export refuses
-    # any existing folder without overwrite=True, so pass it for the empty one.
-    result.save_pretrained(out, model, tokenizer, metrics=metrics, overwrite=run.overwrite or out.exists(),
-                           config=recorded, extra_files=extras)
+    # The export checks --out again (as preflight did): an empty folder or, with --overwrite,
+    # a previous run; nothing else.
+    result.save_pretrained(out, model, tokenizer, metrics=metrics, overwrite=run.overwrite, config=recorded,
+                           extra_files=extras)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,13 +39,30 @@ def _parse(path: Path) -> Any:
     except ImportError:
         raise UsageError(f"reading the YAML recipe {path} needs pyyaml: {_YAML_EXTRA} (or write it as .json)") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         # YAML errors span several lines (with a caret drawing); keep the problem and where.
         mark = getattr(err, "problem_mark", None)
         what = " ".join(str(getattr(err, "problem", None) or err).split())
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UsageError(f"cannot parse recipe {path}: {what}{where}") from err
+
+
+_NM = re.compile(r"^[0-9]+:[0-9]+$")
+
+
+def _loader(yaml: Any) -> type:
+    """PyYAML's safe loader, except that ``2:4`` is the text "2:4": YAML 1.1 reads an unquoted
+    ``2:4`` as the base-60 integer 124, never what a recipe means."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        ch: ([("tag:yaml.org,2002:str", _NM)] if ch.isdigit() else []) + list(resolvers)
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return Loader
 
 
 def load_recipe(path: "str | Path") -> dict[str, Any]:
@@ -101,6 +119,8 @@ def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
                     out[sub_name] = _value(opt, sub_value)
         elif name == "model":
             out[name] = value
+        elif name == "pattern" and not isinstance(value, str):
+            raise ValueError(f"pattern must be text such as \"2:4\", got {value!r} (in YAML, quote it: '2:4')")
         elif name in opts:
             out[name] = _value(opts[name], value)
         elif name in by_dest:  # a flag's name: --independent, --no-bf16, --checkpoint

@@ -257,7 +257,8 @@ def load_text_windows(
 
     Raises:
         FileNotFoundError: a path-like source that does not exist.
-        ValueError: a text too short for two windows, or an unknown source name.
+        ValueError: a text too short for two windows, an unknown source name, or a file
+            that is not UTF-8 (named).
         ImportError: ``wikitext2``/``c4`` without the ``datasets`` package.
     """
     name = os.fspath(source)
@@ -275,7 +276,11 @@ def load_text_windows(
     else:
         path = Path(name).expanduser()
         if path.is_file():
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"text file {name} is not UTF-8 (byte 0x{err.object[err.start]:02x} at offset "
+                                 f"{err.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
             label = str(path)
         elif path.exists():
             raise ValueError(f"text source {name!r} is not a regular file")

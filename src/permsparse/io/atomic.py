@@ -4,21 +4,82 @@ never sees it half-written. Standard library only, so that every layer may use i
 A file goes to a hidden temporary sibling, is fsynced and renamed over its final name
 (:func:`atomic_file`); a folder is filled as a hidden temporary sibling and renamed into
 place as a whole (:func:`atomic_dir`). A crash leaves the old version, the new one, or a
-hidden ``.{name}.tmp-*`` sibling; never a partial file under the final name.
+hidden ``.{name}.tmp-{pid}.*`` sibling; never a partial file under the final name. The next
+write to the same name removes such leftovers of processes that are gone
+(:func:`remove_stale_temps`): only names of this module's own pattern, never anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_file", "atomic_dir", "atomic_write_text", "atomic_write_json", "fsync_file", "fsync_dir",
-           "fsync_tree", "json_default"]
+           "fsync_tree", "json_default", "remove_stale_temps", "temp_prefix"]
+
+log = logging.getLogger(__name__)
+
+
+def temp_prefix(path: "str | os.PathLike[str]", kind: str = "tmp") -> str:
+    """The name prefix of a temporary sibling of ``path``: ``.{name}.{kind}-{pid}.`` (``kind``
+    ``tmp``: being written; ``old``: a replaced folder on its way out)."""
+    return f".{Path(path).name}.{kind}-{os.getpid()}."
+
+
+def _stale_pattern(name: str) -> "re.Pattern[str]":
+    # tempfile's 8 random characters; the pid is absent in the names of older versions.
+    return re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-(?:(\d+)\.)?[a-z0-9_]{{8}}$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: "str | os.PathLike[str]") -> list[Path]:
+    """Remove the temporary siblings of ``path`` that a killed writer left behind (a killed
+    export leaves its whole unfinished folder); returns what was removed.
+
+    Only names of this module's pattern (:func:`temp_prefix`) whose process is gone are
+    touched; a replaced folder (``old``) only once ``path`` itself exists again, since until
+    then it is the one complete copy.
+    """
+    out = Path(path).expanduser().absolute()
+    pattern = _stale_pattern(out.name)
+    removed: list[Path] = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or (m.group(2) is not None and _alive(int(m.group(2)))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            log.warning("%s holds the previous %s of an interrupted overwrite; it is left in place", entry, out.name)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+        log.info("removed %s, left behind by an interrupted write", entry)
+    return removed
 
 
 def fsync_file(path: "str | os.PathLike[str]") -> None:
@@ -58,7 +119,8 @@ def atomic_file(path: "str | os.PathLike[str]") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any written file
     try:
@@ -85,7 +147,8 @@ def atomic_dir(path: "str | os.PathLike[str]", overwrite: bool = False) -> Itera
     out = Path(path).expanduser().absolute()
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is an ordinary directory once renamed
     old: Path | None = None
     try:
@@ -94,7 +157,7 @@ def atomic_dir(path: "str | os.PathLike[str]", overwrite: bool = False) -> Itera
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists")
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=parent))
             os.replace(out, old / out.name)  # move the old folder aside (atomic rename)
             try:
                 os.replace(tmp, out)

@@ -29,7 +29,9 @@ from torch import nn
 from permsparse.core.pattern import NMPattern, parse_pattern
 from permsparse.core.permutation import Permutation
 from permsparse.io.atomic import atomic_dir, atomic_write_json, fsync_tree
+from permsparse.io.outputs import check_output_dir, protected_paths
 from permsparse.io.plan import PLAN_FILE, build_plan, check_plan, read_plan
+from permsparse.models.integrity import check_config_json, check_model_folder
 from permsparse.models.loading import drop_gguf_quantizer, folder_spec, model_class
 from permsparse.models.sites import Site
 
@@ -95,8 +97,11 @@ def export(
             permutations' group structure).
         tokenizer: saved beside the model when given (anything with ``save_pretrained``).
         metrics: JSON-serialisable numbers to record.
-        overwrite: replace an existing ``out_dir`` (atomically: the old folder is moved
-            aside, the new one renamed in, then the old one deleted).
+        overwrite: replace an existing ``out_dir`` that holds a previous export and nothing
+            else (atomically: the old folder is moved aside, the new one renamed in, then the
+            old one deleted). An empty ``out_dir`` is used without it; a folder of other
+            files, the model's own folder and the current folder are never replaced
+            (:mod:`permsparse.io.outputs`).
         config: the run's configuration, recorded as ``config`` in ``permsparse.json``.
         extra_files: ``{name in the export: source path}`` copied into the folder (logs...).
 
@@ -104,9 +109,10 @@ def export(
         The path of the written folder.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        ValueError: a deployed model, a plan that does not fit its sites, or weights
-            that are not ``pattern`` in the permuted layout of their site (not pruned).
+        FileExistsError: ``out_dir`` holds a previous export and ``overwrite`` is false.
+        ValueError: a deployed model, a plan that does not fit its sites, weights that are
+            not ``pattern`` in the permuted layout of their site (not pruned), or an
+            ``out_dir`` that must not be written (see ``overwrite``).
     """
     out = Path(out_dir).expanduser().absolute()
     deployed = _deployed_modules(model)
@@ -122,12 +128,12 @@ def export(
     # The weights must match the plan: consumers exist with the right widths, and every
     # consumer is N:M in its permuted layout (what load() and deploy() will require).
     check_plan(model, sites, perms, pattern, groups)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    protect = protected_paths(source)
+    check_output_dir(out, overwrite, protect)
     drop_gguf_quantizer(model)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    # An empty folder is used without overwrite (it is checked again once the export is written).
+    with atomic_dir(out, overwrite=overwrite or out.is_dir()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -135,7 +141,10 @@ def export(
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
         fsync_tree(tmp)
+        # What this export holds: a later overwrite replaces a folder of these files only.
+        plan["files"] = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / PLAN_FILE, plan)  # last: its presence marks a complete export
+        check_output_dir(out, overwrite, protect)  # the folder may have filled while this one was written
     log.info("exported %s (%d sites, pattern %s) to %s", type(model).__name__, len(sites), plan["pattern"], out)
     return out
 
@@ -147,9 +156,15 @@ def load(
     dtype: "torch.dtype | str" = torch.float32,
     device: "str | torch.device | None" = None,
     compile: "bool | str" = False,
+    verify: bool = True,
 ) -> nn.Module:
     """Load an export written by :func:`export`, check its plan against its weights and
     (``deploy=True``) rewrite it into the permuted hardware-aligned form.
+
+    The plan is validated field by field, against the model's layers and shapes, and once by
+    what it computes: the stock model and the model with the plan deployed must give the same
+    outputs on one small random input (:mod:`permsparse.io.verify`; ``verify=False`` skips
+    that forward pass, e.g. for a model too large to run on the loading device).
 
     Args:
         path: the export folder.
@@ -170,27 +185,39 @@ def load(
 
     Raises:
         FileNotFoundError: no such folder, or no ``permsparse.json``.
-        ValueError: not a model folder, pickle-only weights (never unpickled), or a plan
-            that does not match the weights (the message names the site and layer).
+        ValueError: not a model folder, pickle-only weights (never unpickled), a plan
+            that does not match the weights (the message names the site and layer), or
+            one that does not compute what the stock model computes
+            (:class:`permsparse.io.verify.PlanMismatchError`).
     """
     import transformers
 
+    from permsparse.io.verify import check_plan_computes
     from permsparse.models.deploy import deploy as _deploy
     from permsparse.models.deploy import deployed_violations
 
     root = Path(path).expanduser()
     _check_model_dir(root)
     meta, sites, perms = read_plan(root)
+    check_config_json(root)
     config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
     cls = model_class(config, task)
+    check_model_folder(root, cls)  # truncated weights or a config of another model: one line
     model = cls.from_pretrained(root, dtype=dtype, use_safetensors=True, local_files_only=True)
     model.eval()
     groups = meta["groups"]
     pattern = parse_pattern(meta["pattern"])
     # Violations are checked after deploy in the stored layout when deploying.
-    check_plan(model, sites, perms, None if deploy else pattern, groups)
-    if deploy:
+    where = f"{root / PLAN_FILE}"
+    try:
+        check_plan(model, sites, perms, None if deploy else pattern, groups)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if verify:
+        check_plan_computes(model, sites, perms, keep_deployed=deploy, where=where)
+    elif deploy:
         _deploy(model, sites, perms)
+    if deploy:
         if pattern is not None:
             bad = {name: n for name, n in deployed_violations(model, sites, pattern).items() if n}
             if bad:

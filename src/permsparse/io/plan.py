@@ -20,7 +20,7 @@ from torch import nn
 
 from permsparse.core.pattern import NMPattern, count_violations, parse_pattern, pattern_str
 from permsparse.core.permutation import Permutation
-from permsparse.models.sites import Site, get_module
+from permsparse.models.sites import PAYMENTS, Site, get_module
 
 __all__ = ["FORMAT_VERSION", "PLAN_FILE", "build_plan", "read_plan", "check_plan", "check_perm_for_site"]
 
@@ -186,6 +186,66 @@ def _read_header(file: Path, data: dict) -> "tuple[NMPattern | None, int]":
     return pattern, groups
 
 
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _check_site_fields(entry: dict) -> None:
+    """Every field of a site entry has its type and range (``ValueError`` naming the field),
+    so that a tampered plan fails here in words, not later as an arithmetic error."""
+    if not _is_name(entry["name"]):
+        raise ValueError(f"name must be a non-empty string, got {entry['name']!r}")
+    consumers = entry["consumers"]
+    if not isinstance(consumers, list) or not consumers or not all(_is_name(c) for c in consumers):
+        raise ValueError(f"consumers must be a non-empty list of layer names, got {consumers!r}")
+    if len(set(consumers)) != len(consumers):
+        raise ValueError(f"consumers name a layer twice: {consumers!r}")
+    d_in = entry["d_in"]
+    if not _is_int(d_in, 1):
+        raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+    if entry["payment"] not in PAYMENTS:
+        raise ValueError(f"payment must be one of {', '.join(PAYMENTS)}, got {entry['payment']!r}")
+    norm = entry.get("norm")
+    if norm is not None and not _is_name(norm):
+        raise ValueError(f"norm must be a module name or null, got {norm!r}")
+    producers = entry.get("producers", [])
+    if not isinstance(producers, list) or not all(
+            isinstance(p, list) and len(p) == 2 and _is_name(p[0]) and _is_int(p[1], 0) for p in producers):
+        raise ValueError(f"producers must be a list of [module name, row offset >= 0] pairs, got {producers!r}")
+    if not isinstance(entry.get("block", ""), str):
+        raise ValueError(f"block must be a string, got {entry['block']!r}")
+    groups = entry.get("permutation_groups", 1)
+    if not _is_int(groups, 1):
+        raise ValueError(f"permutation_groups must be a positive integer, got {groups!r}")
+    _check_heads(entry, d_in)
+
+
+def _check_heads(entry: dict, d_in: int) -> None:
+    """``head_dim`` divides ``d_in`` and only a fold has one; ``kv_of_head`` maps each of the
+    ``d_in / head_dim`` query heads to a KV head, and every KV head ``0..n-1`` has a query head."""
+    head_dim, kv = entry.get("head_dim"), entry.get("kv_of_head")
+    if head_dim is None:
+        if kv is not None:
+            raise ValueError("kv_of_head needs head_dim")
+        return
+    if not _is_int(head_dim, 1) or d_in % head_dim:
+        raise ValueError(f"head_dim must be a positive integer that divides d_in={d_in}, got {head_dim!r}")
+    if entry["payment"] != "fold":
+        raise ValueError(f"head_dim ties heads for a fold through attention; payment is {entry['payment']!r}")
+    if kv is None:
+        return
+    heads = d_in // head_dim
+    if not isinstance(kv, list) or len(kv) != heads or not all(_is_int(v, 0) for v in kv):
+        raise ValueError(f"kv_of_head must list a KV head index (>= 0) for each of the {heads} query heads, "
+                         f"got {kv!r}")
+    if set(kv) != set(range(max(kv) + 1)):
+        raise ValueError(f"kv_of_head must use every KV head 0..{max(kv)}, got {kv!r}")
+
+
 def _read_site(file: Path, i: int, entry: Any, pattern: "NMPattern | None", groups: int) -> tuple[Site, Permutation]:
     """One entry of ``sites``: its keys, the site, and a permutation that fits it."""
     label = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
@@ -195,6 +255,7 @@ def _read_site(file: Path, i: int, entry: Any, pattern: "NMPattern | None", grou
     if missing:
         raise ValueError(f"{file}: site {label} is missing keys {', '.join(missing)}")
     try:
+        _check_site_fields(entry)
         site = Site.from_json(entry)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{file}: site {label}: {err}") from None
@@ -275,9 +336,13 @@ def _check_layers(model: nn.Module, site: Site) -> None:
             )
     if site.payment == "gather_norm":
         try:
-            get_module(model, site.norm)
+            norm = get_module(model, site.norm)
         except ValueError:
             raise ValueError(f"site {site.name}: norm {site.norm} does not exist in this model") from None
+        weight = getattr(norm, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() != site.d_in:
+            raise ValueError(f"site {site.name}: norm {site.norm} has {weight.numel()} channels, the site reads "
+                             f"{site.d_in}")
 
 
 def _check_producers(model: nn.Module, site: Site, rows: int) -> None:

@@ -7,6 +7,7 @@ unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import torch
 from permsparse._optional import require
 from permsparse.data.assets import embedded_gguf_path
 from permsparse.data.digits_vit import DIGITS_VIT
+from permsparse.models.integrity import check_finite_weights, check_model_folder
 
 __all__ = [
     "EMBEDDED_LM",
@@ -33,6 +35,8 @@ __all__ = [
     "folder_spec",
     "drop_gguf_quantizer",
     "load_model",
+    "load_tokenizer",
+    "HubModelError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,6 +147,9 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
         raise ValueError(f"{path} is neither a file nor a folder")
     if _looks_local(text):
         raise FileNotFoundError(f"model path not found: {text}")
+    near = difflib.get_close_matches(text.lower(), sorted(EMBEDDED_LM_ALIASES | {DIGITS_VIT}), n=1, cutoff=0.8)
+    if near and "/" not in text:  # a near miss of an alias, not a Hub id worth a network round trip
+        raise FileNotFoundError(f"unknown model {text!r}: no such folder or file; did you mean {near[0]}?")
     return ModelSpec("hub", text)
 
 
@@ -264,6 +271,35 @@ def _check_tied_embeddings(model: Any) -> None:
         model.tie_weights()
 
 
+class HubModelError(FileNotFoundError):
+    """A Hub id that could not be loaded (unknown, offline, or without safetensors weights)."""
+
+
+def _preprocessor(pre_cls: Any, resolved: ModelSpec, kwargs: dict) -> Any:
+    """The tokenizer (image processor) beside a model; a local folder without one gets one line."""
+    try:
+        return pre_cls.from_pretrained(resolved.location, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        if resolved.kind == "hub":
+            raise
+        what = "image processor (preprocessor_config.json)" if "Image" in pre_cls.__name__ else \
+            "tokenizer (tokenizer.json, or tokenizer.model with tokenizer_config.json)"
+        raise ValueError(f"{resolved.location} has no usable {what}: save the model's {what.split(' ')[0]} "
+                         f"beside it (save_pretrained of the original) and run again") from exc
+
+
+def load_tokenizer(folder: "str | os.PathLike[str]") -> Any:
+    """The tokenizer saved in a local model folder, or one line saying that it has none.
+
+    Raises:
+        ValueError: no tokenizer files, or files the tokenizer classes cannot read.
+    """
+    import transformers
+
+    return _preprocessor(transformers.AutoTokenizer, ModelSpec("folder", os.fspath(folder)),
+                         {"local_files_only": True})
+
+
 def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a model and its tokenizer (image processor for image classification).
 
@@ -281,7 +317,11 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
         ValueError: an existing path without a safetensors/GGUF model, or pickle-only weights.
-        OSError: a Hub id that could not be loaded (offline, unknown id, no safetensors).
+        HubModelError: (a ``FileNotFoundError``) a Hub id that could not be loaded (offline,
+            unknown id, no safetensors); a near miss of an alias fails at once.
+        ValueError: also a corrupt ``config.json``, a truncated or corrupt safetensors file,
+            weights of other shapes than the config gives, a folder without a tokenizer, or
+            weights that hold NaN or inf (each named in the message).
     """
     model_cls, pre_cls = _auto_classes(task)
     resolved = resolve_model_spec(spec)
@@ -298,19 +338,23 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
         kwargs["local_files_only"] = True
 
     start = time.perf_counter()
+    if resolved.kind == "folder":
+        check_model_folder(resolved.location, model_cls)  # one line for a corrupt or mismatched folder
+    pre_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
     try:
         model = model_cls.from_pretrained(resolved.location, **{_dtype_kwarg(): dtype}, **kwargs)
-        pre_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
-        preprocessor = pre_cls.from_pretrained(resolved.location, **pre_kwargs)
+        preprocessor = _preprocessor(pre_cls, resolved, pre_kwargs)
     except (OSError, ValueError) as exc:
         if resolved.kind != "hub":
             raise
-        raise OSError(
-            f"could not load {resolved.location!r} from the Hugging Face Hub (no local path by that "
-            f"name exists; check the id, the network/HF_HUB_OFFLINE setting, and that the repository "
-            f"has safetensors weights): {exc}"
+        first = " ".join(str(exc).split()).split(". ")[0]
+        raise HubModelError(
+            f"could not load {resolved.location!r} from the Hugging Face Hub ({first}); no local path by that "
+            f"name exists: check the id, the network/HF_HUB_OFFLINE setting, and that the repository has "
+            f"safetensors weights"
         ) from exc
 
+    check_finite_weights(model, spec)
     drop_gguf_quantizer(model)
     _check_tied_embeddings(model)
     model.eval()

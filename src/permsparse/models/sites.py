@@ -94,6 +94,13 @@ class Site:
             g, k = groups, self.d_in // groups
         if pattern is not None:
             pat = NMPattern.parse(pattern)
+            if self.d_in % pat.m:  # no choice of groups can help: say which patterns fit
+                fits = [m for m in range(2, 33) if self.d_in % m == 0]
+                raise ValueError(
+                    f"site {self.name} ({', '.join(self.consumers)}): input width {self.d_in} is not a multiple of "
+                    f"M={pat.m} of pattern {pat}, whatever the groups; patterns whose M divides {self.d_in} fit "
+                    f"(M = {', '.join(map(str, fits)) or 'none up to 32'})"
+                )
             if k % pat.m:
                 raise ValueError(
                     f"site {self.name} ({', '.join(self.consumers)}): groups of {k} channels are not "
