@@ -194,7 +194,6 @@ def load(
 
     from permsparse.io.verify import check_plan_computes
     from permsparse.models.deploy import deploy as _deploy
-    from permsparse.models.deploy import deployed_violations
 
     root = Path(path).expanduser()
     _check_model_dir(root)
@@ -217,15 +216,8 @@ def load(
         check_plan_computes(model, sites, perms, keep_deployed=deploy, where=where)
     elif deploy:
         _deploy(model, sites, perms)
-    if deploy:
-        if pattern is not None:
-            bad = {name: n for name, n in deployed_violations(model, sites, pattern).items() if n}
-            if bad:
-                worst = max(bad, key=bad.get)
-                raise ValueError(
-                    f"{root}: after deploying, {len(bad)} layers violate {pattern}, e.g. {worst} with "
-                    f"{bad[worst]} violating blocks; the weights do not match their {PLAN_FILE}"
-                )
+    if deploy and pattern is not None:
+        _check_deployed_pattern(model, sites, pattern, root)
     if device is not None:
         model.to(device)
     model.eval()
@@ -234,6 +226,19 @@ def load(
 
         accelerate(model, sites, compile=compile, pattern=pattern)
     return model
+
+
+def _check_deployed_pattern(model: nn.Module, sites, pattern, root: Path) -> None:
+    """The deployed (stored-layout) weights are N:M, or the load is refused naming the worst layer."""
+    from permsparse.models.deploy import deployed_violations
+
+    bad = {name: n for name, n in deployed_violations(model, sites, pattern).items() if n}
+    if bad:
+        worst = max(bad, key=bad.get)
+        raise ValueError(
+            f"{root}: after deploying, {len(bad)} layers violate {pattern}, e.g. {worst} with "
+            f"{bad[worst]} violating blocks; the weights do not match their {PLAN_FILE}"
+        )
 
 
 def from_pretrained(
