@@ -126,8 +126,8 @@ class LearnConfig:
     teacher_cache_gb: float = _opt(8.0, "end to end: keep the calibration pass's dense logits (float16, on the "
                                    "host) as the distillation teacher when they fit in this many GiB; 0: a "
                                    "teacher forward at every step")
-    time_budget: float | None = _opt(None, "seconds of training at most; τ anneals by steps or time, "
-                                     "whichever is further")
+    time_budget: float | None = _opt(None, "seconds of training at most: the steps that fit (estimated from "
+                                     "the first steps, kept in the checkpoint), at most those of --epochs")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")

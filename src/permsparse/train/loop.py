@@ -30,7 +30,7 @@ from permsparse.core.sinkhorn import TemperatureSchedule
 from permsparse.models.sites import Site
 from permsparse.train import distributed as dist
 from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
-from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots
+from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots, StepBudget
 from permsparse.train.checkpoint import Checkpointer, run_key
 from permsparse.train.loss import autocast, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
@@ -85,6 +85,9 @@ def train_end_to_end(
     ``cfg.checkpoint_path``: every ``cfg.checkpoint_every`` steps (and after the last) the
     whole state is written there atomically; ``resume=True`` continues from it when it
     exists, and the continued run computes exactly what the uninterrupted one would have.
+    ``cfg.time_budget``: the run's step count is fixed once, from the pace of its first
+    steps (:class:`~permsparse.train.callbacks.StepBudget`), and kept in the checkpoint, so
+    that τ and the lr follow the same schedule after a resume.
 
     Under ``torch.distributed`` each rank runs its shard of every global batch and the
     cost gradients are averaged over ranks (see :mod:`permsparse.train.distributed`); only
@@ -93,7 +96,9 @@ def train_end_to_end(
     if resume and not cfg.checkpoint_path:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
     run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers)
-    cbs: list[Callback] = [Averages(cfg.average, cfg.tail_average, averaged)]
+    # First: it fixes the run's length under a time budget, which the others read.
+    cbs: list[Callback] = [StepBudget(cfg.time_budget)] if cfg.time_budget else []
+    cbs.append(Averages(cfg.average, cfg.tail_average, averaged))
     if snapshots is not None:
         cbs.append(Snapshots(cfg.snapshots, snapshots))
     cbs.append(ProgressBar(progress))
@@ -169,16 +174,17 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
 
 
 def _advance(state: TrainState) -> bool:
-    """Set the coming step's share of the run (by steps, or by time under a budget, whichever
-    is further); False when the time budget is spent."""
+    """Set the coming step's share of the run (by steps: under a time budget, against the
+    count :class:`~permsparse.train.callbacks.StepBudget` fixed); False when the time budget
+    is spent."""
     cfg = state.cfg
     state.progress = state.step / max(state.steps - 1, 1)
     if cfg.time_budget:
         elapsed = state.clock.elapsed()
         if dist.any_flag(elapsed >= cfg.time_budget):
-            log.info("time budget of %.0fs reached after %d steps", cfg.time_budget, state.step)
+            log.warning("time budget of %.0fs reached after %d of %d steps (tau %.3g, not yet its end)",
+                        cfg.time_budget, state.step, state.steps, state.tau)
             return False
-        state.progress = max(state.progress, dist.mean_float(elapsed) / cfg.time_budget)
     return True
 
 
