@@ -24,8 +24,8 @@ from permsparse.core.scores import SCORES
 from permsparse.core.sinkhorn import TemperatureSchedule
 
 __all__ = ["PruneConfig", "LearnConfig", "DataConfig", "RunConfig", "PERMUTATIONS", "INIT_CHOICES",
-           "OBJECTIVES", "HEURISTICS", "ATTN_OUT", "TAU_SCHEDULES", "CLASSIFIER_DEFAULTS", "DIGITS_PRUNE",
-           "workload_defaults"]
+           "OBJECTIVES", "HEURISTICS", "ATTN_OUT", "TAU_SCHEDULES", "HIDDEN_LOSSES", "CLASSIFIER_DEFAULTS",
+           "DIGITS_PRUNE", "workload_defaults"]
 
 PERMUTATIONS = ("none", "heuristic", "learned")
 #: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
@@ -35,6 +35,9 @@ OBJECTIVES = ("e2e", "blockwise")
 HEURISTICS = ("zigzag", "zigzag+swap")
 ATTN_OUT = ("fold", "gather")
 TAU_SCHEDULES = ("exponential", "linear", "cosine", "constant")
+#: ``LearnConfig.hidden_loss`` values: per-token 1 - cos, 1 - cos of the mean-pooled states,
+#: normalised MSE (see :func:`permsparse.train.loss.hidden_loss`).
+HIDDEN_LOSSES = ("cosine", "pooled-cosine", "nmse")
 
 #: Image classifiers calibrate on labelled images, more of them per step than text windows.
 CLASSIFIER_DEFAULTS: dict[str, Any] = {"calib": "digits", "n_calib": 512, "batch_size": 32}
@@ -132,6 +135,10 @@ class LearnConfig:
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
     checkpoint_every: int = _opt(50, "steps between checkpoints (and one after the last step)")
+    # Chosen on MiniLM's validation sentences: bench/results/encoder.md.
+    hidden_loss: str = _opt("cosine", "end to end, models without logits (encoders): how the sparse model's last "
+                            "hidden states are matched to the dense ones (per-token 1 - cos, 1 - cos of the "
+                            "mean-pooled states, or normalised MSE)", choices=HIDDEN_LOSSES)
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
@@ -156,6 +163,7 @@ class LearnConfig:
             raise ValueError(f"teacher_cache_gb must be >= 0, got {self.teacher_cache_gb}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Each step builds ``W_eff = (W P ⊙ M) Pᵀ`` for every pruned layer from the straight-through
 permutations of all sites, runs the model with those weights (``torch.func.functional_call``;
 the model's own parameters never change), and descends ``CE + α · KL(dense ‖ sparse)`` on
-the costs only. Everything else a run does (averages of the costs, snapshots, the progress
-bar, the metrics file, checkpoints, a caller's hook, timing) is a callback
-(:mod:`permsparse.train.callbacks`) around that step.
+the costs only; a model without logits (an encoder) descends the distance of its last hidden
+states to the dense model's instead (``LearnConfig.hidden_loss``). Everything else a run
+does (averages of the costs, snapshots, the progress bar, the metrics file, checkpoints, a
+caller's hook, timing) is a callback (:mod:`permsparse.train.callbacks`) around that step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from permsparse.train import distributed as dist
 from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
 from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots, StepBudget
 from permsparse.train.checkpoint import Checkpointer, run_key
-from permsparse.train.loss import autocast, model_inputs, task_loss
+from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
 from permsparse.train.state import NonFiniteLossError, StepLog, TrainState
 
@@ -70,8 +71,8 @@ def train_end_to_end(
 
     ``scores`` hold each consumer's score in original coordinates; ``start`` the warm
     start (heuristic) permutations when ``cfg.init == "heuristic"``. ``teachers``: the dense
-    logits of each calibration batch (see :class:`~permsparse.train.guard.TeacherCache`),
-    used instead of a teacher forward at every step.
+    logits (hidden states, for a model without logits) of each calibration batch (see
+    :class:`~permsparse.train.guard.TeacherCache`), used instead of a teacher forward at every step.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
     ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
@@ -147,13 +148,14 @@ class _Run:
     masks: dict = field(default_factory=dict)
     good: dict[str, torch.Tensor] = field(default_factory=dict)  # the bank's costs before the last good step
 
-    def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor | None:
-        if alpha <= 0:
+    def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
+        """The dense model's logits (hidden states, for a model without logits) of batch ``idx``."""
+        if not needed:
             return None
         if self.teachers is not None:
             return self.teachers[idx].to(self.device)
         with torch.no_grad():
-            return self.model(**model_inputs(batch)).logits
+            return dense_target(self.model(**model_inputs(batch)))
 
 
 def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers) -> tuple[_Run, TrainState]:
@@ -215,12 +217,15 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
         params = sparse_weights(out, state.sites, run.step_weights, state.scores, state.pattern,
                                 mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
     with autocast(cfg.bf16, run.device):
-        with _phase(cbs, state, "teacher"):
-            teacher = run.teacher(idx, batch, cfg.alpha)
         with _phase(cbs, state, "forward"):
-            logits = functional_call(run.model, params, (), model_inputs(batch), strict=False).logits
+            y = functional_call(run.model, params, (), model_inputs(batch), strict=False)
+        with _phase(cbs, state, "teacher"):  # a model without logits always learns against the dense one
+            teacher = run.teacher(idx, batch, cfg.alpha > 0 or not has_logits(y))
     with _phase(cbs, state, "loss"):
-        loss, ce, kl = task_loss(logits, batch, teacher, cfg.alpha)
+        if has_logits(y):
+            loss, ce, kl = task_loss(y.logits, batch, teacher, cfg.alpha)
+        else:
+            loss, ce, kl = hidden_loss(dense_target(y), teacher, batch.get("attention_mask"), cfg.hidden_loss)
     # The global mean (equal shards) so that every rank takes the same decisions.
     vals = dist.all_reduce_mean_(torch.stack([loss.detach(), ce.detach(), kl.detach()]).double().cpu())
     loss_v, ce_v, kl_v = (float(v) for v in vals)
