@@ -35,7 +35,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 #: The trainer's settings, chosen on the validation sentences (``encoder_val.md``).
-LEARN = {"epochs": 4.0, "batch_size": 8, "lr": 0.05, "bf16": True, "hidden_loss": "cosine"}
+LEARN = {"epochs": 2.0, "batch_size": 8, "lr": 0.05, "bf16": True, "hidden_loss": "cosine"}
 N_CALIB = 256  # calibration sentences per seed
 N_HELD = 300  # held-out sentences
 GROUPS = 4
@@ -134,48 +134,68 @@ def fidelity(emb: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
 def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: torch.Tensor, learn: dict,
              groups: int, progress: bool, methods: tuple[str, ...] = ()) -> list[dict]:
     """The ``methods`` (default: all) of one seed; one calibration and learned run serve the
-    first three."""
-    methods = methods or METHODS
-    from permsparse.api import plan_candidates, prune
+    first three (with ``objective=blockwise`` the learned row is ``prune``'s block-by-block walk)."""
+    from permsparse.api import plan_candidates
     from permsparse.config import LearnConfig, PruneConfig
 
+    methods = methods or METHODS
     held = sents.test if split == "test" else sents.val
-    learn = dict(learn)
     batches = calib_batches(tokenizer, sents.calib, N_CALIB, int(learn["batch_size"]), seed)
-    cfg = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=groups, progress=progress,
-                      learn=LearnConfig(seed=seed, **learn))
+    blockwise = learn.get("objective") == "blockwise"
+    cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic" if blockwise else "learned",
+                      groups=groups, progress=progress, learn=LearnConfig(seed=seed, **learn))
     t0 = time.perf_counter()
-    run = plan_candidates(model, cfg, batches, bf16_calibration=False)  # float32 statistics, as prune() without learning
+    # float32 statistics: the Wanda and heuristic rows are what prune() without learning gives.
+    run = plan_candidates(model, cfg, batches, bf16_calibration=False)
     calib_s = run.calibration.seconds
 
     def measure(pruned) -> dict[str, float]:
         return fidelity(embed(pruned, tokenizer, held), dense)
 
     rows = []
-    for method, plan, secs in (("wanda", "none", calib_s), ("wanda+heuristic", "heuristic", calib_s),
-                               ("wanda+learned", run.kept, calib_s + run.learn_seconds)):
-        pruned, _ = run.pruned(model, plan)
-        row = {"method": method, "seed": seed, **measure(pruned), "prune_seconds": secs}
-        if method == "wanda+learned":
-            unguarded = measure(run.pruned(model, "learned")[0])
-            row.update(kept_plan=run.kept, train_steps=len(run.history), cosine_unguarded=unguarded["cosine"],
-                       nn_agree_unguarded=unguarded["nn_agree"],
-                       **{f"guard_{k}": v for k, v in run.guard.items()})
-        rows.append(row)
-    for method, pattern, score in (("sparsegpt", "2:4", "sparsegpt"), ("wanda-unstructured50", "unstructured50",
-                                                                        "wanda")):
-        if method not in methods:
-            continue
-        pruned = _copy(model)
-        t1 = time.perf_counter()
-        prune(pruned, None, PruneConfig(pattern=pattern, score=score, permutation="none", groups=groups,
-                                        progress=progress), batches)
-        rows.append({"method": method, "seed": seed, **measure(pruned), "prune_seconds": time.perf_counter() - t1})
+    for method, plan in (("wanda", "none"), ("wanda+heuristic", "heuristic")):
+        rows.append({"method": method, "seed": seed, **measure(run.pruned(model, plan)[0]), "prune_seconds": calib_s})
+    if blockwise:
+        rows.append(_blockwise_row(model, replace(cfg, permutation="learned"), batches, seed, measure))
+    else:
+        unguarded = measure(run.pruned(model, "learned")[0])
+        rows.append({"method": "wanda+learned", "seed": seed, **measure(run.pruned(model, run.kept)[0]),
+                     "prune_seconds": calib_s + run.learn_seconds, "kept_plan": run.kept,
+                     "train_steps": len(run.history), "cosine_unguarded": unguarded["cosine"],
+                     "nn_agree_unguarded": unguarded["nn_agree"], **{f"guard_{k}": v for k, v in run.guard.items()}})
+    for method, pattern, score in (("sparsegpt", "2:4", "sparsegpt"),
+                                   ("wanda-unstructured50", "unstructured50", "wanda")):
+        if method in methods:
+            rows.append(_prune_row(model, method, PruneConfig(pattern=pattern, score=score, permutation="none",
+                                                              groups=groups, progress=progress), batches, seed,
+                                   measure))
     for r in rows:
         r.update(split=split, n_calib=N_CALIB)
         log.info("seed %d %-22s cosine %.4f  nn-agree %.4f", seed, r["method"], r["cosine"], r["nn_agree"])
     log.info("seed %d: %.0f s", seed, time.perf_counter() - t0)
     return rows
+
+
+def _prune_row(model, method: str, cfg, batches: list[dict], seed: int, measure, result: list | None = None) -> dict:
+    """``prune`` of a copy of ``model`` with ``cfg``, measured (the ``PruneResult`` appended to ``result``)."""
+    from permsparse.api import prune
+
+    pruned = _copy(model)
+    t0 = time.perf_counter()
+    res = prune(pruned, None, cfg, batches)
+    if result is not None:
+        result.append(res)
+    return {"method": method, "seed": seed, **measure(pruned), "prune_seconds": time.perf_counter() - t0}
+
+
+def _blockwise_row(model, cfg, batches: list[dict], seed: int, measure) -> dict:
+    """The learned row of the block-wise objective (``prune``'s walk, each block's guard)."""
+    out: list = []
+    row = _prune_row(model, "wanda+learned", cfg, batches, seed, measure, out)
+    res = out[0]
+    row.update(kept_plan=res.kept_plan, train_steps=len(res.history), cosine_unguarded=float("nan"),
+               nn_agree_unguarded=float("nan"))
+    return row
 
 
 def _copy(model):
@@ -252,6 +272,29 @@ def render(result: dict) -> str:
     return "".join(lines)
 
 
+def render_sweep(result: dict) -> str:
+    """The validation table of a ``--sweep``: per setting, Wanda, the heuristic and the learned run."""
+    from permsparse.report import markdown_table
+
+    m = result["meta"]
+    cols = ["setting", "method", "seeds", "cosine_mean", "cosine_std", "nn_agree_mean", "nn_agree_std",
+            "prune_seconds_mean", "kept_plans", "cosine_unguarded_mean"]
+    rows = [r for r in result["rows"] if r["method"] == "wanda+learned"]
+    first = result["rows"][0]["setting"]
+    base = [r for r in result["rows"] if r["method"] != "wanda+learned" and r["setting"] == first]
+    return "".join([
+        "# Encoder: tuning the trainer on the validation sentences\n\n",
+        f"`{m['command']}` on {m['machine']}, {m['seconds']:.0f} s in all. The embedded MiniLM, 2:4, Wanda, "
+        f"G = {m['groups']}, {m['n_calib']} calibration sentences per seed; fidelity on {m['n_held']} "
+        f"**{m['split']}** sentences (never the reported test sentences; see `encoder.md` for the protocol). "
+        f"Seeds {m['seeds']}. Each setting changes one trainer setting of `{m['learn']}`.\n\n",
+        "Baselines (the same for every setting):\n\n",
+        markdown_table([{k: v for k, v in r.items() if k != "setting"} for r in base], cols[1:], floatfmt=".4f"),
+        "\nThe learned run per setting:\n\n",
+        markdown_table(rows, cols, floatfmt=".4f"),
+    ])
+
+
 def _setting(item: str) -> tuple[str, object]:
     """``key=value`` with the value as a bool, number or string."""
     key, value = item.split("=", 1)
@@ -276,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, default=GROUPS)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (tuning: the first "
                     "three come from one run anyway)")
+    ap.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one learned run per value of "
+                    "this trainer setting (each over LEARN and --learn), the rest as they are; repeatable")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -290,24 +335,34 @@ def main(argv: list[str] | None = None) -> int:
     sents = load_sentences()
     held = sents.test if args.split == "test" else sents.val
     dense = embed(model, tokenizer, held)
-    runs = [r for seed in args.seeds
-            for r in run_seed(model, tokenizer, sents, args.split, seed, dense, learn, args.groups, args.progress,
-                              tuple(args.methods.split(",")))]
-    rows = summarise(runs)
+    settings = [(f"{key}={v}", {**learn, key: _setting(f"{key}={v}")[1]})
+                for spec in args.sweep for key, values in [spec.split("=", 1)] for v in values.split(",")]
+    methods = tuple(args.methods.split(","))
+    runs = []
+    for name, learn_s in settings or [("", learn)]:
+        for seed in args.seeds:
+            for r in run_seed(model, tokenizer, sents, args.split, seed, dense, learn_s, args.groups, args.progress,
+                              methods if not settings else METHODS[:3]):
+                runs.append({**r, "setting": name} if settings else r)
+    rows = (summarise(runs) if not settings else
+            [{"setting": name, **row} for name, _ in settings
+             for row in summarise([r for r in runs if r["setting"] == name])])
     result = {
         "meta": {"command": "python bench/encoder.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
-                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+                            f"torch {torch.__version__}",
                  "seconds": time.perf_counter() - t0, "split": args.split, "n_held": len(held), "n_calib": N_CALIB,
                  "seeds": args.seeds, "learn": learn, "groups": args.groups, "score": "wanda", "pattern": "2:4",
                  "pools": {"calib": len(sents.calib)}},
         "rows": rows,
-        "targets": targets(rows),
+        "targets": targets(rows) if not settings else [],
         "runs": runs,
     }
     out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
+    text = render(result) if not settings else render_sweep(result)
     atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), render(result))
-    print(render(result))
+    atomic_write_text(out.with_suffix(".md"), text)
+    print(text)
     return 0
 
 

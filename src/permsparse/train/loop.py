@@ -97,17 +97,7 @@ def train_end_to_end(
     if resume and not cfg.checkpoint_path:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
     run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers)
-    # First: it fixes the run's length under a time budget, which the others read.
-    cbs: list[Callback] = [StepBudget(cfg.time_budget)] if cfg.time_budget else []
-    cbs.append(Averages(cfg.average, cfg.tail_average, averaged))
-    if snapshots is not None:
-        cbs.append(Snapshots(cfg.snapshots, snapshots))
-    cbs.append(ProgressBar(progress))
-    if metrics_path:
-        cbs.append(MetricsLog(metrics_path))
-    if on_step is not None:
-        cbs.append(on_step if isinstance(on_step, Callback) else OnStep(on_step))
-    cbs += list(callbacks)
+    cbs = _callbacks(cfg, averaged, snapshots, progress, metrics_path, on_step, callbacks)
     if cfg.checkpoint_path:
         key = run_key(cfg, sites, groups, pattern, len(run.batches), dict(state.bank.named_parameters()))
         ckpt = Checkpointer(cfg.checkpoint_path, cfg.checkpoint_every, key, holders=list(cbs))
@@ -132,6 +122,22 @@ def train_end_to_end(
         for cb in cbs:
             cb.close()
     return state.bank.hard(), state.history
+
+
+def _callbacks(cfg: LearnConfig, averaged, snapshots, progress: bool, metrics_path: Path | None, on_step,
+               callbacks: Sequence[Callback]) -> list[Callback]:
+    """The run's callbacks in the order they are called (the checkpoint comes after them)."""
+    # First: it fixes the run's length under a time budget, which the others read.
+    cbs: list[Callback] = [StepBudget(cfg.time_budget)] if cfg.time_budget else []
+    cbs.append(Averages(cfg.average, cfg.tail_average, averaged))
+    if snapshots is not None:
+        cbs.append(Snapshots(cfg.snapshots, snapshots))
+    cbs.append(ProgressBar(progress))
+    if metrics_path:
+        cbs.append(MetricsLog(metrics_path))
+    if on_step is not None:
+        cbs.append(on_step if isinstance(on_step, Callback) else OnStep(on_step))
+    return cbs + list(callbacks)
 
 
 @dataclass
