@@ -296,7 +296,7 @@ def learn_permutations(
     weights = _weights(model, sites)
     guard = {  # each rank its shard of the guard batches; equal shards, so the mean is the global loss
         name: dist.mean_float(evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
-                                            cfg.learn.alpha, cfg.learn.bf16, teachers))
+                                            cfg.learn.alpha, cfg.learn.bf16, teachers, cfg.learn.hidden_loss))
         for name, cand in candidates.items()
     }
     plan = min(guard, key=lambda k: (guard[k], k != "learned"))

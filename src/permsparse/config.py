@@ -25,8 +25,8 @@ from permsparse.core.scores import SCORES
 from permsparse.core.sinkhorn import TemperatureSchedule
 
 __all__ = ["PruneConfig", "LearnConfig", "DataConfig", "RunConfig", "PERMUTATIONS", "INIT_CHOICES",
-           "OBJECTIVES", "HEURISTICS", "ATTN_OUT", "TAU_SCHEDULES", "CLASSIFIER_DEFAULTS", "DIGITS_PRUNE",
-           "workload_defaults"]
+           "OBJECTIVES", "HEURISTICS", "ATTN_OUT", "TAU_SCHEDULES", "HIDDEN_LOSSES", "CLASSIFIER_DEFAULTS",
+           "DIGITS_PRUNE", "workload_defaults"]
 
 PERMUTATIONS = ("none", "heuristic", "learned")
 #: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
@@ -36,6 +36,9 @@ OBJECTIVES = ("e2e", "blockwise")
 HEURISTICS = ("zigzag", "zigzag+swap")
 ATTN_OUT = ("fold", "gather")
 TAU_SCHEDULES = ("exponential", "linear", "cosine", "constant")
+#: ``LearnConfig.hidden_loss`` values: per-token 1 - cos, 1 - cos of the mean-pooled states,
+#: normalised MSE (see :func:`permsparse.train.loss.hidden_loss`).
+HIDDEN_LOSSES = ("cosine", "pooled-cosine", "nmse")
 
 #: Image classifiers calibrate on labelled images, more of them per step than text windows.
 CLASSIFIER_DEFAULTS: dict[str, Any] = {"calib": "digits", "n_calib": 512, "batch_size": 32}
@@ -171,12 +174,16 @@ class LearnConfig:
     teacher_cache_gb: float = _opt(8.0, "end to end: keep the calibration pass's dense logits (float16, on the "
                                    "host) as the distillation teacher when they fit in this many GiB; 0: a "
                                    "teacher forward at every step")
-    time_budget: float | None = _opt(None, "seconds of training at most; τ anneals by steps or time, "
-                                     "whichever is further")
+    time_budget: float | None = _opt(None, "seconds of training at most: the steps that fit (estimated from "
+                                     "the first steps, kept in the checkpoint), at most those of --epochs")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
     checkpoint_every: int = _opt(50, "steps between checkpoints (and one after the last step)")
+    # Chosen on MiniLM's validation sentences: bench/results/encoder.md.
+    hidden_loss: str = _opt("cosine", "end to end, models without logits (encoders): how the sparse model's last "
+                            "hidden states are matched to the dense ones (per-token 1 - cos, 1 - cos of the "
+                            "mean-pooled states, or normalised MSE)", choices=HIDDEN_LOSSES)
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
@@ -205,6 +212,7 @@ class LearnConfig:
             raise ValueError(f"tail_average must be in [0, 1) (None: none), got {self.tail_average}")
         if self.checkpoint_path is not None and not str(self.checkpoint_path).strip():
             raise ValueError("checkpoint_path (--checkpoint) must name a file, got an empty path")
+        _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
 
 
 @dataclass

@@ -39,6 +39,8 @@ __all__ = [
     "trace_sites",
     "get_module",
     "set_module",
+    "unhandled_layers",
+    "nothing_to_prune",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,40 @@ def _linear_in(module: nn.Module, name: str) -> int:
     if weight is None or weight.dim() != 2:
         raise ValueError(f"{name} is not a linear layer (no 2-D weight)")
     return weight.shape[1]
+
+
+# -- what cannot be pruned -----------------------------------------------------------------
+
+
+def unhandled_layers(model: nn.Module, exclude: Sequence[str] = HEADS) -> dict[str, int]:
+    """Type name -> count of the modules with a 2-D weight that are not ``nn.Linear`` (nor
+    embeddings): layers the tool cannot prune, e.g. GPT-2's transformers ``Conv1D``, whose
+    weight is stored ``(d_in, d_out)``. Output heads (``exclude``) are left dense anyway."""
+    found: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) or name.rsplit(".", 1)[-1] in exclude:
+            continue
+        weight = module._parameters.get("weight")  # noqa: SLF001 - its own weight, not a child's
+        if weight is not None and weight.dim() == 2:
+            found[type(module).__name__] = found.get(type(module).__name__, 0) + 1
+    return found
+
+
+def nothing_to_prune(model: nn.Module, exclude: Sequence[str] = HEADS) -> str | None:
+    """Why ``model`` has nothing to prune, naming the layer types it could not handle, when it
+    holds no ``nn.Linear`` outside its output heads; ``None`` when it holds some."""
+    if any(isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in exclude for n, m in model.named_modules()):
+        return None
+    return _nothing_message(model, exclude)
+
+
+def _nothing_message(model: nn.Module, exclude: Sequence[str]) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    types = unhandled_layers(model, exclude)
+    what = (", ".join(f"{t} ({n})" for t, n in sorted(types.items())) if types
+            else "none with a 2-D weight outside the output heads")
+    return (f"nothing to prune in this {kind} model: no nn.Linear layer outside the output heads "
+            f"({', '.join(exclude)}); its weight layers are of types the tool cannot handle: {what}")
 
 
 # -- finding the sites ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from permsparse.core.pattern import NMPattern, parse_pattern
 from permsparse.core.permutation import Permutation
 from permsparse.models.apply import SiteReport, heuristic_permutation, prune_site_, site_scores
 from permsparse.models.calibrate import collect_stats
-from permsparse.models.sites import Site, find_sites
+from permsparse.models.sites import Site, find_sites, nothing_to_prune, unhandled_layers
 from permsparse.train import distributed as dist
 from permsparse.train.guard import TeacherCache
 
@@ -63,10 +63,21 @@ def resolved(cfg: PruneConfig, sites: Sequence[Site]) -> PruneConfig:
 
 def pattern_sites(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -> tuple[list[Site], PruneConfig]:
     """``model``'s sites and ``cfg`` resolved for them; fails early, naming the site, where
-    the groups do not divide into the pattern's blocks. The first batch (labels aside) is
-    the generic fallback's traced input."""
+    the groups do not divide into the pattern's blocks, and naming the layer types it could
+    not handle where there is nothing to prune. The first batch (labels aside) is the
+    generic fallback's traced input."""
+    # A model with nothing the tool can prune (GPT-2's Conv1D) is refused before any work.
+    why = nothing_to_prune(model)
+    if why:
+        raise ValueError(why)
     example = {k: v for k, v in batches[0].items() if k != "labels"} if batches else None
     sites = find_sites(model, sync=cfg.sync, attn_out=cfg.attn_out, example_inputs=example)
+    if not sites:
+        types = unhandled_layers(model)
+        raise ValueError("found no layers to prune in this model (no linear layer reads an input that a traced "
+                         "forward could follow)" + (f"; layer types it could not handle: "
+                                                     f"{', '.join(f'{t} ({n})' for t, n in sorted(types.items()))}"
+                                                     if types else ""))
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     if pattern is not None:

@@ -20,6 +20,7 @@ shared checkpoint file.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -33,11 +34,12 @@ from permsparse.train import distributed as dist
 from permsparse.train.bank import plan_with
 from permsparse.train.state import StepLog, TrainState
 
-__all__ = ["Callback", "PHASES", "Averages", "Snapshots", "ProgressBar", "MetricsLog", "OnStep", "PhaseTimer"]
+__all__ = ["Callback", "PHASES", "Averages", "Snapshots", "ProgressBar", "MetricsLog", "OnStep", "PhaseTimer",
+           "StepBudget"]
 
 #: The parts of a training step, in order: Sinkhorn + hard assignments, ``W_eff``, the
-#: teacher's logits, the student's forward, CE + KL, the backward.
-PHASES = ("bank", "weights", "teacher", "forward", "loss", "backward")
+#: student's forward, the teacher's output (logits or hidden states), the loss, the backward.
+PHASES = ("bank", "weights", "forward", "teacher", "loss", "backward")
 
 
 class Callback:
@@ -118,9 +120,55 @@ class Averages(Callback):
                               if self.tail_n else {})
 
 
+class StepBudget(Callback):
+    """A time budget turned into a step count, fixed once: after ``probe`` steps, the run's
+    length becomes the steps that fit in ``budget`` seconds at the pace of the steps after
+    the first (which pays one-off costs), less a ``margin``, and at most the run's own
+    ``state.steps``. τ and the lr then follow steps against that count, and the count is
+    kept in the checkpoint, so a resumed run continues the very schedule of the interrupted
+    one (its own pace does not matter) and ends with the same permutations. The budget
+    itself still ends a run that falls behind its estimate (see ``train_end_to_end``)."""
+
+    def __init__(self, budget: float, probe: int = 4, margin: float = 0.1) -> None:
+        if probe < 2:
+            raise ValueError(f"probe must be >= 2 (the first step is not timed), got {probe}")
+        self.budget, self.probe, self.margin = budget, probe, margin
+        self.fixed: int | None = None  # the run's step count, once fixed
+        self._t1 = 0.0  # training time when the first step ended
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self._state = state
+
+    def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        if self.fixed is not None:
+            return
+        if state.step == 1:
+            self._t1 = dist.mean_float(state.clock.elapsed())
+        if state.step < self.probe:
+            return
+        # The mean over ranks: every rank fixes the same count.
+        now = dist.mean_float(state.clock.elapsed())
+        pace = max((now - self._t1) / (state.step - 1), 1e-9)
+        fit = state.step + int(max(self.budget - now, 0.0) * (1.0 - self.margin) / pace)
+        self.fixed = max(state.step, min(state.steps, fit))
+        if self.fixed < state.steps:
+            logging.getLogger(__name__).info(
+                "time budget of %.0fs: %d steps at %.2fs a step (of %d for the epochs asked)",
+                self.budget, self.fixed, pace, state.steps)
+        state.steps = self.fixed
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {"budget_steps": self.fixed}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        self.fixed = meta.get("budget_steps")
+        if self.fixed is not None:
+            self._state.steps = int(self.fixed)
+
+
 class Snapshots(Callback):
     """The hard plan a step ran with, at ``n`` evenly spaced marks of the run (1/(n+1),
-    2/(n+1), ...; progress counts time under a budget), into ``out`` as ``{step: plan}``."""
+    2/(n+1), ...), into ``out`` as ``{step: plan}``."""
 
     def __init__(self, n: int, out: dict[int, dict[str, Permutation]]) -> None:
         self.marks = [i / (n + 1) for i in range(1, n + 1)]
@@ -156,6 +204,9 @@ class ProgressBar(Callback):
                         disable=not self.enabled or not dist.is_main())
 
     def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        if self.bar.total != state.steps:  # a time budget fixed the run's length
+            self.bar.total = state.steps
+            self.bar.refresh()
         self.bar.update(1)
         post = dict(loss=f"{log.loss:.3f}", tau=f"{log.tau:.3g}", ent=f"{log.entropy:.2f}", moved=f"{log.changed:.1%}")
         budget = state.cfg.time_budget if state.cfg is not None else None

@@ -1,5 +1,6 @@
 """The guard's measure of a plan: the calibration loss of the model pruned with it, and the
-dense teacher logits that loss distils from (computed once, or kept from calibration)."""
+dense teacher outputs that loss distils from (computed once, or kept from calibration): the
+logits, or for a model without logits (an encoder) the last hidden states."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
-from permsparse.train.loss import autocast, model_inputs, task_loss
+from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
 __all__ = ["evaluate_plan", "teacher_logits", "TeacherCache"]
 
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class TeacherCache:
-    """Collects the dense model's logits batch by batch (``collect_stats``'s ``on_output``),
-    in float16 on the host, up to ``budget_gb``; past it, it drops them and keeps none
-    (``logits`` is then ``None``) so that the trainer recomputes its teacher instead."""
+    """Collects the dense model's logits (hidden states, without logits: :func:`dense_target`)
+    batch by batch (``collect_stats``'s ``on_output``), in float16 on the host, up to
+    ``budget_gb``; past it, it drops them and keeps none (``logits`` is then ``None``) so that
+    the trainer recomputes its teacher instead."""
 
     def __init__(self, budget_gb: float) -> None:
         self.budget = budget_gb * 2**30
@@ -36,7 +38,7 @@ class TeacherCache:
             return
         if index != len(self._logits):
             raise ValueError(f"teacher cache: batch {index} arrived after {len(self._logits)} batches")
-        t = output.logits.detach().to("cpu", torch.float16)
+        t = dense_target(output).detach().to("cpu", torch.float16)
         self.bytes += t.numel() * t.element_size()
         if self.bytes > self.budget:
             log.info("teacher logits exceed %.1f GiB: the trainer recomputes them at every step",
@@ -51,12 +53,13 @@ class TeacherCache:
 
 
 def teacher_logits(model: nn.Module, batches: Sequence[dict], bf16: bool) -> list[torch.Tensor | None]:
-    """The dense model's logits for ``batches`` (computed once, reused by every plan)."""
+    """The dense model's logits (hidden states, without logits) for ``batches``, computed
+    once and reused by every plan."""
     device = next(model.parameters()).device
     out = []
     with torch.no_grad(), autocast(bf16, device):
         for batch in batches:
-            out.append(model(**model_inputs({k: v.to(device) for k, v in batch.items()})).logits)
+            out.append(dense_target(model(**model_inputs({k: v.to(device) for k, v in batch.items()}))))
     return out
 
 
@@ -71,8 +74,10 @@ def evaluate_plan(
     alpha: float,
     bf16: bool,
     teachers: Sequence[torch.Tensor | None] | None = None,
+    hidden: str = "cosine",
 ) -> float:
-    """Calibration loss of the model pruned with hard ``perms`` (no gradient)."""
+    """Calibration loss of the model pruned with hard ``perms`` (no gradient): the trainer's
+    loss (``hidden``: its ``LearnConfig.hidden_loss``, for a model without logits)."""
     device = next(model.parameters()).device
     if teachers is None:
         teachers = teacher_logits(model, batches, bf16) if alpha > 0 else [None] * len(batches)
@@ -82,7 +87,12 @@ def evaluate_plan(
         for batch, teacher in zip(batches, teachers):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(bf16, device):
-                logits = functional_call(model, params, (), model_inputs(batch), strict=False).logits
-            loss, _, _ = task_loss(logits, batch, teacher, alpha)
+                out = functional_call(model, params, (), model_inputs(batch), strict=False)
+                if teacher is None and not has_logits(out):  # α = 0: no teachers were made
+                    teacher = dense_target(model(**model_inputs(batch)))
+            if has_logits(out):
+                loss, _, _ = task_loss(out.logits, batch, teacher, alpha)
+            else:
+                loss, _, _ = hidden_loss(dense_target(out), teacher, batch.get("attention_mask"), hidden)
             total += float(loss.detach())
     return total / max(len(batches), 1)

@@ -3,9 +3,10 @@
 Each step builds ``W_eff = (W P ⊙ M) Pᵀ`` for every pruned layer from the straight-through
 permutations of all sites, runs the model with those weights (``torch.func.functional_call``;
 the model's own parameters never change), and descends ``CE + α · KL(dense ‖ sparse)`` on
-the costs only. Everything else a run does (averages of the costs, snapshots, the progress
-bar, the metrics file, checkpoints, a caller's hook, timing) is a callback
-(:mod:`permsparse.train.callbacks`) around that step.
+the costs only; a model without logits (an encoder) descends the distance of its last hidden
+states to the dense model's instead (``LearnConfig.hidden_loss``). Everything else a run
+does (averages of the costs, snapshots, the progress bar, the metrics file, checkpoints, a
+caller's hook, timing) is a callback (:mod:`permsparse.train.callbacks`) around that step.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from permsparse.core.sinkhorn import TemperatureSchedule
 from permsparse.models.sites import Site
 from permsparse.train import distributed as dist
 from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
-from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots
+from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots, StepBudget
 from permsparse.train.checkpoint import Checkpointer, run_key
-from permsparse.train.loss import autocast, model_inputs, task_loss
+from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
 from permsparse.train.state import NonFiniteLossError, StepLog, TrainState
 
@@ -70,8 +71,8 @@ def train_end_to_end(
 
     ``scores`` hold each consumer's score in original coordinates; ``start`` the warm
     start (heuristic) permutations when ``cfg.init == "heuristic"``. ``teachers``: the dense
-    logits of each calibration batch (see :class:`~permsparse.train.guard.TeacherCache`),
-    used instead of a teacher forward at every step.
+    logits (hidden states, for a model without logits) of each calibration batch (see
+    :class:`~permsparse.train.guard.TeacherCache`), used instead of a teacher forward at every step.
 
     ``snapshots``: a dict this fills with ``{step: hard plan of that step}`` at
     ``cfg.snapshots`` evenly spaced points of the run (for the guard to weigh);
@@ -85,6 +86,9 @@ def train_end_to_end(
     ``cfg.checkpoint_path``: every ``cfg.checkpoint_every`` steps (and after the last) the
     whole state is written there atomically; ``resume=True`` continues from it when it
     exists, and the continued run computes exactly what the uninterrupted one would have.
+    ``cfg.time_budget``: the run's step count is fixed once, from the pace of its first
+    steps (:class:`~permsparse.train.callbacks.StepBudget`), and kept in the checkpoint, so
+    that τ and the lr follow the same schedule after a resume.
 
     Under ``torch.distributed`` each rank runs its shard of every global batch and the
     cost gradients are averaged over ranks (see :mod:`permsparse.train.distributed`); only
@@ -93,15 +97,7 @@ def train_end_to_end(
     if resume and not cfg.checkpoint_path:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
     run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers)
-    cbs: list[Callback] = [Averages(cfg.average, cfg.tail_average, averaged)]
-    if snapshots is not None:
-        cbs.append(Snapshots(cfg.snapshots, snapshots))
-    cbs.append(ProgressBar(progress))
-    if metrics_path:
-        cbs.append(MetricsLog(metrics_path))
-    if on_step is not None:
-        cbs.append(on_step if isinstance(on_step, Callback) else OnStep(on_step))
-    cbs += list(callbacks)
+    cbs = _callbacks(cfg, averaged, snapshots, progress, metrics_path, on_step, callbacks)
     if cfg.checkpoint_path:
         key = run_key(cfg, sites, groups, pattern, len(run.batches), dict(state.bank.named_parameters()))
         ckpt = Checkpointer(cfg.checkpoint_path, cfg.checkpoint_every, key, holders=list(cbs))
@@ -128,6 +124,22 @@ def train_end_to_end(
     return state.bank.hard(), state.history
 
 
+def _callbacks(cfg: LearnConfig, averaged, snapshots, progress: bool, metrics_path: Path | None, on_step,
+               callbacks: Sequence[Callback]) -> list[Callback]:
+    """The run's callbacks in the order they are called (the checkpoint comes after them)."""
+    # First: it fixes the run's length under a time budget, which the others read.
+    cbs: list[Callback] = [StepBudget(cfg.time_budget)] if cfg.time_budget else []
+    cbs.append(Averages(cfg.average, cfg.tail_average, averaged))
+    if snapshots is not None:
+        cbs.append(Snapshots(cfg.snapshots, snapshots))
+    cbs.append(ProgressBar(progress))
+    if metrics_path:
+        cbs.append(MetricsLog(metrics_path))
+    if on_step is not None:
+        cbs.append(on_step if isinstance(on_step, Callback) else OnStep(on_step))
+    return cbs + list(callbacks)
+
+
 @dataclass
 class _Run:
     """What every step of one run reads: the model, its batches and teachers, the weights
@@ -142,13 +154,14 @@ class _Run:
     masks: dict = field(default_factory=dict)
     good: dict[str, torch.Tensor] = field(default_factory=dict)  # the bank's costs before the last good step
 
-    def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor | None:
-        if alpha <= 0:
+    def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
+        """The dense model's logits (hidden states, for a model without logits) of batch ``idx``."""
+        if not needed:
             return None
         if self.teachers is not None:
             return self.teachers[idx].to(self.device)
         with torch.no_grad():
-            return self.model(**model_inputs(batch)).logits
+            return dense_target(self.model(**model_inputs(batch)))
 
 
 def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers) -> tuple[_Run, TrainState]:
@@ -169,16 +182,17 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
 
 
 def _advance(state: TrainState) -> bool:
-    """Set the coming step's share of the run (by steps, or by time under a budget, whichever
-    is further); False when the time budget is spent."""
+    """Set the coming step's share of the run (by steps: under a time budget, against the
+    count :class:`~permsparse.train.callbacks.StepBudget` fixed); False when the time budget
+    is spent."""
     cfg = state.cfg
     state.progress = state.step / max(state.steps - 1, 1)
     if cfg.time_budget:
         elapsed = state.clock.elapsed()
         if dist.any_flag(elapsed >= cfg.time_budget):
-            log.info("time budget of %.0fs reached after %d steps", cfg.time_budget, state.step)
+            log.warning("time budget of %.0fs reached after %d of %d steps (tau %.3g, not yet its end)",
+                        cfg.time_budget, state.step, state.steps, state.tau)
             return False
-        state.progress = max(state.progress, dist.mean_float(elapsed) / cfg.time_budget)
     return True
 
 
@@ -209,12 +223,15 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
         params = sparse_weights(out, state.sites, run.step_weights, state.scores, state.pattern,
                                 mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
     with autocast(cfg.bf16, run.device):
-        with _phase(cbs, state, "teacher"):
-            teacher = run.teacher(idx, batch, cfg.alpha)
         with _phase(cbs, state, "forward"):
-            logits = functional_call(run.model, params, (), model_inputs(batch), strict=False).logits
+            y = functional_call(run.model, params, (), model_inputs(batch), strict=False)
+        with _phase(cbs, state, "teacher"):  # a model without logits always learns against the dense one
+            teacher = run.teacher(idx, batch, cfg.alpha > 0 or not has_logits(y))
     with _phase(cbs, state, "loss"):
-        loss, ce, kl = task_loss(logits, batch, teacher, cfg.alpha)
+        if has_logits(y):
+            loss, ce, kl = task_loss(y.logits, batch, teacher, cfg.alpha)
+        else:
+            loss, ce, kl = hidden_loss(dense_target(y), teacher, batch.get("attention_mask"), cfg.hidden_loss)
     # The global mean (equal shards) so that every rank takes the same decisions.
     vals = dist.all_reduce_mean_(torch.stack([loss.detach(), ce.detach(), kl.detach()]).double().cpu())
     loss_v, ce_v, kl_v = (float(v) for v in vals)

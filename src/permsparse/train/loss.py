@@ -1,7 +1,9 @@
-"""The trainer's loss: next-token (or label) cross-entropy plus α · distillation KL.
+"""The trainer's loss: next-token (or label) cross-entropy plus α · distillation KL, or, for
+a model without logits (an encoder), a distance to the dense model's last hidden states.
 
-:func:`task_loss` is the loss of one batch; :func:`lm_ce_kl` its next-token form over a
-large vocabulary, in token chunks.
+Which one is read off the model's output (:func:`has_logits`): :func:`task_loss` for logits,
+:func:`hidden_loss` for hidden states; :func:`dense_target` is what the dense model's output
+is matched on. :func:`lm_ce_kl` is the next-token form over a large vocabulary, in token chunks.
 
 That form reads ``B x T x V`` logits (SmolLM2: 2,048 tokens x 49,152 entries, 400 MB
 in float32) for the student and the teacher. Written plainly (``log_softmax`` of each,
@@ -23,7 +25,10 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["task_loss", "lm_ce_kl", "model_inputs", "autocast", "IGNORE_INDEX"]
+from permsparse.config import HIDDEN_LOSSES
+
+__all__ = ["task_loss", "hidden_loss", "has_logits", "dense_target", "lm_ce_kl", "model_inputs", "autocast",
+           "IGNORE_INDEX"]
 
 #: Targets with this value count in neither the cross-entropy nor its mean (as in torch).
 IGNORE_INDEX = -100
@@ -133,6 +138,61 @@ def task_loss(
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], 1)
     ce, kl = lm_ce_kl(logits, targets, teacher)
     return ce + alpha * kl, ce, kl
+
+
+def has_logits(output) -> bool:
+    """Whether a model's output carries logits (an LM or a classifier) rather than only hidden states."""
+    return getattr(output, "logits", None) is not None
+
+
+def dense_target(output) -> torch.Tensor:
+    """What a model's output is matched on: its logits, or without them (an encoder such as
+    ``BertModel``) its last hidden states.
+
+    Raises:
+        ValueError: an output with neither (named by its type).
+    """
+    if has_logits(output):
+        return output.logits
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, torch.Tensor):
+        hidden = output
+    if hidden is None:
+        raise ValueError(f"the model's output ({type(output).__name__}) has neither logits nor last_hidden_state: "
+                         "nothing to learn the permutations against")
+    return hidden
+
+
+def hidden_loss(
+    hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, kind: str = "cosine"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, nan, nan)``: the distance of ``(B, T, H)`` hidden states to the dense model's,
+    over the tokens ``mask`` (``(B, T)``, an attention mask; None: all) keeps. There is no task
+    loss, so no CE or KL (NaN in the step records, as for the block-wise objective).
+
+    ``kind``: ``cosine`` (mean over tokens of 1 - cos), ``pooled-cosine`` (mean over rows of
+    1 - cos of the mean-pooled states: a sentence embedder's output) or ``nmse`` (squared
+    error over squared norm of the dense states).
+    """
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}; got {kind!r}")
+    if teacher.shape != hidden.shape:
+        raise ValueError(f"teacher hidden states {tuple(teacher.shape)} do not match the student's "
+                         f"{tuple(hidden.shape)}")
+    h = hidden.float()  # (B, T, H)
+    t = teacher.to(h.device, torch.float32)
+    w = (torch.ones(h.shape[:-1], device=h.device) if mask is None
+         else mask.to(h.device, torch.float32).reshape(h.shape[:-1]))  # (B, T)
+    if kind == "cosine":
+        loss = ((1.0 - F.cosine_similarity(h, t, dim=-1)) * w).sum() / w.sum().clamp_min(1.0)
+    elif kind == "pooled-cosine":
+        n = w.sum(-1, keepdim=True).clamp_min(1.0)  # (B, 1)
+        ph, pt = (h * w.unsqueeze(-1)).sum(-2) / n, (t * w.unsqueeze(-1)).sum(-2) / n  # (B, H)
+        loss = (1.0 - F.cosine_similarity(ph, pt, dim=-1)).mean()
+    else:
+        loss = ((h - t).pow(2).sum(-1) * w).sum() / (t.pow(2).sum(-1) * w).sum().clamp_min(1e-12)
+    nan = torch.full((), float("nan"), device=h.device)
+    return loss, nan, nan
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:

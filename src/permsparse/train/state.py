@@ -75,9 +75,9 @@ class TrainState:
     pattern: NMPattern
     cfg: LearnConfig | None = None
     opt: torch.optim.Optimizer | None = None
-    steps: int = 0  # of the whole run
+    steps: int = 0  # of the whole run (under a time budget: fixed after its first steps)
     step: int = 0  # steps done (the next step's index)
-    progress: float = 0.0  # share of the run at the current step (time under a budget)
+    progress: float = 0.0  # share of the run at the current step: step / (steps - 1)
     tau: float = math.nan  # the current step's temperature
     history: list[StepLog] = field(default_factory=list)
     plan: dict[str, Permutation] | None = None  # the hard plan the last step ran with
