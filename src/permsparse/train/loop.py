@@ -32,6 +32,7 @@ from permsparse.train import distributed as dist
 from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
 from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots
 from permsparse.train.checkpoint import Checkpointer, run_key
+from permsparse.train.hostcopy import HostMirror
 from permsparse.train.loss import autocast, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
 from permsparse.train.state import NonFiniteLossError, StepLog, TrainState
@@ -108,7 +109,8 @@ def train_end_to_end(
         if resume:
             ckpt.restore(state)
         cbs.append(ckpt)
-    run.good = {k: v.detach().clone() for k, v in state.bank.state_dict().items()}
+    run.good = HostMirror(state.bank.state_dict())
+    run.good.copy_from(state.bank.state_dict())
     try:
         for cb in cbs:
             cb.on_train_begin(state)
@@ -140,7 +142,7 @@ class _Run:
     step_weights: Mapping[str, torch.Tensor]
     schedule: TemperatureSchedule
     masks: dict = field(default_factory=dict)
-    good: dict[str, torch.Tensor] = field(default_factory=dict)  # the bank's costs before the last good step
+    good: HostMirror | None = None  # the bank's costs before the last good step (on the host)
 
     def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor | None:
         if alpha <= 0:
@@ -204,7 +206,7 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     state.tau = tau = run.schedule.at(state.progress)
     anneal_lr(state.opt, cfg, state.progress)
     with _phase(cbs, state, "bank"):
-        out, ent = bank(tau, cfg.sinkhorn_iters)
+        out, _ = bank(tau, cfg.sinkhorn_iters, entropy=False)  # the backward measures the entropy
     with _phase(cbs, state, "weights"):
         params = sparse_weights(out, state.sites, run.step_weights, state.scores, state.pattern,
                                 mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -219,19 +221,21 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     vals = dist.all_reduce_mean_(torch.stack([loss.detach(), ce.detach(), kl.detach()]).double().cpu())
     loss_v, ce_v, kl_v = (float(v) for v in vals)
     if not math.isfinite(loss_v):
-        bank.load_state_dict(run.good)
+        bank.load_state_dict(run.good.wait())
         raise NonFiniteLossError(
             f"loss became {loss_v} at step {state.step} (tau={tau:.3g}); kept the costs of the last "
             f"good step. Try a lower learning rate (--lr) or a higher final temperature (--tau-end)."
         )
-    run.good = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+    run.good.copy_from(bank.state_dict())  # on a GPU: copied to the host during the backward
     state.opt.zero_grad(set_to_none=True)
     with _phase(cbs, state, "backward"):
         loss.backward()
     dist.all_reduce_grads_(bank.parameters())
+    run.good.guard()
     state.opt.step()
+    state.opt.zero_grad(set_to_none=True)  # the gradients need not hold memory during the next forward
     cur = {n: p for n, (_, p) in out.items()}
-    rec = StepLog(state.step, loss_v, ce_v, kl_v, tau, ent, moved_share(state.plan, cur), time.perf_counter() - t0,
-                  state.opt.param_groups[0]["lr"])
+    rec = StepLog(state.step, loss_v, ce_v, kl_v, tau, bank.entropy, moved_share(state.plan, cur),
+                  time.perf_counter() - t0, state.opt.param_groups[0]["lr"])
     state.plan = cur
     return rec
