@@ -132,6 +132,9 @@ class LearnConfig:
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
     checkpoint_every: int = _opt(50, "steps between checkpoints (and one after the last step)")
+    # The same step in less device memory, for one more forward of the blocks: bench/results/memory.md.
+    activation_checkpointing: bool = _opt(False, "end to end: keep only each decoder block's input and recompute "
+                                          "the block (its activations and pruned weights) in the backward")
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)

@@ -8,7 +8,7 @@ permutations (the gradient path to the costs); :func:`hard_params` the same at h
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from permsparse.core.permuter import hard_permuted_prune, init_cost, unpermuted_
 from permsparse.core.sinkhorn import EntropySink, hard_assignment, soft_entropy, soft_gradient
 from permsparse.models.sites import Site
 
-__all__ = ["PermutationBank", "make_bank", "sparse_weights", "hard_params", "step_weights", "plan_with",
+__all__ = ["PermutationBank", "make_bank", "sparse_weights", "weights_by_block", "hard_params", "step_weights", "plan_with",
            "moved_share"]
 
 #: LearnConfig.init -> the bank's init.
@@ -180,6 +180,26 @@ def sparse_weights(
                 weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
             )
     return params
+
+
+def weights_by_block(
+    bank_out: Mapping[str, tuple[torch.Tensor, Permutation]],
+    sites: Sequence[Site],
+    blocks: Collection[str],
+    build: Callable[[Sequence[Site], str], dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[], dict[str, torch.Tensor]]]]:
+    """:func:`sparse_weights` split for :func:`~permsparse.train.recompute.recomputed_blocks`:
+    ``(weights of the sites outside ``blocks``, {block: its builder})``; ``build(sites, prefix)``
+    is ``sparse_weights`` of those sites with that ``prefix_strip``."""
+    by_block: dict[str, list[Site]] = {}
+    rest = []
+    for s in sites:
+        if s.block and s.block in blocks:
+            by_block.setdefault(s.block, []).append(s)
+        else:
+            rest.append(s)
+    builders = {b: (lambda ss=ss, b=b: build(ss, f"{b}.")) for b, ss in by_block.items()}
+    return build(rest, ""), builders
 
 
 def hard_params(

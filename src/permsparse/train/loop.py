@@ -29,12 +29,13 @@ from permsparse.core.permutation import Permutation
 from permsparse.core.sinkhorn import TemperatureSchedule
 from permsparse.models.sites import Site
 from permsparse.train import distributed as dist
-from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
+from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights, weights_by_block
 from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots
 from permsparse.train.checkpoint import Checkpointer, run_key
 from permsparse.train.hostcopy import HostMirror
 from permsparse.train.loss import autocast, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
+from permsparse.train.recompute import no_cache_kwargs, recomputed_blocks
 from permsparse.train.state import NonFiniteLossError, StepLog, TrainState
 
 __all__ = ["train_end_to_end", "make_batches"]
@@ -143,6 +144,8 @@ class _Run:
     schedule: TemperatureSchedule
     masks: dict = field(default_factory=dict)
     good: HostMirror | None = None  # the bank's costs before the last good step (on the host)
+    blocks: frozenset[str] = frozenset()  # the model's module names (blocks to checkpoint are among them)
+    call_kwargs: dict = field(default_factory=dict)  # for every forward: no KV cache
 
     def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor | None:
         if alpha <= 0:
@@ -150,7 +153,7 @@ class _Run:
         if self.teachers is not None:
             return self.teachers[idx].to(self.device)
         with torch.no_grad():
-            return self.model(**model_inputs(batch)).logits
+            return self.model(**model_inputs(batch), **self.call_kwargs).logits
 
 
 def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers) -> tuple[_Run, TrainState]:
@@ -164,7 +167,8 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
         raise ValueError(f"{len(teachers)} teacher logits for {len(batches)} calibration batches")
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
-    run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule)
+    run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule,
+               blocks=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model))
     state = TrainState(bank, sites, weights, scores, pattern, cfg=cfg, opt=make_optimizer(bank.parameters(), cfg),
                        steps=steps, generator=torch.Generator().manual_seed(cfg.seed))
     return run, state
@@ -207,14 +211,21 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     anneal_lr(state.opt, cfg, state.progress)
     with _phase(cbs, state, "bank"):
         out, _ = bank(tau, cfg.sinkhorn_iters, entropy=False)  # the backward measures the entropy
+
+    def build(sites: Sequence[Site], prefix: str) -> dict[str, torch.Tensor]:
+        return sparse_weights(out, sites, run.step_weights, state.scores, state.pattern, prefix_strip=prefix,
+                              mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+
     with _phase(cbs, state, "weights"):
-        params = sparse_weights(out, state.sites, run.step_weights, state.scores, state.pattern,
-                                mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+        # Activation checkpointing: each block builds its W_eff inside (in the forward phase).
+        blocks = run.blocks if cfg.activation_checkpointing else ()
+        params, per_block = weights_by_block(out, state.sites, blocks, build)
     with autocast(cfg.bf16, run.device):
         with _phase(cbs, state, "teacher"):
             teacher = run.teacher(idx, batch, cfg.alpha)
-        with _phase(cbs, state, "forward"):
-            logits = functional_call(run.model, params, (), model_inputs(batch), strict=False).logits
+        with _phase(cbs, state, "forward"), recomputed_blocks(run.model, per_block):
+            inputs = {**model_inputs(batch), **run.call_kwargs}
+            logits = functional_call(run.model, params, (), inputs, strict=False).logits
     with _phase(cbs, state, "loss"):
         loss, ce, kl = task_loss(logits, batch, teacher, cfg.alpha)
     # The global mean (equal shards) so that every rank takes the same decisions.
