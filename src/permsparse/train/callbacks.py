@@ -76,9 +76,10 @@ class Averages(Callback):
     into ``out`` as ``avg<decay>`` and ``tail<share>``.
 
     The averages are only read at the end, so when the costs live on a GPU they are kept on
-    the host (``on_host``, by default there; at LLaMA-2-7B width three float32 copies of the
-    costs, 15 GiB): each step copies the costs into one pinned buffer and a host thread updates
-    the averages while the next step runs (the same values: the same float32 ``lerp_``)."""
+    the host (``on_host``; by default when the costs are not there already; at LLaMA-2-7B width
+    three float32 copies of the costs, 15 GiB): each step copies the costs into one pinned buffer
+    and a host thread updates the averages while the next step runs (the same float32
+    ``lerp_``)."""
 
     def __init__(self, decays: Sequence[float], tail: float | None,
                  out: dict[str, dict[str, Permutation]] | None = None, on_host: bool | None = None) -> None:
@@ -96,7 +97,7 @@ class Averages(Callback):
         on_device = any(p.device.type != "cpu" for p in params.values())
         host = on_device if self.on_host is None else self.on_host
         self._where = torch.device("cpu") if host or not params else next(iter(params.values())).device
-        if host and on_device and (self.decays or self.tail is not None):
+        if host and (self.decays or self.tail is not None):  # (on the host itself: the same path, for tests)
             self._mirror = HostMirror(params)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="permsparse-averages")
         # The exponential averages start at the costs the run starts from.
