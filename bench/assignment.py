@@ -12,7 +12,7 @@ steps' costs every way (k = 1024: q/k/v and gate/up, 8 groups; k = 2752: down_pr
 * ``free rows``: the share of channels whose cheapest position another channel also takes
   (how far the costs are from the test's certificate);
 * ``auction`` (``--auction``): a batched Jacobi auction with ε-scaling (exact on integer-scaled
-  costs, GPU-friendly): its iteration count on one step's groups, the number a GPU would run.
+  costs, GPU-friendly): its iteration count on one group of each size, the number of batched rounds a GPU would run.
 
     python bench/assignment.py                          # record (~25 min on 2 cores) and measure
     python bench/assignment.py --costs /tmp/traj        # measure costs recorded before
@@ -157,10 +157,10 @@ def measure(costs_dir: Path, steps: list[int], auction_step: int | None) -> list
             print(rows[-1], flush=True)
         if auction_step == st:
             for key in ("1024", "2752"):
-                c = costs[key][:2]
+                c = costs[key][:1]
                 t, (own, iters) = _time(auction, c)
-                ok = bool(all((own[g].numpy() == lsa_rows(c[g].double().numpy())).all() for g in range(2)))
-                rows.append({"kind": "auction", "step": st, "k": int(key), "groups": 2, "iterations": iters,
+                ok = bool(all((own[g].numpy() == lsa_rows(c[g].double().numpy())).all() for g in range(1)))
+                rows.append({"kind": "auction", "step": st, "k": int(key), "groups": 1, "iterations": iters,
                              "cpu_s": round(t, 1), "same_as_scipy": ok})
                 print(rows[-1], flush=True)
     return rows
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--measure", default="0,6,12,18,23", help="steps whose costs are solved")
-    ap.add_argument("--auction", type=int, default=12, help="step whose first two groups the auction solves (-1: none)")
+    ap.add_argument("--auction", type=int, default=12, help="step whose first group of each size the auction solves (-1: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -22,6 +22,7 @@ only time and memory are read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import os
@@ -102,9 +103,33 @@ def _model(shape: dict, depth: int, device: torch.device, window: int):
     return model.to(torch.bfloat16).eval()
 
 
+def _train_direct(model, calib: torch.Tensor, learn: LearnConfig, meas: _Measure) -> tuple[list, int]:
+    """The trainer alone (no heuristic search, guard or export): Wanda scores from one calibration
+    batch, the identity-biased start, a teacher forward every step (at the paper's 128 windows the
+    7B teacher logits exceed the cache's 8 GiB)."""
+    from permsparse.core.pattern import NMPattern
+    from permsparse.models import apply, calibrate
+    from permsparse.models.sites import find_sites
+    from permsparse.train.loop import make_batches, train_end_to_end
+
+    sites = find_sites(model)
+    consumers = [c for s in sites for c in s.consumers]
+    stats = calibrate.collect_stats(model, make_batches(calib[: learn.batch_size], learn.batch_size), consumers,
+                                    progress=False, bf16=True)
+    scores = {}
+    for s in sites:
+        scores.update(zip(s.consumers, apply.site_scores(model, s, "wanda", stats)))
+    del stats
+    cfg = dataclasses.replace(learn, init="identity", teacher_cache_gb=0.0)
+    _, history = train_end_to_end(model, sites, scores, NMPattern.parse("2:4"), 4, calib, cfg,
+                                  progress=False, callbacks=[meas])
+    return history, len(sites)
+
+
 def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: int, window: int,
-              init: str = "heuristic", assign: str = "threads", ckpt: bool = False) -> dict:
+              init: str = "heuristic", assign: str = "threads", ckpt: bool = False, direct: bool = False) -> dict:
     model = _model(shape, depth, device, window)
+    init = "identity" if direct else init
     calib = torch.randint(3, shape["vocab_size"], (steps * batch, window), generator=torch.Generator().manual_seed(0))
     learn = LearnConfig(batch_size=batch, epochs=1.0, guard_batches=1, snapshots=0, bf16=True, init=init,
                         activation_checkpointing=ckpt)
@@ -117,10 +142,17 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
     meas = _Measure(model, device, learn.sinkhorn_iters)
     t0 = time.perf_counter()
     with solver_threads(1) if assign == "serial" else nullcontext():  # serial: one host thread
-        res = prune(model, None, pc, calib, on_step=meas)
+        if direct:
+            history, n_sites = _train_direct(model, calib, learn, meas)
+        else:
+            res = prune(model, None, pc, calib, on_step=meas)
+            history, n_sites = res.history, len(res.sites)
+            del res
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
-    step = [h.seconds for h in res.history]
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
+    card = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else float("nan")
+    step = [h.seconds for h in history]
     # The first step pays one-off costs (kernel selection, the mask cache); the medians skip it.
     tail = slice(1, None) if len(step) > 2 else slice(None)
     step_s = statistics.median(step[tail])
@@ -136,13 +168,15 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
         "bank_s": round(assign_s + sink_s, 4), "bank_share": round((assign_s + sink_s) / step_s, 4),
         "weights_s": round(weights_s, 4), "model_s": round(step_s - assign_s - sink_s - weights_s, 4),
         "prune_s": round(seconds, 2), "peak_gib_over_model": round(peak, 3),
+        "peak_reserved_gib": round(reserved, 2), "card_gib": round(card, 1),
+        "free_share": round(1 - reserved / card, 3) if cuda else float("nan"),
         "model_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3),
-        "sites": len(res.sites), "solver_groups": meas.solver,
+        "sites": n_sites, "solver_groups": meas.solver, "direct": direct,
     }
     if meas.probe.account is not None:
         row["account_gib"] = {r: round(b / 2**30, 3) for r, b in meas.probe.account.bytes.items() if b}
         row["account_where"] = meas.probe.where
-    del model, res, meas
+    del model, meas
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -158,6 +192,7 @@ def try_depth(*args, **kwargs) -> dict:
         alloc = torch.cuda.max_memory_allocated() / 2**30
         row = {"kind": "oom", "blocks": depth, "batch": batch, "window": window, "ckpt": kwargs.get("ckpt", False),
                "init": kwargs.get("init", "heuristic"), "assign": kwargs.get("assign", "threads"),
+               "direct": kwargs.get("direct", False),
                "device": torch.cuda.get_device_name(), "note": f"does not fit at batch {batch} x {window}",
                "max_allocated_gib": round(alloc, 2), "error": str(err).splitlines()[0][:160]}
     gc.collect()
@@ -222,11 +257,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "after the first: `assign` = the hard assignments (the bank's forward), `Sinkhorn` = the soft matrices the "
         "backward recomputes (timed alone on the same costs), `bank` = both, `W_eff` = the permuted masked weights, "
         "`model` = the rest (teacher forward, student forward and backward). `peak`: device memory allocated "
-        "during the prune beyond the weights (CUDA only). `ckpt`: activation checkpointing of the blocks.",
+        "during the run beyond the weights, and the share of the card the allocator had not reserved at its peak "
+        "(CUDA only). `ckpt`: activation checkpointing of the blocks. `whole run`: the prune (calibration, "
+        "heuristic, training, guard), or with `--direct` the trainer alone.",
         "",
         "| blocks | batch | init | assign | ckpt | step s | assign | Sinkhorn | bank share | W_eff | model | "
-        "peak GiB over weights | weights GiB | whole prune s |",
-        "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak GiB over weights | weights GiB | card free at peak | whole run s |",
+        "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["kind"] == "e2e_step":
@@ -234,11 +271,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"| {r['blocks']} | {r['batch']} x {r['window']} | {r['init']} | {r['assign']} | "
                 f"{'yes' if r['ckpt'] else 'no'} | **{r['step_s']:.3f}** | {r['assign_s']:.3f} | {r['sinkhorn_s']:.3f} | "
                 f"**{r['bank_share']:.0%}** | {r['weights_s']:.3f} | {r['model_s']:.3f} | "
-                f"{_gib(r['peak_gib_over_model'])} | {r['model_gib']:.1f} | {r['prune_s']:.0f} |")
+                f"{_gib(r['peak_gib_over_model'])} | {r['model_gib']:.1f} | "
+                f"{'' if r.get('free_share', float('nan')) != r.get('free_share') else format(r['free_share'], '.0%')} | "
+                f"{r['prune_s']:.0f} |")
         elif r["kind"] == "oom":
             lines.append(f"| {r['blocks']} | {r['batch']} x {r['window']} | {r['init']} | {r['assign']} | "
                          f"{'yes' if r['ckpt'] else 'no'} | **{r['note']}** (CUDA out of memory, "
-                         f"{r['max_allocated_gib']:.1f} GiB allocated) | | | | | | | | |")
+                         f"{r['max_allocated_gib']:.1f} GiB allocated) | | | | | | | | | |")
     full = [r for r in rows if r["kind"] == "e2e_step" and r["blocks"] == meta["full_depth"]]
     if full:
         lines += ["", "## Full depth, measured", ""]
@@ -255,8 +294,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         for r in acc:
             lines.append(f"| {r['blocks']} | {r['batch']} x {r['window']} | {'yes' if r['ckpt'] else 'no'} | "
                          + " | ".join(f"{r['account_gib'].get(k, 0):.2f}" for k in keys) + " |")
-    lines += ["", "| k | one hard assignment of random costs, s (host) |", "| ---: | ---: |"]
-    lines += [f"| {r['k']} | {r['assign_s']:.4f} |" for r in rows if r["kind"] == "assign"]
+    if any(r["kind"] == "assign" for r in rows):
+        lines += ["", "| k | one hard assignment of random costs, s (host) |", "| ---: | ---: |"]
+        lines += [f"| {r['k']} | {r['assign_s']:.4f} |" for r in rows if r["kind"] == "assign"]
     for ex in (r for r in rows if r["kind"] == "estimate"):
         lines += ["", f"## ESTIMATE (not measured) for {ex['blocks']} blocks at batch {ex['batch']} x {ex['window']}, "
                   f"ckpt {'yes' if ex['ckpt'] else 'no'}", "",
@@ -278,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="init/assign pairs: init in {heuristic, noise}, assign in {threads, serial}")
     ap.add_argument("--ckpt", default="no", help="activation checkpointing settings: no, yes or no,yes")
     ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--runs", default=None, help="depth:batch:ckpt triples (e.g. 32:4:yes,32:1:no) instead of "
+                    "--depths x --batches x --ckpt")
+    ap.add_argument("--direct", action="store_true",
+                    help="time the trainer alone (no heuristic search, guard or export; identity-biased start)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     if args.device is None and not torch.cuda.is_available() and not args.tiny:
@@ -286,14 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     shape = TINY if args.tiny else LLAMA2_7B
     window = min(args.window, 128) if args.tiny else args.window
     rows = []
-    for init, assign in (tuple(c.split("/")) for c in args.configs.split(",")):
-        for ckpt in (c == "yes" for c in args.ckpt.split(",")):
-            for batch in (int(b) for b in args.batches.split(",")):
-                for depth in (int(d) for d in args.depths.split(",")):
-                    run = try_depth if device.type == "cuda" else run_depth
-                    rows.append(run(shape, depth, device, args.steps, batch, window, init=init, assign=assign,
-                                    ckpt=ckpt))
-                    print(rows[-1], flush=True)
+    if args.runs:  # depth:batch:ckpt triples instead of the product of the lists
+        plan = [(c.split("/")[0], c.split("/")[1], r.split(":")[2] == "yes", int(r.split(":")[1]), int(r.split(":")[0]))
+                for c in args.configs.split(",") for r in args.runs.split(",")]
+    else:
+        plan = [(init, assign, ckpt == "yes", int(b), int(d)) for init, assign in (c.split("/") for c in args.configs.split(","))
+                for ckpt in args.ckpt.split(",") for b in args.batches.split(",") for d in args.depths.split(",")]
+    for init, assign, ckpt, batch, depth in plan:
+        run = try_depth if device.type == "cuda" else run_depth
+        rows.append(run(shape, depth, device, args.steps, batch, window, init=init, assign=assign, ckpt=ckpt,
+                        direct=args.direct))
+        print(rows[-1], flush=True)
     rows += time_assignment([shape["hidden_size"] // 4, shape["intermediate_size"] // 4])
     rows += estimate(rows, shape)
     meta = {
