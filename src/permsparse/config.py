@@ -184,6 +184,9 @@ class LearnConfig:
     hidden_loss: str = _opt("cosine", "end to end, models without logits (encoders): how the sparse model's last "
                             "hidden states are matched to the dense ones (per-token 1 - cos, 1 - cos of the "
                             "mean-pooled states, or normalised MSE)", choices=HIDDEN_LOSSES)
+    # The same step in less device memory, for one more forward of the blocks: bench/results/memory.md.
+    activation_checkpointing: bool = _opt(False, "end to end: keep only each decoder block's input and recompute "
+                                          "the block (its activations and pruned weights) in the backward")
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)

@@ -156,7 +156,8 @@ def _prune_and_export(args: argparse.Namespace, inv: Invocation) -> int:
     config.progress = progress
     evaluate = not run.no_eval and main_rank
     t_start = time.perf_counter()
-    model, tokenizer = load_model(name, task=task)
+    # --device cuda: the weights go to the GPU in bf16 as they are read (streamed runs keep them on the host).
+    model, tokenizer = load_model(name, task=task, device=None if config.offload else config.device)
     work = _workload(task, data, config, model, tokenizer, progress)
     evaluate = evaluate and work.measure is not None
     metrics: dict[str, Any] = {"model": name, **work.info}

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from permsparse.core.assignment import solve_assignments
 
 __all__ = [
     "log_sinkhorn",
     "sinkhorn_scaling",
     "sinkhorn_detached",
     "sinkhorn",
+    "soft_gradient",
+    "soft_entropy",
+    "EntropySink",
     "hard_assignment",
     "solver_threads",
     "host_cores",
@@ -83,6 +87,87 @@ def sinkhorn_detached(log_alpha: torch.Tensor, n_iters: int = 20) -> tuple[torch
     return soft, log_p
 
 
+class EntropySink:
+    """Where :func:`soft_gradient` leaves the mean row entropy of the soft permutations it
+    recomputed (``None`` until its backward ran)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def add(self, entropy: torch.Tensor) -> None:
+        self.total += float(entropy.sum())
+        self.count += entropy.numel()
+
+
+def _row_entropy(soft: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Mean row entropy of each soft matrix ``(N, k, k)`` -> ``(N,)``, normalised to ``[0, 1]``."""
+    return -(soft * log_p).sum(-1).mean(-1) / math.log(max(soft.shape[-1], 2))
+
+
+@torch.no_grad()
+def soft_entropy(cost: torch.Tensor, tau: float, n_iters: int = 20, sink: EntropySink | None = None,
+                 chunk_bytes: int = 1 << 30) -> EntropySink:
+    """The mean row entropy of ``sinkhorn(-cost / τ)`` (as :func:`sinkhorn_detached` computes
+    it) added into ``sink``, a chunk of groups at a time; no gradient."""
+    sink = sink if sink is not None else EntropySink()
+    per = _chunk(cost, chunk_bytes)
+    for a in range(0, cost.shape[0], per):
+        log_p = sinkhorn_scaling(-cost[a : a + per].detach() / tau, n_iters)
+        sink.add(_row_entropy(log_p.exp(), log_p))
+    return sink
+
+
+def _chunk(cost: torch.Tensor, chunk_bytes: int) -> int:
+    """Groups per chunk so that one ``(n, k, k)`` temporary stays within ``chunk_bytes``."""
+    return max(1, chunk_bytes // max(cost[0].numel() * cost.element_size(), 1))
+
+
+class _SoftGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cost: torch.Tensor, tau: float, n_iters: int, sink: EntropySink | None,
+                chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(cost)
+        ctx.tau, ctx.n_iters, ctx.sink, ctx.chunk = tau, n_iters, sink, chunk
+        return cost.new_zeros(()).expand(cost.shape)  # no memory: the value is never read
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (cost,) = ctx.saved_tensors
+        tau = ctx.tau
+        out = torch.empty_like(cost)
+        with torch.no_grad():
+            for a in range(0, cost.shape[0], ctx.chunk):
+                # The steps of sinkhorn_detached's graph, in its order: the same gradient.
+                log_p = sinkhorn_scaling(-cost[a : a + ctx.chunk] / tau, ctx.n_iters)
+                soft = log_p.exp()
+                if ctx.sink is not None:
+                    ctx.sink.add(_row_entropy(soft, log_p))
+                out[a : a + ctx.chunk] = -((grad[a : a + ctx.chunk] * soft) / tau)
+        return out, None, None, None, None
+
+
+def soft_gradient(cost: torch.Tensor, tau: float, n_iters: int = 20, sink: EntropySink | None = None,
+                  chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """A stand-in ``(N, k, k)`` for the soft permutations ``sinkhorn(-cost / τ)`` that carries
+    only their gradient: its value is zero (a broadcast scalar, no memory) and its backward
+    recomputes the soft matrices from ``cost`` to give :func:`sinkhorn_detached`'s gradient
+    (``∂L/∂C = -(∂L/∂P ⊙ P) / τ``). Nothing of the Sinkhorn is kept between forward and backward
+    (at LLaMA-2-7B width, two float32 copies of every cost), and the Sinkhorn runs once per step,
+    in the backward, a chunk of ``chunk_bytes`` per temporary at a time; ``sink`` receives the
+    soft matrices' mean row entropy there.
+
+    For a straight-through trainer whose forward reads only the hard permutation (the bank's
+    ``W_eff``); :func:`permsparse.core.permuter.straight_through` builds the dense matrices.
+    """
+    if not tau > 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    return _SoftGradient.apply(cost, tau, n_iters, sink, _chunk(cost, chunk_bytes))
+
+
 def sinkhorn(cost: torch.Tensor, tau: float, n_iters: int = 20) -> torch.Tensor:
     """Soft permutation ``P = sinkhorn(-cost / tau)`` of shape ``(..., k, k)``."""
     if not tau > 0:
@@ -90,41 +175,29 @@ def sinkhorn(cost: torch.Tensor, tau: float, n_iters: int = 20) -> torch.Tensor:
     return log_sinkhorn(-cost / tau, n_iters).exp()
 
 
-def hard_assignment(cost: torch.Tensor) -> torch.Tensor:
-    """Hard permutation per group minimising total cost: local indices ``(G, k)``.
+def hard_assignment(cost: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    """Hard permutation per group minimising total cost: local indices ``(G, k)`` (host).
 
     ``result[g, j]`` is the original channel placed at position ``j`` (so
     ``W_g[:, result[g]] == W_g @ P_g``). The assignment of ``sinkhorn(-C/τ)`` equals
     the assignment of ``-C`` for every ``τ`` and iteration count, because Sinkhorn only
-    adds row and column constants to ``log P``; so no Sinkhorn is run here.
-    Uses ``scipy.optimize.linear_sum_assignment`` (Jonker-Volgenant), batched over groups.
+    adds row and column constants to ``log P``; so no Sinkhorn is run here. Exact:
+    :func:`~permsparse.core.assignment.solve_assignments` (a certificate on the cost's device,
+    scipy's Jonker-Volgenant-type solver on host threads for the rest); ``stats`` counts the
+    groups each way.
     """
-    c = cost.detach().to("cpu", torch.float64)
+    c = cost.detach()
     if c.dim() == 2:
         c = c.unsqueeze(0)
     if c.dim() != 3 or c.shape[-1] != c.shape[-2]:
         raise ValueError(f"cost must be (G, k, k), got shape {tuple(cost.shape)}")
-    if not torch.isfinite(c).all():
+    if not bool(torch.isfinite(c).all()):
         raise ValueError("cost holds NaN or inf; cannot solve the assignment")
-    # Fast path: where every column's cheapest row is distinct, those rows already reach
-    # the lower bound Σ_j min_i C[i, j], so they are an optimal assignment; only the other
-    # groups need the solver. Late in training most groups take the fast path.
-    best = c.argmin(dim=1)  # (G, k): cheapest row per column
-    distinct = torch.sort(best, dim=1).values.diff(dim=1).ne(0).all(dim=1)  # (G,)
-    out = best.numpy().copy()
-    arr = c.numpy()
-    todo = (~distinct).nonzero().flatten().tolist()
     # scipy's solver releases the GIL, so the groups are solved on all host cores at once:
     # at LLaMA-2-7B widths the assignments are most of a GPU training step
     # (bench/results/gpu_block.md).
     threads = _THREADS or host_cores()
-    if len(todo) > 1 and threads > 1:
-        solved = _solver_pool(threads).map(linear_sum_assignment, (arr[g] for g in todo))
-    else:
-        solved = (linear_sum_assignment(arr[g]) for g in todo)
-    for g, (rows, cols) in zip(todo, solved):  # row i -> column cols[i]
-        out[g, cols] = rows
-    return torch.from_numpy(out)
+    return solve_assignments(c, _solver_pool(threads) if threads > 1 else None, stats)
 
 
 _THREADS: int | None = None  # set by solver_threads; None: one per host core

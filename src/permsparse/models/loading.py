@@ -300,7 +300,23 @@ def load_tokenizer(folder: "str | os.PathLike[str]") -> Any:
                          {"local_files_only": True})
 
 
-def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def _placement(dtype: torch.dtype | None, device: "str | torch.device | None", kind: str,
+               kwargs: dict[str, Any]) -> tuple[torch.dtype, bool]:
+    """The dtype to load in and whether ``from_pretrained`` places the weights itself: with a
+    ``device``, safetensors are read in ``dtype`` straight onto it (``device_map``; bfloat16 by
+    default on an accelerator); GGUF files are dequantized on the host and moved after."""
+    if dtype is None:
+        accel = device is not None and torch.device(device).type != "cpu"
+        dtype = torch.bfloat16 if accel else torch.float32
+    if device is None or kind == "gguf":
+        return dtype, False
+    kwargs["device_map"] = {"": str(torch.device(device))}
+    kwargs["low_cpu_mem_usage"] = True
+    return dtype, True
+
+
+def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: torch.dtype | None = None,
+               device: "str | torch.device | None" = None) -> tuple[Any, Any]:
     """Load a model and its tokenizer (image processor for image classification).
 
     Args:
@@ -309,7 +325,11 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
             file, a local Hugging Face folder with safetensors weights, or a Hub id.
         task: ``"causal-lm"``, ``"masked-lm"``/``"encoder"`` (``AutoModel``),
             ``"image-classification"`` or ``"image-text-to-text"`` (see :func:`model_task`).
-        dtype: parameter dtype (GGUF weights are dequantized to it).
+        dtype: parameter dtype (GGUF weights are dequantized to it); default float32, or
+            bfloat16 when ``device`` is an accelerator.
+        device: where the weights are loaded (``"cuda"``...): each tensor is read from the
+            safetensors files in ``dtype`` straight onto it (``device_map``), with no float32
+            copy of the model on the host. ``None``: the host, as ``torch`` defaults.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with ``requires_grad`` off.
@@ -337,12 +357,15 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
         # Local files must never trigger a network lookup (also not for the tokenizer).
         kwargs["local_files_only"] = True
 
+    # A 7B model in float32 on the host is 27 GB before it reaches a GPU: load in place.
+    dtype, placed = _placement(dtype, device, resolved.kind, kwargs)
     start = time.perf_counter()
     if resolved.kind == "folder":
         check_model_folder(resolved.location, model_cls)  # one line for a corrupt or mismatched folder
-    pre_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
     try:
         model = model_cls.from_pretrained(resolved.location, **{_dtype_kwarg(): dtype}, **kwargs)
+        model_only = ("use_safetensors", "device_map", "low_cpu_mem_usage")
+        pre_kwargs = {k: v for k, v in kwargs.items() if k not in model_only}
         preprocessor = _preprocessor(pre_cls, resolved, pre_kwargs)
     except (OSError, ValueError) as exc:
         if resolved.kind != "hub":
@@ -356,6 +379,8 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
 
     check_finite_weights(model, spec)
     drop_gguf_quantizer(model)
+    if device is not None and not placed:  # GGUF: dequantized on the host (in ``dtype``), then moved
+        model.to(device)
     _check_tied_embeddings(model)
     model.eval()
     model.requires_grad_(False)

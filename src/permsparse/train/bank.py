@@ -8,7 +8,7 @@ permutations (the gradient path to the costs); :func:`hard_params` the same at h
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,11 +16,11 @@ from torch import nn
 from permsparse.config import LearnConfig
 from permsparse.core.pattern import NMPattern, check_finite
 from permsparse.core.permutation import Permutation
-from permsparse.core.permuter import hard_permuted_prune, init_cost, straight_through, unpermuted_mask
-from permsparse.core.sinkhorn import hard_assignment
+from permsparse.core.permuter import hard_permuted_prune, init_cost, unpermuted_mask
+from permsparse.core.sinkhorn import EntropySink, hard_assignment, soft_entropy, soft_gradient
 from permsparse.models.sites import Site
 
-__all__ = ["PermutationBank", "make_bank", "sparse_weights", "hard_params", "step_weights", "plan_with",
+__all__ = ["PermutationBank", "make_bank", "sparse_weights", "weights_by_block", "hard_params", "step_weights", "plan_with",
            "moved_share"]
 
 #: LearnConfig.init -> the bank's init.
@@ -68,6 +68,8 @@ class PermutationBank(nn.Module):
         self.costs = nn.ParameterDict({key: nn.Parameter(torch.cat(c)) for key, c in chunks.items()})
         self._ties = {s.name: s.tie_index(groups) for s in self.sites}
         self._tied = {n: not torch.equal(t, torch.arange(len(t))) for n, t in self._ties.items()}
+        self._sink = EntropySink()
+        self.assign_stats: dict[str, int] = {}  # groups solved each way, summed over the forwards
         self._order: dict[str, list[str]] = {}  # per size, the sites in stacking order
         for name, (key, off, _) in sorted(self._slot.items(), key=lambda kv: (kv[1][0], kv[1][1])):
             self._order.setdefault(key, []).append(name)
@@ -86,16 +88,25 @@ class PermutationBank(nn.Module):
         key, off, n = self._slot[site.name]
         return Permutation.from_local(local[key][off : off + n][self._ties[site.name]])
 
-    def forward(self, tau: float, n_iters: int = 10) -> tuple[dict[str, tuple[torch.Tensor, Permutation]], float]:
-        """Straight-through matrices and hard permutation per site, and the mean entropy."""
+    def forward(self, tau: float, n_iters: int = 10,
+                entropy: bool = True) -> tuple[dict[str, tuple[torch.Tensor, Permutation]], float]:
+        """Per site the stand-in of its soft permutation matrices (value zero: only their
+        gradient is used, see :func:`~permsparse.core.sinkhorn.soft_gradient`) and its hard
+        permutation; and the mean entropy of the soft matrices. ``entropy=False`` skips the
+        forward Sinkhorn that measures it (NaN instead): the backward leaves it in
+        :attr:`entropy`."""
         p_st: dict[str, torch.Tensor] = {}
         local: dict[str, torch.Tensor] = {}
-        ent_sum, ent_n = 0.0, 0
+        self._sink = EntropySink()
         for key, cost in self.cost_tensors().items():
-            st = straight_through(cost, tau, n_iters)
-            p_st[key], local[key] = st.matrices, st.local
-            ent_sum += float(st.entropy.sum())
-            ent_n += st.entropy.numel()
+            local[key] = hard_assignment(cost, self.assign_stats)
+            p_st[key] = soft_gradient(cost, tau, n_iters, self._sink)
+        ent = float("nan")
+        if entropy:
+            sink = EntropySink()
+            for cost in self.cost_tensors().values():
+                soft_entropy(cost, tau, n_iters, sink)
+            ent = sink.value
         # One split per size, not a slice per site: a slice's backward writes its gradient into a
         # zero tensor the size of the whole stack, once per site (SmolLM2, 210 sites: ~3 s a step).
         pieces: dict[str, dict[str, torch.Tensor]] = {}
@@ -108,7 +119,14 @@ class PermutationBank(nn.Module):
             if self._tied[site.name]:  # head-tied groups copy their free group (untied: no gather)
                 piece = piece[self._ties[site.name]]
             out[site.name] = (piece, self._site_perm(site, local))
-        return out, ent_sum / max(ent_n, 1)
+        return out, ent
+
+    @property
+    def entropy(self) -> float:
+        """Mean row entropy of the soft matrices of the last :meth:`forward`, once its backward
+        ran (NaN before)."""
+        value = self._sink.value
+        return float("nan") if value is None else value
 
 
 def make_bank(
@@ -162,6 +180,26 @@ def sparse_weights(
                 weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
             )
     return params
+
+
+def weights_by_block(
+    bank_out: Mapping[str, tuple[torch.Tensor, Permutation]],
+    sites: Sequence[Site],
+    blocks: Collection[str],
+    build: Callable[[Sequence[Site], str], dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[], dict[str, torch.Tensor]]]]:
+    """:func:`sparse_weights` split for :func:`~permsparse.train.recompute.recomputed_blocks`:
+    ``(weights of the sites outside ``blocks``, {block: its builder})``; ``build(sites, prefix)``
+    is ``sparse_weights`` of those sites with that ``prefix_strip``."""
+    by_block: dict[str, list[Site]] = {}
+    rest = []
+    for s in sites:
+        if s.block and s.block in blocks:
+            by_block.setdefault(s.block, []).append(s)
+        else:
+            rest.append(s)
+    builders = {b: (lambda ss=ss, b=b: build(ss, f"{b}.")) for b, ss in by_block.items()}
+    return build(rest, ""), builders
 
 
 def hard_params(

@@ -23,6 +23,7 @@ import json
 import logging
 import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from permsparse.core.permutation import Permutation
 from permsparse.train import distributed as dist
 from permsparse.train.bank import plan_with
+from permsparse.train.hostcopy import HostMirror
 from permsparse.train.state import StepLog, TrainState
 
 __all__ = ["Callback", "PHASES", "Averages", "Snapshots", "ProgressBar", "MetricsLog", "OnStep", "PhaseTimer",
@@ -73,51 +75,100 @@ class Callback:
 class Averages(Callback):
     """Running averages of the costs: an exponential one per decay (per step) and the uniform
     mean over the steps from the share ``tail`` of the run on; their hard plans at the end go
-    into ``out`` as ``avg<decay>`` and ``tail<share>``."""
+    into ``out`` as ``avg<decay>`` and ``tail<share>``.
+
+    The averages are only read at the end, so when the costs live on a GPU they are kept on
+    the host (``on_host``; by default when the costs are not there already; at LLaMA-2-7B width
+    three float32 copies of the costs, 15 GiB): each step copies the costs into one pinned buffer
+    and a host thread updates the averages while the next step runs (the same float32
+    ``lerp_``)."""
 
     def __init__(self, decays: Sequence[float], tail: float | None,
-                 out: dict[str, dict[str, Permutation]] | None = None) -> None:
-        self.decays, self.tail, self.out = tuple(decays), tail, out
+                 out: dict[str, dict[str, Permutation]] | None = None, on_host: bool | None = None) -> None:
+        self.decays, self.tail, self.out, self.on_host = tuple(decays), tail, out, on_host
         self.ema: dict[float, dict[str, torch.Tensor]] = {}
         self.tail_mean: dict[str, torch.Tensor] = {}
         self.tail_n = 0
+        self._mirror: HostMirror | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future | None = None
 
     def on_train_begin(self, state: TrainState) -> None:
         self._bank = state.bank
+        params = dict(state.bank.named_parameters())
+        on_device = any(p.device.type != "cpu" for p in params.values())
+        host = on_device if self.on_host is None else self.on_host
+        self._where = torch.device("cpu") if host or not params else next(iter(params.values())).device
+        if host and (self.decays or self.tail is not None):  # (on the host itself: the same path, for tests)
+            self._mirror = HostMirror(params)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="permsparse-averages")
         # The exponential averages start at the costs the run starts from.
-        self.ema = {d: {k: p.detach().clone() for k, p in state.bank.named_parameters()} for d in self.decays}
+        self.ema = {d: {k: self._keep(p) for k, p in params.items()} for d in self.decays}
+
+    def _keep(self, p: torch.Tensor) -> torch.Tensor:
+        """A copy of ``p`` where the averages live."""
+        return p.detach().to(self._where, copy=True)
 
     @torch.no_grad()
     def on_step_end(self, state: TrainState, log: StepLog) -> None:
+        in_tail = self.tail is not None and state.progress >= self.tail
+        if self._mirror is None:
+            self._update(dict(state.bank.named_parameters()), in_tail)
+            return
+        self._join()
+        self._mirror.copy_from(dict(state.bank.named_parameters()))
+        self._mirror.guard()  # the next optimizer step waits until the costs are read
+        self._job = self._pool.submit(lambda: self._update(self._mirror.wait(), in_tail))
+
+    @torch.no_grad()
+    def _update(self, costs: Mapping[str, torch.Tensor], in_tail: bool) -> None:
         for d, e in self.ema.items():
-            for k, p in state.bank.named_parameters():
+            for k, p in costs.items():
                 e[k].lerp_(p.detach(), 1.0 - d)
-        if self.tail is not None and state.progress >= self.tail:
+        if in_tail:
             self.tail_n += 1
-            for k, p in state.bank.named_parameters():  # the running mean of the tail's costs
-                self.tail_mean[k] = (p.detach().clone() if self.tail_n == 1
+            for k, p in costs.items():  # the running mean of the tail's costs
+                self.tail_mean[k] = (self._keep(p) if self.tail_n == 1
                                      else self.tail_mean[k].lerp_(p.detach(), 1.0 / self.tail_n))
 
+    def _join(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
+
     def on_train_end(self, state: TrainState) -> None:
+        self._join()
         if self.out is None or not state.history:
             return
         self.out.update({f"avg{d:g}": plan_with(state.bank, e) for d, e in self.ema.items()})
         if self.tail_n:
             self.out[f"tail{self.tail:g}"] = plan_with(state.bank, self.tail_mean)
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        self._join()
         tensors = {f"ema/{d}/{k}": v for d, e in self.ema.items() for k, v in e.items()}
         tensors.update({f"tail/{k}": v for k, v in self.tail_mean.items()})
         return tensors, {"tail_n": self.tail_n}
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
         params = dict(self._bank.named_parameters())
-        self.ema = {d: {k: tensors[f"ema/{d}/{k}"].to(v.device, v.dtype) for k, v in e.items()}
+        self.ema = {d: {k: self._keep(tensors[f"ema/{d}/{k}"].to(v.dtype)) for k, v in e.items()}
                     for d, e in self.ema.items()}
         if self.tail is not None:
             self.tail_n = int(meta.get("tail_n", 0))
-            self.tail_mean = ({k: tensors[f"tail/{k}"].to(p.device, p.dtype) for k, p in params.items()}
+            self.tail_mean = ({k: self._keep(tensors[f"tail/{k}"].to(p.dtype)) for k, p in params.items()}
                               if self.tail_n else {})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the averages hold (on the host when ``on_host``)."""
+        held = [v for e in self.ema.values() for v in e.values()] + list(self.tail_mean.values())
+        return sum(v.numel() * v.element_size() for v in held)
 
 
 class StepBudget(Callback):

@@ -30,11 +30,13 @@ from permsparse.core.permutation import Permutation
 from permsparse.core.sinkhorn import TemperatureSchedule
 from permsparse.models.sites import Site
 from permsparse.train import distributed as dist
-from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights
+from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights, weights_by_block
 from permsparse.train.callbacks import Averages, Callback, MetricsLog, OnStep, ProgressBar, Snapshots, StepBudget
 from permsparse.train.checkpoint import Checkpointer, run_key
+from permsparse.train.hostcopy import HostMirror
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 from permsparse.train.optim import anneal_lr, make_optimizer
+from permsparse.train.recompute import no_cache_kwargs, recomputed_blocks
 from permsparse.train.state import NonFiniteLossError, StepLog, TrainState
 
 __all__ = ["train_end_to_end", "make_batches"]
@@ -104,7 +106,8 @@ def train_end_to_end(
         if resume:
             ckpt.restore(state)
         cbs.append(ckpt)
-    run.good = {k: v.detach().clone() for k, v in state.bank.state_dict().items()}
+    run.good = HostMirror(state.bank.state_dict())
+    run.good.copy_from(state.bank.state_dict())
     try:
         for cb in cbs:
             cb.on_train_begin(state)
@@ -152,7 +155,9 @@ class _Run:
     step_weights: Mapping[str, torch.Tensor]
     schedule: TemperatureSchedule
     masks: dict = field(default_factory=dict)
-    good: dict[str, torch.Tensor] = field(default_factory=dict)  # the bank's costs before the last good step
+    good: HostMirror | None = None  # the bank's costs before the last good step (on the host)
+    blocks: frozenset[str] = frozenset()  # the model's module names (blocks to checkpoint are among them)
+    call_kwargs: dict = field(default_factory=dict)  # for every forward: no KV cache
 
     def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
         """The dense model's logits (hidden states, for a model without logits) of batch ``idx``."""
@@ -161,7 +166,7 @@ class _Run:
         if self.teachers is not None:
             return self.teachers[idx].to(self.device)
         with torch.no_grad():
-            return dense_target(self.model(**model_inputs(batch)))
+            return dense_target(self.model(**model_inputs(batch), **self.call_kwargs))
 
 
 def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers) -> tuple[_Run, TrainState]:
@@ -175,7 +180,8 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
         raise ValueError(f"{len(teachers)} teacher logits for {len(batches)} calibration batches")
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
-    run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule)
+    run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule,
+               blocks=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model))
     state = TrainState(bank, sites, weights, scores, pattern, cfg=cfg, opt=make_optimizer(bank.parameters(), cfg),
                        steps=steps, generator=torch.Generator().manual_seed(cfg.seed))
     return run, state
@@ -218,13 +224,20 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     state.tau = tau = run.schedule.at(state.progress)
     anneal_lr(state.opt, cfg, state.progress)
     with _phase(cbs, state, "bank"):
-        out, ent = bank(tau, cfg.sinkhorn_iters)
+        out, _ = bank(tau, cfg.sinkhorn_iters, entropy=False)  # the backward measures the entropy
+
+    def build(sites: Sequence[Site], prefix: str) -> dict[str, torch.Tensor]:
+        return sparse_weights(out, sites, run.step_weights, state.scores, state.pattern, prefix_strip=prefix,
+                              mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+
     with _phase(cbs, state, "weights"):
-        params = sparse_weights(out, state.sites, run.step_weights, state.scores, state.pattern,
-                                mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+        # Activation checkpointing: each block builds its W_eff inside (in the forward phase).
+        blocks = run.blocks if cfg.activation_checkpointing else ()
+        params, per_block = weights_by_block(out, state.sites, blocks, build)
     with autocast(cfg.bf16, run.device):
-        with _phase(cbs, state, "forward"):
-            y = functional_call(run.model, params, (), model_inputs(batch), strict=False)
+        with _phase(cbs, state, "forward"), recomputed_blocks(run.model, per_block):
+            inputs = {**model_inputs(batch), **run.call_kwargs}
+            y = functional_call(run.model, params, (), inputs, strict=False)
         with _phase(cbs, state, "teacher"):  # a model without logits always learns against the dense one
             teacher = run.teacher(idx, batch, cfg.alpha > 0 or not has_logits(y))
     with _phase(cbs, state, "loss"):
@@ -236,19 +249,21 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     vals = dist.all_reduce_mean_(torch.stack([loss.detach(), ce.detach(), kl.detach()]).double().cpu())
     loss_v, ce_v, kl_v = (float(v) for v in vals)
     if not math.isfinite(loss_v):
-        bank.load_state_dict(run.good)
+        bank.load_state_dict(run.good.wait())
         raise NonFiniteLossError(
             f"loss became {loss_v} at step {state.step} (tau={tau:.3g}); kept the costs of the last "
             f"good step. Try a lower learning rate (--lr) or a higher final temperature (--tau-end)."
         )
-    run.good = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+    run.good.copy_from(bank.state_dict())  # on a GPU: copied to the host during the backward
     state.opt.zero_grad(set_to_none=True)
     with _phase(cbs, state, "backward"):
         loss.backward()
     dist.all_reduce_grads_(bank.parameters())
+    run.good.guard()
     state.opt.step()
+    state.opt.zero_grad(set_to_none=True)  # the gradients need not hold memory during the next forward
     cur = {n: p for n, (_, p) in out.items()}
-    rec = StepLog(state.step, loss_v, ce_v, kl_v, tau, ent, moved_share(state.plan, cur), time.perf_counter() - t0,
-                  state.opt.param_groups[0]["lr"])
+    rec = StepLog(state.step, loss_v, ce_v, kl_v, tau, bank.entropy, moved_share(state.plan, cur),
+                  time.perf_counter() - t0, state.opt.param_groups[0]["lr"])
     state.plan = cur
     return rec
