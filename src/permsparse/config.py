@@ -245,6 +245,10 @@ class PruneConfig:
     # torch.distributed ranks take contiguous shares of them (see api._prune_blockwise).
     spread_blocks: bool = _opt(False, "blockwise objective: learn each block against the dense model's inputs, "
                                "so that torchrun's processes split the blocks between them")
+    # Beyond the paper: once the permutation and the mask are fixed, the kept weights are refitted to the
+    # dense layer's output on the calibration inputs (SparseGPT's OBS update, mask fixed, permuted layout).
+    reconstruct: bool = _opt(False, "after the masks are fixed, update each layer's kept weights to reproduce "
+                             "its dense output on the calibration inputs (OBS / least squares, as SparseGPT)")
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -264,9 +268,17 @@ class PruneConfig:
         if self.spread_blocks and self.sequential:
             raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
                              "pruned blocks' outputs: choose one")
+        if self.reconstruct and self.score in ("magnitude", "sparsegpt"):
+            raise ValueError(f"reconstruct refits the kept weights on calibration statistics: score {self.score!r} "
+                             "either has none (magnitude) or already updates the weights (sparsegpt)")
         if self.spread_blocks and self.permutation == "learned" and self.learn.objective != "blockwise":
             raise ValueError("spread_blocks needs the block-wise objective (objective='blockwise'); the end-to-end "
                              "objective already shares its work over ranks by splitting batches")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether calibration must collect each layer's input Hessian (SparseGPT, reconstruction)."""
+        return self.score == "sparsegpt" or self.reconstruct
 
     def to_json(self) -> dict:
         """The fields, ``learn`` nested: the schema of a recipe and of ``permsparse.json``'s ``config``."""

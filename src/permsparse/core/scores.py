@@ -151,11 +151,15 @@ class SparseGPT:
         pattern: "NMPattern | str | None",
         perm: Permutation | None = None,
         sparsity: float = 0.5,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(new_weight, kept_mask)`` in original coordinates.
 
         ``pattern=None`` prunes ``sparsity`` unstructured (per block of columns, as the
-        reference does); otherwise N:M along the (permuted) input dimension.
+        reference does); otherwise N:M along the (permuted) input dimension. ``mask``: a
+        kept mask fixed beforehand (original coordinates, e.g. chosen by Wanda under a learned
+        permutation); then only the kept weights are updated to compensate for the pruned
+        ones (OBS reconstruction), and the mask is returned unchanged.
         """
         d_out, d_in = weight.shape
         if self.H.shape[0] != d_in:
@@ -169,12 +173,17 @@ class SparseGPT:
 
         W = weight.detach().to("cpu", torch.float64).clone()
         H = self.H.clone()
+        fixed = None if mask is None else ~mask.detach().to("cpu", torch.bool)  # pruned, original coordinates
+        if fixed is not None and fixed.shape != W.shape:
+            raise ValueError(f"mask of shape {tuple(fixed.shape)} for a weight of shape {tuple(W.shape)}")
         if perm is not None:
             W = perm.apply_to_columns(W)
             H = H[perm.indices][:, perm.indices]
+            fixed = perm.apply_to_columns(fixed) if fixed is not None else None
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        if fixed is None:  # a fixed mask decides alone what is kept
+            W[:, dead] = 0.0
         damp = self.percdamp * torch.mean(torch.diag(H))
         H += damp * torch.eye(d_in, dtype=H.dtype)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -187,14 +196,16 @@ class SparseGPT:
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             dinv = torch.diag(Hinv1)
-            if pat is None:
+            if fixed is not None:
+                mask1 = fixed[:, i1:i2].clone()
+            elif pat is None:
                 err = W1**2 / dinv.unsqueeze(0) ** 2
                 thresh = torch.sort(err.flatten()).values[int(err.numel() * sparsity)]
                 mask1 = err <= thresh
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             for i in range(i2 - i1):
-                if pat is not None and i % pat.m == 0:
+                if fixed is None and pat is not None and i % pat.m == 0:
                     err = W1[:, i : i + pat.m] ** 2 / dinv[i : i + pat.m].unsqueeze(0) ** 2
                     n_pruned = pat.m - pat.n_kept
                     drop = torch.topk(err, n_pruned, dim=1, largest=False).indices

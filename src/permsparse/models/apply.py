@@ -98,6 +98,13 @@ def heuristic_permutation(
     return site.expand(free, groups) if site.head_tied else free
 
 
+def _hessian(stats: Mapping[str, ColumnStats] | None, name: str) -> torch.Tensor:
+    st = stats.get(name) if stats is not None else None
+    if st is None or st.xxt is None:
+        raise ValueError(f"{name}: SparseGPT and reconstruction need the Hessian (calibrate with hessian=True)")
+    return st.H
+
+
 @torch.no_grad()
 def prune_site_(
     model: nn.Module,
@@ -107,8 +114,12 @@ def prune_site_(
     stats: Mapping[str, ColumnStats] | None,
     perm: Permutation | None = None,
     scores: list[torch.Tensor] | None = None,
+    reconstruct: bool = False,
 ) -> SiteReport:
-    """Prune every consumer of ``site`` in place; ``pattern=None`` is per-row 50% unstructured."""
+    """Prune every consumer of ``site`` in place; ``pattern=None`` is per-row 50% unstructured.
+
+    ``reconstruct``: after the mask is chosen, refit the kept weights to the dense layer's output
+    on the calibration inputs (needs the Hessians in ``stats``; see :meth:`SparseGPT.prune`)."""
     if scores is None:
         scores = site_scores(model, site, score, stats)
     if pattern is not None:
@@ -125,11 +136,7 @@ def prune_site_(
             kept += kept_score(s, pattern, perm)
             ceiling += unstructured_kept(s, pattern)
         if score == "sparsegpt":
-            st = stats.get(name) if stats is not None else None
-            if st is None or st.xxt is None:
-                raise ValueError(f"{name}: SparseGPT needs the Hessian (calibrate with hessian=True)")
-            new_w, _ = SparseGPT(st.H).prune(w, pattern, perm)
-            w.copy_(new_w)
+            w.copy_(SparseGPT(_hessian(stats, name)).prune(w, pattern, perm)[0])
             continue
         if pattern is None:
             mask = unstructured_mask(s, 0.5)
@@ -137,7 +144,10 @@ def prune_site_(
             mask = nm_mask(s, pattern)
         else:
             mask = unpermuted_mask(s, perm, pattern)
-        w.mul_(mask.to(w.dtype))
+        if reconstruct:
+            w.copy_(SparseGPT(_hessian(stats, name)).prune(w, pattern, perm, mask=mask)[0])
+        else:
+            w.mul_(mask.to(w.dtype))
     total = max(total, 1e-30)
     if pattern is None:
         return SiteReport(site.name, float("nan"), float("nan"), float("nan"))

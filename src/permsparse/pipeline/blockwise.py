@@ -89,7 +89,7 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
         chosen, rec = _learn_block(block, name, sites, scores, heur, pattern, cfg, inputs)
     rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
     rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
-                                         [scores[c] for c in s.consumers]))
+                                         [scores[c] for c in s.consumers], cfg.reconstruct))
                       for s in sites]
     return rec
 
@@ -152,7 +152,7 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     if cfg.offload:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block,
-               cfg.score == "sparsegpt", cfg.progress and dist.is_main(), offload=cfg.offload, device=device,
+               cfg.needs_hessian, cfg.progress and dist.is_main(), offload=cfg.offload, device=device,
                owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread)
     if spread:
         _share_spread(model, chain, owners, by_block, done)

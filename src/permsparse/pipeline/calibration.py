@@ -112,12 +112,13 @@ def score_sites(
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     layers = [c for s in sites for c in s.consumers]
-    hessian = cfg.score == "sparsegpt"
+    hessian = cfg.needs_hessian
     stats = None
     if cfg.score != "magnitude":
         # Each rank its shard; the sums are then all-reduced (identity in one process).
         stats = collect_stats(model, [dist.shard_batch(b) for b in batches], layers, hessian,
-                              cfg.progress and dist.is_main(), on_output=on_output, bf16=bf16 and not hessian)
+                              cfg.progress and dist.is_main(), on_output=on_output,
+                              bf16=bf16 and cfg.score != "sparsegpt")
         dist.all_reduce_stats_(stats)
     scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, heuristic)
     return stats, scores, heur
@@ -145,7 +146,7 @@ class Calibration:
         pattern = parse_pattern(self.cfg.pattern)
         perms = perms or {}
         return [prune_site_(model, s, pattern, self.cfg.score, self.stats, perms.get(s.name),
-                            [self.scores[c] for c in s.consumers]) for s in self.sites]
+                            [self.scores[c] for c in s.consumers], self.cfg.reconstruct) for s in self.sites]
 
     def check_fits(self, cfg: PruneConfig) -> PruneConfig:
         """``cfg`` resolved for these sites; raises if it needs another calibration (only
