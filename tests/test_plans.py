@@ -72,3 +72,10 @@ def test_one_calibration_serves_other_trainer_settings_only(tiny):
     bare = calibrate(dense, cfg, make_batches(_calib(), LEARN.batch_size), heuristic=False)
     with pytest.raises(ValueError, match="heuristic plan"):
         plan_candidates(dense, cfg, calibration=bare)
+
+
+def test_prune_refuses_an_empty_calibration_set(tiny):
+    model = tiny("llama").model
+    with pytest.raises(ValueError, match="empty set"):
+        prune(model, None, PruneConfig(score="wanda", permutation="none", progress=False),
+              calib=torch.zeros(0, 8, dtype=torch.long))

@@ -133,8 +133,9 @@ def prune(
     t0 = time.perf_counter()
     pattern = parse_pattern(cfg.pattern)
     needs_data = cfg.score != "magnitude" or cfg.permutation == "learned"
-    if needs_data and calib is None:
-        raise ValueError(f"score {cfg.score!r} with permutation {cfg.permutation!r} needs calibration data")
+    if needs_data and (calib is None or len(calib) == 0):  # an empty set would prune by magnitude unsaid
+        raise ValueError(f"score {cfg.score!r} with permutation {cfg.permutation!r} needs calibration data "
+                         f"(got {'none' if calib is None else 'an empty set'})")
     batches = make_batches(calib, cfg.learn.batch_size) if calib is not None else []
     sites, cfg = pattern_sites(model, cfg, batches)
     permutation = cfg.permutation if pattern is not None else "none"

@@ -129,6 +129,14 @@ def _check_norm(weight: torch.Tensor, col_norm: torch.Tensor) -> None:
         )
 
 
+def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of the damped inverse Hessian (``H`` is changed in place): dead
+    inputs get a unit diagonal, and ``percdamp`` of the mean diagonal keeps it well conditioned."""
+    H[dead, dead] = 1.0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 class SparseGPT:
     """OBS pruning with the inverse Hessian, N:M aware; updates the kept weights.
 
@@ -181,12 +189,9 @@ class SparseGPT:
             H = H[perm.indices][:, perm.indices]
             fixed = perm.apply_to_columns(fixed) if fixed is not None else None
         dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
         if fixed is None:  # a fixed mask decides alone what is kept
             W[:, dead] = 0.0
-        damp = self.percdamp * torch.mean(torch.diag(H))
-        H += damp * torch.eye(d_in, dtype=H.dtype)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        Hinv = _inverse_hessian_factor(H, dead, self.percdamp)
 
         pruned = torch.zeros_like(W, dtype=torch.bool)
         for i1 in range(0, d_in, blocksize):
