@@ -56,7 +56,7 @@ def _loader(yaml: Any) -> type:
     ``2:4`` as the base-60 integer 124, never what a recipe means."""
 
     class Loader(yaml.SafeLoader):
-        pass
+        """SafeLoader with the resolvers below (a subclass, so PyYAML's own stays untouched)."""
 
     Loader.yaml_implicit_resolvers = {
         ch: ([("tag:yaml.org,2002:str", _NM)] if ch.isdigit() else []) + list(resolvers)

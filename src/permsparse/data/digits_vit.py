@@ -202,7 +202,7 @@ def _save_atomic(model: Any, processor: Any, record: dict, out: Path) -> Path:
             processor.save_pretrained(tmp)
             (tmp / _TRAIN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     except FileExistsError:  # another process finished first: keep its folder
-        pass
+        log.info("%s was written by another process meanwhile; keeping it", out)
     return out
 
 

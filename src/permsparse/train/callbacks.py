@@ -48,28 +48,28 @@ class Callback:
     """Does nothing at every point; subclasses override what they need."""
 
     def on_train_begin(self, state: TrainState) -> None:
-        pass
+        """Before the first step (after a resume: its state restored)."""
 
     def on_phase_begin(self, state: TrainState, name: str) -> None:
-        pass
+        """Before a part of a step (one of PHASES)."""
 
     def on_phase_end(self, state: TrainState, name: str) -> None:
-        pass
+        """After a part of a step."""
 
     def on_step_end(self, state: TrainState, log: StepLog) -> None:
-        pass
+        """After each step, with its record."""
 
     def on_train_end(self, state: TrainState) -> None:
-        pass
+        """After the last step of a run that ended normally."""
 
     def close(self) -> None:
-        pass
+        """Always, also when the run fails: release files and bars."""
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {}, {}
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-        pass
+        """Restore what :meth:`state_dict` saved (a resumed run)."""
 
 
 class Averages(Callback):
