@@ -264,12 +264,32 @@ def render(result: dict) -> str:
         "of means, spread = the larger std of the two):\n\n",
         markdown_table([{**t, "margin": f"{t['margin']:+.4f}", "spread": f"{t['spread']:.4f}"}
                         for t in result["targets"]]),
+        _validation_summary(),
         "\nPer seed (`*_unguarded`: the learned permutations whatever the guard kept):\n\n",
         markdown_table([{k: v for k, v in r.items() if k in ("method", "seed", "cosine", "nn_agree", "kept_plan",
                                                              "train_steps", "cosine_unguarded", "prune_seconds")}
                         for r in result["runs"]], floatfmt=".4f"),
     ]
     return "".join(lines)
+
+
+def _validation_summary(path: Path = RESULTS / "encoder_val.json") -> str:
+    """The choices made on the validation sentences (``encoder_val.json``), as a short table."""
+    from permsparse.report import markdown_table
+
+    if not path.is_file():
+        return ""
+    import json
+
+    val = json.loads(path.read_text())
+    rows = [{"setting": r.get("setting") if r["method"] == "wanda+learned" else "-", "method": r["method"], "cosine_mean": r["cosine_mean"],
+             "cosine_std": r["cosine_std"], "nn_agree_mean": r["nn_agree_mean"], "kept_plans": r.get("kept_plans")}
+            for r in val["rows"] if r["method"] == "wanda+learned" or r["setting"] == val["rows"][0]["setting"]]
+    rows.sort(key=lambda r: r["method"] == "wanda+learned")
+    return ("\nOn the validation sentences (`encoder_val.md`, seeds " + str(val["meta"]["seeds"]) + "; each "
+            "setting changes one of the settings above; `objective=blockwise`: the block-wise objective, "
+            "each block's guard choosing among none, heuristic and learned):\n\n"
+            + markdown_table(rows, floatfmt=".4f"))
 
 
 def render_sweep(result: dict) -> str:
@@ -331,12 +351,24 @@ def main(argv: list[str] | None = None) -> int:
                     "this trainer setting (each over LEARN and --learn), the rest as they are; K1=V1+K2=V2: one "
                     "run with both; repeatable")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown of --out from its JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     from permsparse.data.assets import embedded_bert_path
     from permsparse.models.loading import load_model
 
+    out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
+    if args.render:
+        import json
+
+        from permsparse.io.atomic import atomic_write_text
+
+        result = json.loads(out.read_text())
+        text = render(result) if not any(r.get("setting") for r in result["runs"]) else render_sweep(result)
+        atomic_write_text(out.with_suffix(".md"), text)
+        print(text)
+        return 0
     learn = {**LEARN, **dict(_setting(item) for item in filter(None, args.learn.split(",")))}
     t0 = time.perf_counter()
     model, tokenizer = load_model(str(embedded_bert_path()), task="encoder")
@@ -350,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
             "split": args.split, "n_held": len(held), "n_calib": N_CALIB, "seeds": args.seeds, "learn": learn,
             "groups": args.groups, "score": "wanda", "pattern": "2:4", "pools": {"calib": len(sents.calib)}}
-    out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
     runs: list[dict] = []
     for name, learn_s in settings or [("", learn)]:
         for seed in args.seeds:
