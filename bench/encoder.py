@@ -264,12 +264,32 @@ def render(result: dict) -> str:
         "of means, spread = the larger std of the two):\n\n",
         markdown_table([{**t, "margin": f"{t['margin']:+.4f}", "spread": f"{t['spread']:.4f}"}
                         for t in result["targets"]]),
+        _validation_summary(),
         "\nPer seed (`*_unguarded`: the learned permutations whatever the guard kept):\n\n",
         markdown_table([{k: v for k, v in r.items() if k in ("method", "seed", "cosine", "nn_agree", "kept_plan",
                                                              "train_steps", "cosine_unguarded", "prune_seconds")}
                         for r in result["runs"]], floatfmt=".4f"),
     ]
     return "".join(lines)
+
+
+def _validation_summary(path: Path = RESULTS / "encoder_val.json") -> str:
+    """The choices made on the validation sentences (``encoder_val.json``), as a short table."""
+    from permsparse.report import markdown_table
+
+    if not path.is_file():
+        return ""
+    import json
+
+    val = json.loads(path.read_text())
+    rows = [{"setting": r.get("setting") if r["method"] == "wanda+learned" else "-", "method": r["method"], "cosine_mean": r["cosine_mean"],
+             "cosine_std": r["cosine_std"], "nn_agree_mean": r["nn_agree_mean"], "kept_plans": r.get("kept_plans")}
+            for r in val["rows"] if r["method"] == "wanda+learned" or r["setting"] == val["rows"][0]["setting"]]
+    rows.sort(key=lambda r: r["method"] == "wanda+learned")
+    return ("\nOn the validation sentences (`encoder_val.md`, seeds " + str(val["meta"]["seeds"]) + "; each "
+            "setting changes one of the settings above; `objective=blockwise`: the block-wise objective, "
+            "each block's guard choosing among none, heuristic and learned):\n\n"
+            + markdown_table(rows, floatfmt=".4f"))
 
 
 def render_sweep(result: dict) -> str:
@@ -293,6 +313,14 @@ def render_sweep(result: dict) -> str:
         "\nThe learned run per setting:\n\n",
         markdown_table(rows, cols, floatfmt=".4f"),
     ])
+
+
+def _alternatives(spec: str) -> list[str]:
+    """``KEY=V1,V2`` -> ``["KEY=V1", "KEY=V2"]``; ``K1=V1+K2=V2`` (one setting of two keys) as it is."""
+    if "+" in spec:
+        return [spec]
+    key, values = spec.split("=", 1)
+    return [f"{key}={v}" for v in values.split(",")]
 
 
 def _setting(item: str) -> tuple[str, object]:
@@ -320,50 +348,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (tuning: the first "
                     "three come from one run anyway)")
     ap.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one learned run per value of "
-                    "this trainer setting (each over LEARN and --learn), the rest as they are; repeatable")
+                    "this trainer setting (each over LEARN and --learn), the rest as they are; K1=V1+K2=V2: one "
+                    "run with both; repeatable")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown of --out from its JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     from permsparse.data.assets import embedded_bert_path
-    from permsparse.io.atomic import atomic_write_json, atomic_write_text
     from permsparse.models.loading import load_model
 
+    out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
+    if args.render:
+        import json
+
+        from permsparse.io.atomic import atomic_write_text
+
+        result = json.loads(out.read_text())
+        text = render(result) if not any(r.get("setting") for r in result["runs"]) else render_sweep(result)
+        atomic_write_text(out.with_suffix(".md"), text)
+        print(text)
+        return 0
     learn = {**LEARN, **dict(_setting(item) for item in filter(None, args.learn.split(",")))}
     t0 = time.perf_counter()
     model, tokenizer = load_model(str(embedded_bert_path()), task="encoder")
     sents = load_sentences()
     held = sents.test if args.split == "test" else sents.val
     dense = embed(model, tokenizer, held)
-    settings = [(f"{key}={v}", {**learn, key: _setting(f"{key}={v}")[1]})
-                for spec in args.sweep for key, values in [spec.split("=", 1)] for v in values.split(",")]
+    settings = [(name, {**learn, **dict(map(_setting, name.split("+")))}) for spec in args.sweep
+                for name in _alternatives(spec)]
     methods = tuple(args.methods.split(","))
-    runs = []
+    meta = {"command": "python bench/encoder.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            "split": args.split, "n_held": len(held), "n_calib": N_CALIB, "seeds": args.seeds, "learn": learn,
+            "groups": args.groups, "score": "wanda", "pattern": "2:4", "pools": {"calib": len(sents.calib)}}
+    runs: list[dict] = []
     for name, learn_s in settings or [("", learn)]:
         for seed in args.seeds:
             for r in run_seed(model, tokenizer, sents, args.split, seed, dense, learn_s, args.groups, args.progress,
                               methods if not settings else METHODS[:3]):
                 runs.append({**r, "setting": name} if settings else r)
+            # What is done so far, after every seed (a long sweep that is stopped keeps its runs).
+            text = _write(out, {**meta, "seconds": time.perf_counter() - t0}, runs, settings)
+    print(text)
+    return 0
+
+
+def _write(out: Path, meta: dict, runs: list[dict], settings: list) -> str:
+    """``out`` (JSON) and its Markdown twin from the runs so far; the Markdown."""
+    from permsparse.io.atomic import atomic_write_json, atomic_write_text
+
+    names = [n for n, _ in settings if any(r["setting"] == n for r in runs)]
     rows = (summarise(runs) if not settings else
-            [{"setting": name, **row} for name, _ in settings
-             for row in summarise([r for r in runs if r["setting"] == name])])
-    result = {
-        "meta": {"command": "python bench/encoder.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
-                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-                            f"torch {torch.__version__}",
-                 "seconds": time.perf_counter() - t0, "split": args.split, "n_held": len(held), "n_calib": N_CALIB,
-                 "seeds": args.seeds, "learn": learn, "groups": args.groups, "score": "wanda", "pattern": "2:4",
-                 "pools": {"calib": len(sents.calib)}},
-        "rows": rows,
-        "targets": targets(rows) if not settings else [],
-        "runs": runs,
-    }
-    out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
+            [{"setting": n, **row} for n in names for row in summarise([r for r in runs if r["setting"] == n])])
+    result = {"meta": meta, "rows": rows, "targets": targets(rows) if not settings else [], "runs": runs}
     text = render(result) if not settings else render_sweep(result)
     atomic_write_json(out, result)
     atomic_write_text(out.with_suffix(".md"), text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from permsparse.core.pattern import NMPattern
 from permsparse.models import apply, calibrate
 from permsparse.models.sites import find_sites
 from permsparse.train.guard import TeacherCache, evaluate_plan, teacher_logits
-from permsparse.train.loop import make_batches, train_end_to_end
+from permsparse.train.loop import train_end_to_end
 from permsparse.train.loss import dense_target, hidden_loss
 
 PATTERN = NMPattern.parse("2:4")
