@@ -378,7 +378,7 @@ def markdown(rows: list[dict], blocks: list[dict], meta: dict, shapes: list[dict
             tok = sum(b["full"][ro] for ro in ("activations", "logits", "teacher"))
             fixed = b["full_on_gpu_gib"] - tok
             scale = lambda n: fixed + tok * n / (b["batch"] * b["tokens"])
-            lines.append(f"| {b['label']}{', activation checkpointing' if b['activation_checkpointing'] else ''} | "
+            lines.append(f"| {b['shape']}, {b['label']}{', activation checkpointing' if b['activation_checkpointing'] else ''} | "
                          f"{b['batch']} x {b['tokens']} | {scale(2048):.1f} | {scale(8192):.1f} | "
                          f"{b['full_host_gib']:.1f} |")
         lines.append("")
