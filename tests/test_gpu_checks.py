@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # three Python processes and a tiny training run: about a minute on 2 cores
 def test_gpu_checks_dry_run_writes_its_results(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_checks.py"), "--dry-run", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=400)
