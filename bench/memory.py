@@ -253,6 +253,39 @@ def measure(shape: str, blocks: int, tokens: int, batch: int, ckpt: bool, device
     return row
 
 
+def shape_account(shape: str, groups: int = 4) -> dict:
+    """Per block, the bytes of the roles that do not depend on the batch, computed from the sites'
+    shapes on a model built on the meta device (no memory): ``costs`` (free groups x k² float32),
+    ``moments`` (GroupAdam: one float32 copy and a scalar per group), ``grads``, ``good``,
+    ``averages`` (two decays and the tail mean: three copies), ``masks`` (bool), ``scores``
+    (float32) and ``w_eff`` (bf16) of every pruned weight. At 7B the same sums are the measured
+    rows' (the markdown shows both)."""
+    import torch
+    import transformers
+
+    from permsparse.core.pattern import NMPattern
+    from permsparse.models.sites import find_sites
+
+    s = SHAPES[shape]
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=s["hidden_size"],
+                                   intermediate_size=s["intermediate_size"], num_hidden_layers=1,
+                                   num_attention_heads=s["num_attention_heads"],
+                                   num_key_value_heads=s["num_key_value_heads"])
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    pat = NMPattern.parse("2:4")
+    sites = find_sites(model)
+    cost = sum(st.free_groups(groups) * st.structure(groups, pat)[1] ** 2 for st in sites) * 4
+    n_groups = sum(st.free_groups(groups) for st in sites)
+    weights = sum(model.get_submodule(c).weight.numel() for st in sites for c in st.consumers)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    gib = 2**30
+    return {"shape": shape, "blocks": s["blocks"], "costs": cost / gib, "moments": (cost + 4 * n_groups) / gib,
+            "grads": cost / gib, "good": cost / gib, "averages": 3 * cost / gib, "masks": weights / gib,
+            "scores": 4 * weights / gib, "w_eff": 2 * weights / gib, "block_weights": 2 * block / gib,
+            "other_weights": 2 * (sum(p.numel() for p in model.parameters()) - block) / gib}
+
+
 def _child(spec: dict) -> None:
     """One row in this process (a fresh one per row: each measures its own tensors)."""
     if spec.get("src"):
@@ -304,7 +337,7 @@ LABELS = {"weights": "weights (bf16)", "costs": "cost tables (float32)", "masks"
           "logits": "student logits (saved by the loss)", "teacher": "teacher logits", "other": "other"}
 
 
-def markdown(rows: list[dict], blocks: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], blocks: list[dict], meta: dict, shapes: list[dict] = ()) -> str:
     lines = [
         "# Memory account of the end-to-end learned prune",
         "",
@@ -334,6 +367,34 @@ def markdown(rows: list[dict], blocks: list[dict], meta: dict) -> str:
                          f"{where} |")
         lines += ["", f"Full depth ({b['depth']} blocks), beside the weights: **{b['full_on_gpu_gib']:.1f} GiB on the "
                   f"GPU**, {b['full_host_gib']:.1f} GiB on the host.", ""]
+    if blocks:
+        lines += ["## At the issue's batches (token roles scaled: an estimate)", "",
+                  "The roles that scale with the tokens (activations, student and teacher logits) taken from the "
+                  "rows above and multiplied by the token ratio (linear: the attention keeps its output and "
+                  "log-sum-exp, not a T x T matrix); the rest as measured. Full depth, GiB beside the weights.", "",
+                  "| setting | measured at | 1 x 2048 on GPU | 4 x 2048 on GPU | on the host |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for b in blocks:
+            tok = sum(b["full"][ro] for ro in ("activations", "logits", "teacher"))
+            fixed = b["full_on_gpu_gib"] - tok
+            scale = lambda n: fixed + tok * n / (b["batch"] * b["tokens"])
+            lines.append(f"| {b['shape']}, {b['label']}{', activation checkpointing' if b['activation_checkpointing'] else ''} | "
+                         f"{b['batch']} x {b['tokens']} | {scale(2048):.1f} | {scale(8192):.1f} | "
+                         f"{b['full_host_gib']:.1f} |")
+        lines.append("")
+    if shapes:
+        roles = ("costs", "moments", "grads", "good", "averages", "masks", "scores", "w_eff")
+        lines += ["## Per block from the shapes (7B, 13B, 70B)", "",
+                  "The batch-free roles of one block, summed from the sites' shapes (a model on the meta device): "
+                  "the 7B column is the measured per-block rows' above to the byte. Activations are not in it (they "
+                  "depend on the batch: measured rows only).", "",
+                  "| GiB per block | " + " | ".join(sh["shape"] for sh in shapes) + " |",
+                  "| --- |" + " ---: |" * len(shapes)]
+        for ro in roles + ("block_weights", "other_weights"):
+            name = {"block_weights": "the block's weights (bf16)", "other_weights": "embedding + head (bf16, once)"}
+            lines.append(f"| {name.get(ro, LABELS.get(ro, ro))} | " + " | ".join(f"{sh[ro]:.3f}" for sh in shapes)
+                         + " |")
+        lines.append("")
     lines += ["## Rows measured", "",
               "| label | shape | blocks | tokens | ckpt | device | seconds | sum GiB (no weights) | peak GiB |",
               "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
@@ -359,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", default=None, help="measure the library in this src/ folder instead")
     ap.add_argument("--label", default="now")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown from memory.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -366,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.out / "memory.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for shape in args.shapes.split(","):
+    for shape in ([] if args.render else args.shapes.split(",")):
         for ckpt in (c == "yes" for c in args.ckpt.split(",")):
             for blocks in (int(b) for b in args.blocks.split(",")):
                 with tempfile.TemporaryDirectory() as tmp:
@@ -385,10 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "host": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     blocks = per_block(rows)
+    shapes = [shape_account(sh) for sh in SHAPES]
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"rows": rows, "per_block": blocks, "meta": meta})
-    atomic_write_text(args.out / "memory.md", markdown(rows, blocks, meta))
-    print(markdown(rows, blocks, meta))
+    atomic_write_json(path, {"rows": rows, "per_block": blocks, "shapes": shapes, "meta": meta})
+    atomic_write_text(args.out / "memory.md", markdown(rows, blocks, meta, shapes))
+    print(markdown(rows, blocks, meta, shapes))
     return 0
 
 

@@ -9,9 +9,9 @@ synchronised sites: 512 groups of 1024 or 2752 channels); on a GPU that was 93 %
    that matching reaches the lower bound ``Σ_i min_j C_ij`` and is optimal: no solver runs and
    only ``(G, k)`` indices leave the device.
 2. **The other groups on host threads**, each moved alone (in its own dtype, widened to
-   float64 on the host) and reduced (each row, then each column, less its minimum: the same optimum) before scipy's
-   solver, which then finds most rows' paths at once: ~1.8x faster on the costs of a training
-   run at k = 2752 (bench/results/assignment.md).
+   float64 on the host) and reduced (each row, then each column, less its minimum: the same
+   optimum) before scipy's solver, whose shortest paths then end sooner: 1.6x faster over the
+   steps of a training run at 7B width (bench/results/assignment.md).
 
 Every group gets an optimal assignment, so its permutation is scipy's on the raw costs whenever
 the optimum is unique (float costs with noise: in practice always; tests/test_assignment.py).

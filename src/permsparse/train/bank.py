@@ -2,8 +2,9 @@
 
 :class:`PermutationBank` stacks the costs of all sites by group size, so that Sinkhorn and
 the assignment run once per size instead of once per site. :func:`sparse_weights` builds
-``W_eff = (W P ⊙ M) Pᵀ`` for every pruned layer from the bank's straight-through
-permutations (the gradient path to the costs); :func:`hard_params` the same at hard plans.
+``W_eff = (W P ⊙ M) Pᵀ`` for every pruned layer from the bank's hard permutations and the
+stand-ins of its soft ones (the gradient path to the costs: the soft matrices are recomputed
+in the backward, never kept); :func:`hard_params` the same at hard plans.
 """
 
 from __future__ import annotations

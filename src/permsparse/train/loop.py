@@ -156,7 +156,7 @@ class _Run:
     schedule: TemperatureSchedule
     masks: dict = field(default_factory=dict)
     good: HostMirror | None = None  # the bank's costs before the last good step (on the host)
-    blocks: frozenset[str] = frozenset()  # the model's module names (blocks to checkpoint are among them)
+    modules: frozenset[str] = frozenset()  # the model's module names (the blocks to checkpoint among them)
     call_kwargs: dict = field(default_factory=dict)  # for every forward: no KV cache
 
     def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
@@ -181,7 +181,7 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
     run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule,
-               blocks=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model))
+               modules=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model))
     state = TrainState(bank, sites, weights, scores, pattern, cfg=cfg, opt=make_optimizer(bank.parameters(), cfg),
                        steps=steps, generator=torch.Generator().manual_seed(cfg.seed))
     return run, state
@@ -232,7 +232,7 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
 
     with _phase(cbs, state, "weights"):
         # Activation checkpointing: each block builds its W_eff inside (in the forward phase).
-        blocks = run.blocks if cfg.activation_checkpointing else ()
+        blocks = run.modules if cfg.activation_checkpointing else ()
         params, per_block = weights_by_block(out, state.sites, blocks, build)
     with autocast(cfg.bf16, run.device):
         with _phase(cbs, state, "forward"), recomputed_blocks(run.model, per_block):
