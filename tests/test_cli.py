@@ -18,11 +18,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
 
 import permsparse
 from permsparse.cli import main
 from permsparse.io.plan import PLAN_FILE, read_plan
+from tiny_llama_folder import embedded_words, one_thread_and_clean_env, save_tiny_llama
 
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
@@ -33,50 +33,18 @@ TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alph
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_clean_env():
-    """One torch thread; and undo ``-q``'s ``TQDM_DISABLE`` so later tests see the same env."""
-    n = torch.get_num_threads()
-    before = os.environ.get("TQDM_DISABLE")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if before is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = before
+    yield from one_thread_and_clean_env()
 
 
 @pytest.fixture(scope="module")
 def words() -> list[str]:
-    from permsparse.data.text import load_wikipedia_articles
-
-    return "\n\n".join(load_wikipedia_articles()).split()
+    return embedded_words()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, words) -> Path:
-    """A tiny LLaMA (hidden 64, 2 layers, 4 heads, 2 KV heads) with a BPE tokenizer trained
-    on a few thousand words of the embedded Wikipedia text, saved as safetensors."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(words[:5000])], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    fast.save_pretrained(path)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    """A tiny LLaMA with a BPE tokenizer trained on a few thousand words of the embedded Wikipedia text."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), words[:5000], 512)
 
 
 @pytest.fixture(scope="module")

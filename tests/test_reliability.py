@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from permsparse.cli import main
+from tiny_llama_folder import embedded_words, one_thread_and_clean_env, save_tiny_llama
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
@@ -70,47 +70,18 @@ def table(item: int, argname: str, rows: list[tuple[str, str, str, Any]]) -> Cal
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_clean_env():
-    n = torch.get_num_threads()
-    before = os.environ.get("TQDM_DISABLE")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if before is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = before
+    yield from one_thread_and_clean_env()
 
 
 @pytest.fixture(scope="module")
 def words() -> list[str]:
-    from permsparse.data.text import load_wikipedia_articles
-
-    return "\n\n".join(load_wikipedia_articles()).split()
+    return embedded_words()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, words) -> Path:
-    """A tiny LLaMA (hidden 64, 2 layers, 4 heads, 2 KV heads) with a byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(words[:2000])], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama") / "model"
-    fast.save_pretrained(path)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    """A tiny LLaMA with a byte-level BPE tokenizer, in a folder of its own (so its parent is ours)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "model", words[:2000], 300)
 
 
 @pytest.fixture(scope="module")
