@@ -141,7 +141,8 @@ class LearnConfig:
                           "(memory flat in depth)", choices=OBJECTIVES)
     init: str = _opt("heuristic", "cost initialisation: heuristic warm start, identity-biased, zero + noise, "
                      "or a random permutation", choices=INIT_CHOICES)
-    epochs: float = _opt(1.0, "passes over the calibration windows (images)")
+    # Training is bounded by --time-budget; epochs only cap it where steps are fast (a GPU).
+    epochs: float = _opt(3.0, "passes over the calibration windows (images), at most")
     batch_size: int = _opt(4, "windows (images) per step")
     lr: float = _opt(0.02, "Adam learning rate on the costs")
     # Late steps at low τ refine the plan instead of jittering it: bench/results/quality.md.
@@ -174,8 +175,9 @@ class LearnConfig:
     teacher_cache_gb: float = _opt(8.0, "end to end: keep the calibration pass's dense logits (float16, on the "
                                    "host) as the distillation teacher when they fit in this many GiB; 0: a "
                                    "teacher forward at every step")
-    time_budget: float | None = _opt(None, "seconds of training at most: the steps that fit (estimated from "
-                                     "the first steps, kept in the checkpoint), at most those of --epochs")
+    # The best model in a fixed wall time: bench/results/quality.md (defaults rows).
+    time_budget: float | None = _opt(600.0, "seconds of training at most: the steps that fit (estimated from "
+                                     "the first steps, kept in the checkpoint), at most those of --epochs; 0: no budget")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
@@ -197,6 +199,8 @@ class LearnConfig:
             _check_float(self, name, 0.0, above=True)
         for name in ("margin", "noise", "alpha"):
             _check_float(self, name, 0.0)
+        if self.time_budget == 0:  # 0 (a recipe or the CLI): no budget, the epochs decide
+            self.time_budget = None
         _check_float(self, "time_budget", 0.0, above=True, none_ok=True)
         _check_float(self, "teacher_cache_gb", 0.0, inf_ok=True)
         for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
@@ -233,9 +237,13 @@ class PruneConfig:
     heuristic_power: float = _opt(HEURISTIC_POWER, "the heuristic keeps the most sum(score**p): 2 = the output "
                                   "error energy w^2*|x|^2 (Wanda), 1 = the plain kept score of RIA/Apex")
     sequential: bool = _opt(False, "calibrate block by block on the outputs of the already-pruned blocks")
-    sync: bool = _opt(True, "one permutation per site of layers reading the same input; --independent (sync "
-                      "false): one per layer, each paying a gather", flag="independent")
-    attn_out: str = _opt("fold", "o_proj: fold into v_proj rows (head-aligned) or gather", choices=ATTN_OUT)
+    # One permutation per layer prunes better than one per shared input (bench/results/quality.md);
+    # --sync is the layout with the fewest gathers at run time.
+    sync: bool = _opt(False, "one permutation per site of layers reading the same input (q/k/v, gate/up), paid "
+                      "by one gather of the norm's output; default: one per layer, each paying a gather")
+    # A free o_proj permutation beats the head-aligned fold (heuristic 2:4 ppl 100.0 vs 104.2 on SmolLM2).
+    attn_out: str = _opt("gather", "o_proj: gather its input (any permutation) or fold into v_proj rows "
+                         "(free at run time, head-aligned)", choices=ATTN_OUT)
     learn: LearnConfig = _opt(help="the trainer (permutation learned)", factory=LearnConfig)
     progress: bool = _opt(True, "progress bars (the command line: off with -q)", cli=False)
     offload: bool = _opt(False, "stream block by block: one block and its inputs on the compute device, the "
@@ -247,8 +255,9 @@ class PruneConfig:
                                "so that torchrun's processes split the blocks between them")
     # Beyond the paper: once the permutation and the mask are fixed, the kept weights are refitted to the
     # dense layer's output on the calibration inputs (SparseGPT's OBS update, mask fixed, permuted layout).
-    reconstruct: bool = _opt(False, "after the masks are fixed, update each layer's kept weights to reproduce "
-                             "its dense output on the calibration inputs (OBS / least squares, as SparseGPT)")
+    reconstruct: bool = _opt(True, "after the masks are fixed, update each layer's kept weights to reproduce "
+                             "its dense output on the calibration inputs (OBS / least squares, as SparseGPT); "
+                             "--no-reconstruct: keep W * M", flag="no-reconstruct")
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)

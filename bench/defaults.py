@@ -1,0 +1,142 @@
+"""The default command, measured as a user runs it: ``permsparse prune smollm2-135m``.
+
+    python bench/defaults.py                       # the 2:4 table (about 1 h 40 min on 2 idle CPU cores)
+    python bench/defaults.py --rows learned-sync   # re-run some rows, keep the others
+    python bench/defaults.py --pattern 4:8 --rows wanda,heuristic,learned --seeds 0
+
+Every row is one ``permsparse prune`` command in its own process, with the library's defaults
+plus the flags the row names (``command`` in the table), on SmolLM2-135M-Instruct and the
+embedded Wikipedia (the CLI's evaluation: the last 32,768 tokens in 512-token windows,
+calibration windows drawn before them). The learned rows run once per seed (``--seed``: the
+calibration sample, the batches and the cost noise). The reference rows set the gap:
+gap_closed = (ppl Wanda − ppl row) / (ppl Wanda − ppl Wanda unstructured 50 %), both without
+reconstruction. Writes ``bench/results/defaults.json`` (``rows``) and ``defaults.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from permsparse.report import markdown_table  # noqa: E402
+
+MODEL = "smollm2-135m"
+#: row -> the flags it adds to ``permsparse prune MODEL --pattern P``; learned rows repeat per seed.
+ROWS = {
+    "wanda": ["--permutation", "none", "--no-reconstruct"],
+    "unstructured50": ["--permutation", "none", "--no-reconstruct"],  # pattern replaced
+    "wanda-reconstructed": ["--permutation", "none"],
+    "heuristic-masked": ["--permutation", "heuristic", "--no-reconstruct"],
+    "heuristic": ["--permutation", "heuristic"],
+    "learned": [],
+    "learned-sync": ["--sync"],
+}
+LEARNED = ("learned", "learned-sync")
+COLUMNS = ["pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
+           "command"]
+
+
+def run_row(row: str, pattern: str, seed: int) -> dict:
+    flags = ["--pattern", "unstructured50" if row == "unstructured50" else pattern, *ROWS[row]]
+    if row in LEARNED:
+        flags += ["--seed", str(seed)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "permsparse.cli", "prune", MODEL, *flags, "--out", str(out), "-q"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+        plan = json.loads((out / "permsparse.json").read_text())
+        steps = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
+    m = plan["metrics"]
+    rec = {"pattern": pattern, "row": row, "seed": seed if row in LEARNED else None, "ppl": m["ppl"],
+           "ppl_dense": m["ppl_dense"], "prune_seconds": m["prune_seconds"], "kept_plan": m["kept_plan"],
+           "train_steps": len(steps), "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": time.perf_counter() - t0,
+           "command": " ".join(["permsparse prune", MODEL, *flags])}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def add_gap(rows: list[dict]) -> None:
+    ceiling = next((r["ppl"] for r in rows if r["row"] == "unstructured50"), None)
+    for r in rows:
+        wanda = next((w["ppl"] for w in rows if w["row"] == "wanda" and w["pattern"] == r["pattern"]), None)
+        ok = r["row"] not in ("wanda", "unstructured50") and wanda and ceiling and wanda > ceiling
+        r["gap_closed"] = round((wanda - r["ppl"]) / (wanda - ceiling), 4) if ok else None
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean and spread over seeds of each learned row, and the issue's targets read on them."""
+    lines = ["\n## Learned rows over seeds\n"]
+    for pattern in sorted({r["pattern"] for r in rows}):
+        heur = next((r for r in rows if r["pattern"] == pattern and r["row"] == "heuristic"), None)
+        for name in LEARNED:
+            runs = [r for r in rows if r["pattern"] == pattern and r["row"] == name and r["gap_closed"] is not None]
+            if not runs:
+                continue
+            ppl = [r["ppl"] for r in runs]
+            gap = statistics.mean(r["gap_closed"] for r in runs)
+            spread = f" ± {statistics.stdev(ppl):.1f}" if len(ppl) > 1 else ""
+            minutes = max(r["prune_seconds"] for r in runs) / 60
+            lines.append(f"- {pattern} `{runs[0]['command']}`: {len(runs)} run(s), ppl {statistics.mean(ppl):.1f}"
+                         f"{spread} ({', '.join(f'{p:.1f}' for p in ppl)}), gap closed {100 * gap:.1f} % on "
+                         f"average, slowest prune {minutes:.1f} min"
+                         + (f"; heuristic {heur['ppl']:.1f} ({100 * heur['gap_closed']:.1f} %)" if heur else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the learned rows")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    opts = ap.parse_args()
+    names = [r.strip() for r in opts.rows.split(",") if r.strip()]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    out = Path(opts.out)
+    path = out / "defaults.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    meta = {"command": "python bench/defaults.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    for name in names:
+        for seed in (seeds if name in LEARNED else [None]):
+            new = run_row(name, opts.pattern, seed if seed is not None else 0)
+            rows = [r for r in rows if (r["pattern"], r["row"], r.get("seed")) != (new["pattern"], name, new["seed"])]
+            rows.append(new)
+            add_gap(rows)
+            rows.sort(key=lambda r: (r["pattern"], list(ROWS).index(r["row"]), r.get("seed") or 0))
+            # Written after every row: a stopped run keeps what it measured.
+            atomic_write_json(path, {"rows": rows, "meta": meta})
+            atomic_write_text(out / "defaults.md", render(rows, meta))
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    return ("# The default command\n\n"
+            f"Command: `{meta['command']}` (rows from earlier invocations are kept)\n\n"
+            "Each row is `permsparse prune smollm2-135m --pattern P` with the flags in `command`, run as a user "
+            "runs it: SmolLM2-135M-Instruct, the embedded Wikipedia, the CLI's held-out perplexity (last "
+            "32,768 tokens). The defaults: Wanda, G = 4, one permutation per layer, o_proj gathered, 128 "
+            "calibration windows of 512 tokens, a 600 s training budget (3 epochs at most), reconstruction "
+            "after the mask. gap_closed is measured against the Wanda and unstructured 50 % rows "
+            "(both without reconstruction). prune_seconds: calibration, training, guard and "
+            f"reconstruction (the evaluations excluded). Machine: {meta['machine']}. {meta['date']}.\n\n"
+            + markdown_table(rows, COLUMNS) + summary(rows))
+
+
+if __name__ == "__main__":
+    main()
