@@ -44,15 +44,26 @@ ROWS = {
     "learned-sync": ["--sync"],
 }
 LEARNED = ("learned", "learned-sync")
-COLUMNS = ["pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
+COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
            "command"]
 
 
-def run_row(row: str, pattern: str, seed: int) -> dict:
+def python_docs(path: Path) -> Path:
+    """A second text domain that every CPython ships: the language reference's topics
+    (``pydoc_data``, about 110k SmolLM2 tokens of technical English with code)."""
+    import pydoc_data.topics as topics
+
+    path.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)), encoding="utf-8")
+    return path
+
+
+def run_row(row: str, pattern: str, seed: int, domain: str = "wikipedia") -> dict:
     flags = ["--pattern", "unstructured50" if row == "unstructured50" else pattern, *ROWS[row]]
     if row in LEARNED:
         flags += ["--seed", str(seed)]
     with tempfile.TemporaryDirectory() as tmp:
+        if domain == "python-docs":
+            flags += ["--calib", str(python_docs(Path(tmp) / "python-docs.txt"))]
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "permsparse.cli", "prune", MODEL, *flags, "--out", str(out), "-q"]
         t0 = time.perf_counter()
@@ -60,18 +71,19 @@ def run_row(row: str, pattern: str, seed: int) -> dict:
         plan = json.loads((out / "permsparse.json").read_text())
         steps = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
     m = plan["metrics"]
-    rec = {"pattern": pattern, "row": row, "seed": seed if row in LEARNED else None, "ppl": m["ppl"],
+    rec = {"domain": domain, "pattern": pattern, "row": row, "seed": seed if row in LEARNED else None, "ppl": m["ppl"],
            "ppl_dense": m["ppl_dense"], "prune_seconds": m["prune_seconds"], "kept_plan": m["kept_plan"],
            "train_steps": len(steps), "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": time.perf_counter() - t0,
-           "command": " ".join(["permsparse prune", MODEL, *flags])}
+           "command": " ".join(["permsparse prune", MODEL, *flags]).replace(tmp + "/", "")}
     print(json.dumps(rec), flush=True)
     return rec
 
 
 def add_gap(rows: list[dict]) -> None:
-    ceiling = next((r["ppl"] for r in rows if r["row"] == "unstructured50"), None)
     for r in rows:
-        wanda = next((w["ppl"] for w in rows if w["row"] == "wanda" and w["pattern"] == r["pattern"]), None)
+        same = [w for w in rows if w.get("domain", "wikipedia") == r.get("domain", "wikipedia")]
+        ceiling = next((w["ppl"] for w in same if w["row"] == "unstructured50"), None)
+        wanda = next((w["ppl"] for w in same if w["row"] == "wanda" and w["pattern"] == r["pattern"]), None)
         ok = r["row"] not in ("wanda", "unstructured50") and wanda and ceiling and wanda > ceiling
         r["gap_closed"] = round((wanda - r["ppl"]) / (wanda - ceiling), 4) if ok else None
 
@@ -79,17 +91,18 @@ def add_gap(rows: list[dict]) -> None:
 def summary(rows: list[dict]) -> str:
     """Mean and spread over seeds of each learned row, and the issue's targets read on them."""
     lines = ["\n## Learned rows over seeds\n"]
-    for pattern in sorted({r["pattern"] for r in rows}):
-        heur = next((r for r in rows if r["pattern"] == pattern and r["row"] == "heuristic"), None)
+    for domain, pattern in sorted({(r["domain"], r["pattern"]) for r in rows}):
+        mine = [r for r in rows if (r["domain"], r["pattern"]) == (domain, pattern)]
+        heur = next((r for r in mine if r["row"] == "heuristic"), None)
         for name in LEARNED:
-            runs = [r for r in rows if r["pattern"] == pattern and r["row"] == name and r["gap_closed"] is not None]
+            runs = [r for r in mine if r["row"] == name and r["gap_closed"] is not None]
             if not runs:
                 continue
             ppl = [r["ppl"] for r in runs]
             gap = statistics.mean(r["gap_closed"] for r in runs)
             spread = f" ± {statistics.stdev(ppl):.1f}" if len(ppl) > 1 else ""
             minutes = max(r["prune_seconds"] for r in runs) / 60
-            lines.append(f"- {pattern} `{runs[0]['command']}`: {len(runs)} run(s), ppl {statistics.mean(ppl):.1f}"
+            lines.append(f"- {domain}, {pattern}: `{runs[0]['command']}`: {len(runs)} run(s), ppl {statistics.mean(ppl):.1f}"
                          f"{spread} ({', '.join(f'{p:.1f}' for p in ppl)}), gap closed {100 * gap:.1f} % on "
                          f"average, slowest prune {minutes:.1f} min"
                          + (f"; heuristic {heur['ppl']:.1f} ({100 * heur['gap_closed']:.1f} %)" if heur else ""))
@@ -101,6 +114,8 @@ def main() -> None:
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the learned rows")
+    ap.add_argument("--domain", default="wikipedia", choices=("wikipedia", "python-docs"),
+                    help="the text: the embedded Wikipedia or the Python language reference (a second domain)")
     ap.add_argument("--out", default=str(HERE / "results"))
     opts = ap.parse_args()
     names = [r.strip() for r in opts.rows.split(",") if r.strip()]
@@ -115,22 +130,28 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     for name in names:
         for seed in (seeds if name in LEARNED else [None]):
-            new = run_row(name, opts.pattern, seed if seed is not None else 0)
-            rows = [r for r in rows if (r["pattern"], r["row"], r.get("seed")) != (new["pattern"], name, new["seed"])]
+            new = run_row(name, opts.pattern, seed if seed is not None else 0, opts.domain)
+            rows = [r for r in rows if _key(r) != _key(new)]
             rows.append(new)
             add_gap(rows)
-            rows.sort(key=lambda r: (r["pattern"], list(ROWS).index(r["row"]), r.get("seed") or 0))
+            rows.sort(key=lambda r: (r["domain"] != "wikipedia", r["domain"], r["pattern"], list(ROWS).index(r["row"]),
+                                     r.get("seed") or 0))
             # Written after every row: a stopped run keeps what it measured.
             atomic_write_json(path, {"rows": rows, "meta": meta})
             atomic_write_text(out / "defaults.md", render(rows, meta))
+
+
+def _key(r: dict) -> tuple:
+    return r["domain"], r["pattern"], r["row"], r.get("seed")
 
 
 def render(rows: list[dict], meta: dict) -> str:
     return ("# The default command\n\n"
             f"Command: `{meta['command']}` (rows from earlier invocations are kept)\n\n"
             "Each row is `permsparse prune smollm2-135m --pattern P` with the flags in `command`, run as a user "
-            "runs it: SmolLM2-135M-Instruct, the embedded Wikipedia, the CLI's held-out perplexity (last "
-            "32,768 tokens). The defaults: Wanda, G = 4, one permutation per layer, o_proj gathered, 128 "
+            "runs it: SmolLM2-135M-Instruct, the embedded Wikipedia (`domain` python-docs: the Python "
+            "language reference that CPython ships, `--calib FILE`), the CLI's held-out perplexity (the text's "
+            "last 32,768 tokens). The defaults: Wanda, G = 4, one permutation per layer, o_proj gathered, 128 "
             "calibration windows of 512 tokens, a 600 s training budget (3 epochs at most), reconstruction "
             "after the mask. gap_closed is measured against the Wanda and unstructured 50 % rows "
             "(both without reconstruction). prune_seconds: calibration, training, guard and "
