@@ -38,6 +38,7 @@ from scipy.optimize import linear_sum_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from settings import NO_BUDGET  # noqa: E402
 
 from permsparse.core.assignment import lsa_rows, solve_assignments  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -72,7 +73,7 @@ def record(out: Path, steps: int, window: int) -> None:
         save_file({k: v.detach().contiguous() for k, v in state.bank.costs.items()}, str(out / f"step{rec.step:03d}.safetensors"))
         print(f"step {rec.step}: moved {rec.changed:.1%}, {rec.seconds:.0f} s", flush=True)
 
-    learn = LearnConfig(batch_size=1, epochs=1.0, init="identity", snapshots=0, average=(), tail_average=None)
+    learn = LearnConfig(**NO_BUDGET, batch_size=1, epochs=1.0, init="identity", snapshots=0, average=(), tail_average=None)
     train_end_to_end(model, sites, scores, NMPattern.parse("2:4"), 4, calib, learn, progress=False, on_step=on_step)
 
 

@@ -42,8 +42,9 @@ ROWS = {
     "heuristic": ["--permutation", "heuristic"],
     "learned": [],
     "learned-sync": ["--sync"],
+    "learned-masked": ["--no-reconstruct"],
 }
-LEARNED = ("learned", "learned-sync")
+LEARNED = ("learned", "learned-sync", "learned-masked")
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
            "command"]
 

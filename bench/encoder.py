@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -143,7 +144,8 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
     batches = calib_batches(tokenizer, sents.calib, N_CALIB, int(learn["batch_size"]), seed)
     blockwise = learn.get("objective") == "blockwise"
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic" if blockwise else "learned",
-                      groups=groups, progress=progress, learn=LearnConfig(seed=seed, **learn))
+                      groups=groups, progress=progress, learn=LearnConfig(seed=seed, **{**NO_BUDGET, **learn}),
+                      **BEFORE_0_2)
     t0 = time.perf_counter()
     # float32 statistics: the Wanda and heuristic rows are what prune() without learning gives.
     run = plan_candidates(model, cfg, batches, bf16_calibration=False)
@@ -167,7 +169,7 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
                                    ("wanda-unstructured50", "unstructured50", "wanda")):
         if method in methods:
             rows.append(_prune_row(model, method, PruneConfig(pattern=pattern, score=score, permutation="none",
-                                                              groups=groups, progress=progress), batches, seed,
+                                                              groups=groups, progress=progress, **BEFORE_0_2), batches, seed,
                                    measure))
     for r in rows:
         r.update(split=split, n_calib=N_CALIB)

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 from memory import Probe  # noqa: E402
 from permsparse.api import prune  # noqa: E402
@@ -131,9 +132,10 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
     model = _model(shape, depth, device, window)
     init = "identity" if direct else init
     calib = torch.randint(3, shape["vocab_size"], (steps * batch, window), generator=torch.Generator().manual_seed(0))
-    learn = LearnConfig(batch_size=batch, epochs=1.0, guard_batches=1, snapshots=0, bf16=True, init=init,
+    learn = LearnConfig(**NO_BUDGET, batch_size=batch, epochs=1.0, guard_batches=1, snapshots=0, bf16=True, init=init,
                         activation_checkpointing=ckpt)
-    pc = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn, progress=False)
+    pc = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn, progress=False,
+                     **BEFORE_0_2)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()

@@ -36,6 +36,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+from settings import BEFORE_0_2  # noqa: E402
 
 from permsparse.core.pattern import parse_pattern  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     # `averaged`); the bench adds the mid-run candidates and the tails of several shares.
     learn = LearnConfig(epochs=3.0, time_budget=opts.train_seconds, average=tuple(opts.decays))
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn, progress=False,
-                      sync=False, heuristic_power=2.0)
+                      heuristic_power=2.0, **{**BEFORE_0_2, "sync": False})
     pattern = parse_pattern("2:4")
     sites = find_sites(model, sync=False)
     batches = make_batches(train, 4)

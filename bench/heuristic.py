@@ -22,6 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+from settings import BEFORE_0_2  # noqa: E402
 
 from permsparse.models.apply import heuristic_permutation, prune_site_  # noqa: E402
 from permsparse.core.pattern import parse_pattern  # noqa: E402
@@ -52,7 +53,8 @@ def main() -> None:
     rows = []
     for sync in (True, False):
         sites = find_sites(model, sync=sync)
-        stats, scores, _ = score_sites(model, sites, PruneConfig(groups=opts.groups, progress=False, sync=sync),
+        stats, scores, _ = score_sites(model, sites, PruneConfig(groups=opts.groups, progress=False,
+                                                                            **{**BEFORE_0_2, "sync": sync}),
                                        make_batches(windows.calib, 4), heuristic=False)
         for power in (None, 1.0, 2.0):  # None: no permutation
             t0 = time.perf_counter()

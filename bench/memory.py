@@ -34,6 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from settings import NO_BUDGET  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,7 +234,7 @@ def measure(shape: str, blocks: int, tokens: int, batch: int, ckpt: bool, device
     kw = dict(batch_size=batch, epochs=1.0, init="identity", teacher_cache_gb=0.0, snapshots=0)
     if ckpt:
         kw["activation_checkpointing"] = True
-    learn = LearnConfig(**kw)
+    learn = LearnConfig(**{**NO_BUDGET, **kw})
     probe = Probe(model, at_step=2)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

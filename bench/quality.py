@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from settings import BEFORE_0_2  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -64,8 +65,8 @@ def worker(args: argparse.Namespace) -> None:
         learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds,
                             tau_schedule=args.tau_schedule, **extra)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
-                          groups=args.groups, learn=learn, progress=False, sync=not args.independent,
-                          heuristic_power=args.heuristic_power)
+                          groups=args.groups, learn=learn, progress=False, heuristic_power=args.heuristic_power,
+                          **{**BEFORE_0_2, "sync": not args.independent})
         curve: list[dict] = []
         on_step = None
         if permutation == "learned" and args.curve_every:

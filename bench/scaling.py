@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,11 +46,11 @@ def _one(spec: dict) -> dict:
     model = transformers.LlamaForCausalLM(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
     calib = torch.randint(3, 512, (spec["n"], spec["window"]), generator=torch.Generator().manual_seed(0))
-    learn = LearnConfig(objective="e2e" if spec["objective"] == "e2e" else "blockwise", batch_size=spec["batch"],
+    learn = LearnConfig(**NO_BUDGET, objective="e2e" if spec["objective"] == "e2e" else "blockwise", batch_size=spec["batch"],
                         epochs=spec["steps"] * spec["batch"] / spec["n"], steps_per_block=spec["steps"],
                         bf16=False, guard_batches=1)
     pc = PruneConfig(permutation="learned", groups=4, learn=learn, progress=False,
-                     offload=spec["objective"] != "e2e")
+                     offload=spec["objective"] != "e2e", **BEFORE_0_2)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     res = prune(model, None, pc, calib)

@@ -32,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -71,9 +72,9 @@ def measure(steps: int, batch: int, window: int) -> dict:
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     windows = load_text_windows("wikipedia", tok, window, steps * batch, 0)
-    learn = LearnConfig(batch_size=batch, epochs=1.0, snapshots=0, guard_batches=1)
+    learn = LearnConfig(**NO_BUDGET, batch_size=batch, epochs=1.0, snapshots=0, guard_batches=1)
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn,
-                      progress=False, sync=False)
+                      progress=False, **{**BEFORE_0_2, "sync": False})
     t0 = time.perf_counter()
     timer = _Timer("cpu")
     res = prune(model, tok, cfg, windows.calib, on_step=timer)

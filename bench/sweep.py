@@ -48,6 +48,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))  # bench/settings.py, also when a test loads this file by path
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 from permsparse.api import CandidatePlans, Calibration, calibrate, plan_candidates  # noqa: E402
 from permsparse.config import LearnConfig, PruneConfig  # noqa: E402
@@ -94,14 +96,14 @@ GRIDS: dict[str, dict[str, list[tuple[str, dict]]]] = {
 
 #: The trainer settings of the base configuration, pinned: the library's defaults moved
 #: after this sweep (groups auto, 5 Sinkhorn iterations), the base it was run with did not.
-_BASE_LEARN = dict(epochs=1.0, init="heuristic", lr=0.02, tau_start=1.0, tau_end=0.05,
+_BASE_LEARN = dict(**NO_BUDGET, epochs=1.0, init="heuristic", lr=0.02, tau_start=1.0, tau_end=0.05,
                    tau_schedule="exponential", sinkhorn_iters=10, alpha=1.0)
 #: Per preset: the base configuration every axis varies (argument: windows per step).
 BASES: dict[str, Callable[[int], PruneConfig]] = {
     "full": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4,
-                                           progress=False, learn=LearnConfig(batch_size=batch_size, **_BASE_LEARN)),
+                                           progress=False, **BEFORE_0_2, learn=LearnConfig(batch_size=batch_size, **_BASE_LEARN)),
     "tiny": lambda batch_size: PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=2,
-                                           progress=False,
+                                           progress=False, **BEFORE_0_2,
                                            learn=LearnConfig(batch_size=batch_size, **{**_BASE_LEARN, "lr": 0.05})),
 }
 #: Row fields that identify a point's configuration.

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from settings import BEFORE_0_2, NO_BUDGET  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -54,7 +55,7 @@ def run_seed(model, processor, pattern: str, seed: int, split: str, progress: bo
     n_calib, batch_size, groups = (int(tuned.pop(k)) for k in ("n_calib", "batch_size", "groups"))
     data = load_image_data(f"digits:{split}", processor, model.config.image_size, n_calib, seed, progress=False)
     cfg = PruneConfig(pattern=pattern, score="wanda", permutation="learned", groups=groups, progress=progress,
-                      learn=LearnConfig(batch_size=batch_size, seed=seed, **tuned))
+                      learn=LearnConfig(batch_size=batch_size, seed=seed, **{**NO_BUDGET, **tuned}), **BEFORE_0_2)
     # float32 statistics: the wanda and heuristic rows are exactly what prune() gives without learning.
     run = plan_candidates(model, cfg, data.calib.batches(batch_size), bf16_calibration=False)
 

@@ -27,7 +27,7 @@ from tiny_llama_folder import embedded_words, one_thread_and_clean_env, save_tin
 WINDOW = ["--window", "32", "--eval-tokens", "256"]
 TRAINER_KNOBS = ("--lr", "--tau-start", "--tau-end", "--sinkhorn-iters", "--alpha", "--groups", "--objective",
                  "--init", "--epochs", "--batch-size", "--margin", "--tau-schedule", "--steps-per-block",
-                 "--no-bf16", "--seed", "--heuristic-power", "--independent", "--snapshots", "--average", "--tail-average",
+                 "--no-bf16", "--seed", "--heuristic-power", "--sync", "--snapshots", "--average", "--tail-average",
                  "--teacher-cache-gb", "--lr-end")
 
 
@@ -95,7 +95,8 @@ def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
 
     meta, sites, perms = read_plan(out)  # validates the plan
     assert meta["pattern"] == "2:4" and meta["score"] == "wanda"
-    assert len(sites) == 8 and set(perms) == {s.name for s in sites}  # 4 sites per LLaMA block
+    # The default: one site per layer (7 per LLaMA block); --sync shares one per input (4).
+    assert len(sites) == 14 and set(perms) == {s.name for s in sites}
     metrics = meta["metrics"]
     guard = metrics["guard"]
     # The three plans, the snapshots of the run (4 steps: taken at steps 1 and 2; the one at
@@ -407,9 +408,12 @@ def test_trainer_knobs_reach_the_config():
         _configs("--tail-average", "1.5")
     with pytest.raises(UsageError, match="--score"):
         _configs("--score", "best")
-    cfg, data, run = _configs("--independent", "--no-bf16", "--checkpoint", "c.st", "--groups", "auto", "--no-eval",
-                              "--n-calib", "7", "--resume")
-    assert (cfg.sync, cfg.learn.bf16, cfg.learn.checkpoint_path, cfg.groups) == (False, False, "c.st", "auto")
+    cfg, data, run = _configs("--sync", "--no-bf16", "--checkpoint", "c.st", "--groups", "auto", "--no-eval",
+                              "--n-calib", "7", "--resume", "--no-reconstruct", "--time-budget", "0")
+    assert (cfg.sync, cfg.learn.bf16, cfg.learn.checkpoint_path, cfg.groups) == (True, False, "c.st", "auto")
+    assert (cfg.reconstruct, cfg.learn.time_budget) == (False, None)
+    assert (_configs()[0].sync, _configs()[0].reconstruct) == (False, True)
+    assert _configs("--sync", "--independent")[0].sync is False  # the flag of earlier releases still parses
     assert (data.n_calib, run.no_eval, run.resume, run.out) == (7, True, True, "o")
 
 
@@ -468,7 +472,7 @@ def test_every_config_field_is_an_option_with_its_default(capsys, monkeypatch):
     # Every field has a flag, except the nested trainer and the progress bars (-q).
     every = {f.name for cls in (PruneConfig, LearnConfig) for f in fields(cls)}
     assert every - seen == {"learn", "progress"}
-    assert {"--checkpoint", "--independent", "--no-bf16", "--no-eval", "--n-calib"} <= {o.flag for *_, o, _ in
+    assert {"--checkpoint", "--sync", "--no-reconstruct", "--no-bf16", "--no-eval", "--n-calib"} <= {o.flag for *_, o, _ in
                                                                                      _config_options()}
 
 
@@ -481,18 +485,20 @@ def test_recipe_nested_schema_and_flag_names(tmp_path):
     from permsparse.config import PruneConfig
 
     recipe = tmp_path / "r.json"
-    nested = PruneConfig(pattern="4:8", sync=False).to_json()
+    nested = PruneConfig(pattern="4:8", sync=True).to_json()
     nested["learn"]["lr"] = 0.05
     nested["data"] = {"n_calib": 16}
     recipe.write_text(json.dumps(nested))
     got = load_recipe(recipe)
-    assert (got["pattern"], got["sync"], got["lr"], got["n_calib"], got["average"]) == ("4:8", False, 0.05, 16,
+    assert (got["pattern"], got["sync"], got["lr"], got["n_calib"], got["average"]) == ("4:8", True, 0.05, 16,
                                                                                          [0.8, 0.9])
-    recipe.write_text(json.dumps({"independent": True, "no-bf16": True, "groups": "auto", "average": "0.7",
-                                  "tail-average": "off", "checkpoint": "c"}))
+    recipe.write_text(json.dumps({"sync": True, "no-bf16": True, "groups": "auto", "average": "0.7",
+                                  "tail-average": "off", "checkpoint": "c", "no-reconstruct": True}))
     got = load_recipe(recipe)
-    assert got == {"sync": False, "bf16": False, "groups": "auto", "average": (0.7,), "tail_average": None,
+    assert got == {"sync": True, "bf16": False, "reconstruct": False, "groups": "auto", "average": (0.7,), "tail_average": None,
                    "checkpoint_path": "c"}
+    recipe.write_text(json.dumps({"independent": True}))  # a recipe of an earlier release
+    assert load_recipe(recipe) == {"sync": False}
     # A permsparse.json replays its recorded config, but not into the earlier run's checkpoint.
     plan = {"format_version": 1, "sites": [], "config": PruneConfig(learn={"checkpoint_path": "c", "lr": 0.1}).to_json()}
     recipe.write_text(json.dumps(plan))

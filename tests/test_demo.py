@@ -31,7 +31,7 @@ def test_demo_wiring_on_a_tiny_model(tiny, tmp_path, monkeypatch, one_thread):
     assert all(math.isfinite(r["ppl"]) for r in rows)
     assert rows[1]["seconds"] == rows[2]["seconds"] < rows[3]["seconds"]  # one shared calibration, then learning
     meta, sites, perms = read_plan(tmp_path / "demo")
-    assert len(sites) == 8 and set(perms) == {s.name for s in sites}
+    assert len(sites) == 14 and set(perms) == {s.name for s in sites}  # one site per layer, 7 per block
     assert (tmp_path / "demo" / "report.md").is_file()
     with pytest.raises(FileExistsError):
         demo.run_demo("tiny", out=tmp_path / "demo", progress=False)

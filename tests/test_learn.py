@@ -94,7 +94,10 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     t = tiny("llama")
     dense = copy.deepcopy(t.model)
     calib = _calib()
-    cfg = PruneConfig(permutation="learned", groups=2, learn=LearnConfig(**TINY_LEARN), progress=False)
+    # The plain mask, so that the applied model is exactly the kept plan the guard weighed
+    # (reconstruction after it: tests/test_reconstruct.py).
+    cfg = PruneConfig(permutation="learned", groups=2, learn=LearnConfig(**TINY_LEARN), progress=False,
+                      reconstruct=False)
     seen = []
     metrics = tmp_path / "steps.jsonl"
     res = prune(t.model, None, cfg, calib, metrics_path=metrics, on_step=lambda rec, state: seen.append(rec.step))

@@ -58,10 +58,13 @@ def test_fixed_mask_of_the_wrong_shape_is_refused():
         SparseGPT(_stats(x).H).prune(torch.randn(8, 16), "2:4", mask=torch.ones(8, 12, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("score", ["magnitude", "sparsegpt"])
-def test_reconstruct_needs_a_score_that_leaves_weights_to_refit(score):
-    with pytest.raises(ValueError, match="reconstruct"):
-        PruneConfig(score=score, reconstruct=True)
+@pytest.mark.parametrize("score, refits, hessian", [("wanda", True, True), ("ria", True, True),
+                                                    ("magnitude", False, False), ("sparsegpt", False, True)])
+def test_reconstruct_is_the_default_where_a_score_leaves_weights_to_refit(score, refits, hessian):
+    # SparseGPT refits by itself; magnitude prunes without data, so the default cannot need any.
+    cfg = PruneConfig(score=score)
+    assert cfg.reconstruct and (cfg.refits, cfg.needs_hessian) == (refits, hessian)
+    assert not PruneConfig(score=score, reconstruct=False).refits
 
 
 def test_reconstruct_prunes_to_the_same_masks_closer_to_each_dense_layer(tiny):

@@ -100,10 +100,11 @@ def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, model_dir, calib) -> Path:
-    """A 2:4 export whose every site has a non-identity (heuristic) permutation."""
+    """A 2:4 export whose every site has a non-identity (heuristic) permutation, with every way of
+    paying one: shared sites gathered at the norm, ``o_proj`` and ``down_proj`` folded."""
     out = tmp_path_factory.mktemp("export") / "run"
     assert main(prune_args(model_dir, calib, out, "--permutation", "heuristic", "--score", "wanda",
-                           "--groups", "1")) == 0
+                           "--groups", "1", "--sync", "--attn-out", "fold")) == 0
     return out
 
 

@@ -271,7 +271,7 @@ def test_blocks_spread_over_two_gloo_processes_match_one_process(tmp_path):
     _launch(f"test_scale._worker_spread({str(out)!r})")
     ref, ref_model = _run_spread()
     want = json.loads(json.dumps(_spread_json(ref)))  # the same float rounding as the workers' JSON
-    assert want["steps"] == 3 * 4 and len(want["perms"]) == 3 * 4
+    assert want["steps"] == 3 * 4 and len(want["perms"]) == 3 * 7  # one permutation per layer
     ref_state = ref_model.state_dict()
     for r in range(2):
         assert json.loads(Path(f"{out}.{r}").read_text()) == want, f"rank {r}"

@@ -126,6 +126,36 @@ def test_column_stats_merge_equals_single_accumulation():
     torch.testing.assert_close(c.sq_sum, whole.sq_sum)
 
 
+def test_column_stats_hessian_allocated_by_the_first_batch():
+    # A 7B model has ~220 of these d_in x d_in accumulators: none is allocated before data comes,
+    # and where the data lives decides where it accumulates (float32 on an accelerator).
+    stats = ColumnStats(6, hessian=True)
+    assert stats.xxt is None
+    torch.testing.assert_close(stats.H, torch.zeros(6, 6))  # no tokens yet: no curvature
+    stats.add_batch(torch.ones(2, 6))
+    assert stats.xxt.dtype == torch.float64 and stats.to_host() is stats and stats.xxt.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_column_stats_on_cuda_match_the_host():
+    x = _calibration(300, 32, 7)
+    host, dev = ColumnStats(32, hessian=True), ColumnStats(32, hessian=True)
+    for chunk in x.split(100):
+        host.add_batch(chunk)
+        dev.add_batch(chunk.cuda().half())
+    assert dev.xxt.is_cuda and dev.xxt.dtype == torch.float32
+    dev.to_host()
+    assert dev.xxt.device.type == "cpu"
+    torch.testing.assert_close(dev.H, _hessian_of_half(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dev.sq_sum, (x.half().double() ** 2).sum(0), rtol=1e-6, atol=1e-6)
+
+
+def _hessian_of_half(x: torch.Tensor) -> torch.Tensor:
+    xh = x.half().double()
+    return (2.0 / x.shape[0] * xh.T @ xh).float()
+
+
 def test_column_stats_errors():
     stats = ColumnStats(8)
     with pytest.raises(ValueError, match="input has 7 features, stats expect 8"):

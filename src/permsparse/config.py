@@ -256,8 +256,9 @@ class PruneConfig:
     # Beyond the paper: once the permutation and the mask are fixed, the kept weights are refitted to the
     # dense layer's output on the calibration inputs (SparseGPT's OBS update, mask fixed, permuted layout).
     reconstruct: bool = _opt(True, "after the masks are fixed, update each layer's kept weights to reproduce "
-                             "its dense output on the calibration inputs (OBS / least squares, as SparseGPT); "
-                             "--no-reconstruct: keep W * M", flag="no-reconstruct")
+                             "its dense output on the calibration inputs (OBS / least squares, as SparseGPT; the "
+                             "sparsegpt score refits by itself, magnitude prunes without data); --no-reconstruct: "
+                             "keep W * M", flag="no-reconstruct")
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -277,17 +278,20 @@ class PruneConfig:
         if self.spread_blocks and self.sequential:
             raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
                              "pruned blocks' outputs: choose one")
-        if self.reconstruct and self.score in ("magnitude", "sparsegpt"):
-            raise ValueError(f"reconstruct refits the kept weights on calibration statistics: score {self.score!r} "
-                             "either has none (magnitude) or already updates the weights (sparsegpt)")
         if self.spread_blocks and self.permutation == "learned" and self.learn.objective != "blockwise":
             raise ValueError("spread_blocks needs the block-wise objective (objective='blockwise'); the end-to-end "
                              "objective already shares its work over ranks by splitting batches")
 
     @property
+    def refits(self) -> bool:
+        """Whether the kept weights are refitted after the mask: ``reconstruct`` with a score that
+        neither refits by itself (SparseGPT) nor prunes without data (magnitude)."""
+        return self.reconstruct and self.score not in ("magnitude", "sparsegpt")
+
+    @property
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each layer's input Hessian (SparseGPT, reconstruction)."""
-        return self.score == "sparsegpt" or self.reconstruct
+        return self.score == "sparsegpt" or self.refits
 
     def to_json(self) -> dict:
         """The fields, ``learn`` nested: the schema of a recipe and of ``permsparse.json``'s ``config``."""

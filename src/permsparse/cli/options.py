@@ -55,12 +55,12 @@ class Option:
 
     @property
     def dest(self) -> str:
-        """The key of the flag in a recipe written as flags (``independent``, ``no_bf16``)."""
+        """The key of the flag in a recipe written as flags (``sync``, ``no_bf16``)."""
         return self.flag[2:].replace("-", "_") if self.flag else self.name
 
     @property
     def inverted(self) -> bool:
-        """A flag that switches a field that defaults to True off (``--independent`` sets sync False)."""
+        """A flag that switches a field that defaults to True off (``--no-reconstruct`` sets reconstruct False)."""
         return self.parse is None and self.default is True
 
 
@@ -165,6 +165,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(opt.flag, dest=opt.name, type=opt.parse, choices=opt.choices,
                                metavar=None if opt.choices else opt.dest.upper(), default=argparse.SUPPRESS,
                                help=help_text(opt))
+    # Earlier releases shared sites by default and took --independent for one permutation per
+    # layer, now the default: old commands keep working.
+    parser.add_argument("--independent", dest="sync", action="store_false", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def given_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -123,7 +123,9 @@ def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"pattern must be text such as \"2:4\", got {value!r} (in YAML, quote it: '2:4')")
         elif name in opts:
             out[name] = _value(opts[name], value)
-        elif name in by_dest:  # a flag's name: --independent, --no-bf16, --checkpoint
+        elif name == "independent":  # the flag of earlier releases, when shared sites were the default
+            out["sync"] = not value
+        elif name in by_dest:  # a flag's name: --sync, --no-bf16, --checkpoint
             opt = by_dest[name]
             out[opt.name] = (not value) if opt.inverted else _value(opt, value)
         else:

@@ -36,7 +36,11 @@ class ColumnStats:
     """Accumulates per-input-channel statistics of a linear layer's input, batch by batch.
 
     ``sq_sum[j] = Σ_t x_tj²`` (Wanda, RIA) and, when ``hessian=True``, ``H = 2/n Σ_t x_t x_tᵀ``
-    (SparseGPT). Accumulated in float64 so long calibration runs do not lose precision.
+    (SparseGPT, reconstruction). ``sq_sum`` is accumulated in float64 on the host. Inputs on the
+    host accumulate ``X Xᵀ`` in float64 there too; inputs on an accelerator accumulate it in
+    float32 where they are (as SparseGPT does), because a 7B model's Hessians are ~10^15
+    multiply-adds per calibration pass: minutes on a GPU, most of an hour on host cores.
+    :meth:`to_host` moves it to the host once calibration is done.
     """
 
     d_in: int
@@ -47,32 +51,47 @@ class ColumnStats:
 
     def __post_init__(self) -> None:
         self.sq_sum = torch.zeros(self.d_in, dtype=torch.float64)
-        if self.hessian:
-            self.xxt = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
+        # ``xxt`` is allocated by the first batch, where that batch lives (see add_batch).
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` of shape ``(..., d_in)``."""
         if x.shape[-1] != self.d_in:
             raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
-        x = x.detach().reshape(-1, self.d_in).to("cpu", torch.float64)  # (T, d_in)
+        x = x.detach().reshape(-1, self.d_in)  # (T, d_in)
         self.n_tokens += x.shape[0]
-        self.sq_sum += (x * x).sum(0)
-        if self.xxt is not None:
-            self.xxt += x.T @ x
+        if x.device.type == "cpu":
+            x = x.to(torch.float64)
+            self.sq_sum += (x * x).sum(0)
+        else:
+            x = x.float()
+            self.sq_sum += (x * x).sum(0, dtype=torch.float64).cpu()
+        if self.hessian:
+            if self.xxt is None:
+                self.xxt = torch.zeros(self.d_in, self.d_in, dtype=x.dtype, device=x.device)
+            self.xxt.addmm_(x.T.to(self.xxt), x.to(self.xxt))
+
+    def to_host(self) -> "ColumnStats":
+        """Move the Hessian accumulator to the host (keeping its dtype); returns ``self``."""
+        if self.xxt is not None and self.xxt.device.type != "cpu":
+            self.xxt = self.xxt.cpu()
+        return self
 
     def merge(self, other: "ColumnStats") -> None:
         """Add another accumulator's statistics (for sharded calibration)."""
         if other.d_in != self.d_in:
             raise ValueError(f"cannot merge statistics of {other.d_in} input channels into {self.d_in}")
-        if self.xxt is not None and other.xxt is None:
+        if self.hessian and not other.hessian:
             raise ValueError(
                 "cannot merge statistics collected without the Hessian (hessian=False) into ones "
                 "with it: the merged Hessian would miss those tokens"
             )
         self.n_tokens += other.n_tokens
         self.sq_sum += other.sq_sum
-        if self.xxt is not None and other.xxt is not None:
-            self.xxt += other.xxt
+        if self.hessian and other.xxt is not None:
+            if self.xxt is None:
+                self.xxt = other.xxt.clone()
+            else:
+                self.xxt += other.xxt.to(self.xxt)
 
     @property
     def col_norm(self) -> torch.Tensor:
@@ -82,8 +101,10 @@ class ColumnStats:
     @property
     def H(self) -> torch.Tensor:
         """SparseGPT's Hessian ``2/n X Xᵀ`` (float32)."""
-        if self.xxt is None:
+        if not self.hessian:
             raise ValueError("these statistics were collected without the Hessian (hessian=False)")
+        if self.xxt is None:  # no batch yet
+            return torch.zeros(self.d_in, self.d_in)
         return (2.0 / max(self.n_tokens, 1) * self.xxt).float()
 
 

@@ -100,7 +100,7 @@ def heuristic_permutation(
 
 def _hessian(stats: Mapping[str, ColumnStats] | None, name: str) -> torch.Tensor:
     st = stats.get(name) if stats is not None else None
-    if st is None or st.xxt is None:
+    if st is None or not st.hessian:
         raise ValueError(f"{name}: SparseGPT and reconstruction need the Hessian (calibrate with hessian=True)")
     return st.H
 

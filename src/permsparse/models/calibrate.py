@@ -74,6 +74,9 @@ class stat_hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        # Hessians accumulated on an accelerator wait on the host until each layer is refitted.
+        for st in self.stats.values():
+            st.to_host()
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
         chosen, rec = _learn_block(block, name, sites, scores, heur, pattern, cfg, inputs)
     rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
     rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
-                                         [scores[c] for c in s.consumers], cfg.reconstruct))
+                                         [scores[c] for c in s.consumers], cfg.refits))
                       for s in sites]
     return rec
 

@@ -146,7 +146,7 @@ class Calibration:
         pattern = parse_pattern(self.cfg.pattern)
         perms = perms or {}
         return [prune_site_(model, s, pattern, self.cfg.score, self.stats, perms.get(s.name),
-                            [self.scores[c] for c in s.consumers], self.cfg.reconstruct) for s in self.sites]
+                            [self.scores[c] for c in s.consumers], self.cfg.refits) for s in self.sites]
 
     def check_fits(self, cfg: PruneConfig) -> PruneConfig:
         """``cfg`` resolved for these sites; raises if it needs another calibration (only

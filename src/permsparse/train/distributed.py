@@ -142,7 +142,9 @@ def all_reduce_stats_(stats: Mapping) -> None:
     for name in sorted(stats):
         st = stats[name]
         _all_reduce_(st.sq_sum)
-        if st.xxt is not None:
+        if st.hessian:
+            if st.xxt is None:  # this rank's shard had no tokens
+                st.xxt = torch.zeros(st.d_in, st.d_in, dtype=torch.float64)
             _all_reduce_(st.xxt)
         n = torch.tensor([st.n_tokens], dtype=torch.float64)
         _all_reduce_(n)
