@@ -2,6 +2,7 @@
 
     python bench/encoder.py                          # the table (about 10 minutes on 2 CPU cores)
     python bench/encoder.py --split val --seeds 0    # the same on the validation sentences (for tuning)
+    python bench/encoder.py --defaults               # the same with the library's defaults (encoder_defaults.md)
 
 Sentences come from the embedded Wikipedia text: every article is split into sentences; those
 of every tenth article (articles 9, 19, ...) are the **test** pool, of the articles before
@@ -133,9 +134,11 @@ def fidelity(emb: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
 
 
 def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: torch.Tensor, learn: dict,
-             groups: int, progress: bool, methods: tuple[str, ...] = ()) -> list[dict]:
+             groups: int, progress: bool, methods: tuple[str, ...] = (), defaults: bool = False) -> list[dict]:
     """The ``methods`` (default: all) of one seed; one calibration and learned run serve the
-    first three (with ``objective=blockwise`` the learned row is ``prune``'s block-by-block walk)."""
+    first three (with ``objective=blockwise`` the learned row is ``prune``'s block-by-block walk).
+    ``defaults``: those three with the library's site, reconstruction and budget defaults instead
+    of the settings this table was first measured with (the references stay as they are)."""
     from permsparse.api import plan_candidates
     from permsparse.config import LearnConfig, PruneConfig
 
@@ -144,8 +147,9 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
     batches = calib_batches(tokenizer, sents.calib, N_CALIB, int(learn["batch_size"]), seed)
     blockwise = learn.get("objective") == "blockwise"
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic" if blockwise else "learned",
-                      groups=groups, progress=progress, learn=LearnConfig(seed=seed, **{**NO_BUDGET, **learn}),
-                      **BEFORE_0_2)
+                      groups=groups, progress=progress,
+                      learn=LearnConfig(seed=seed, **{**({} if defaults else NO_BUDGET), **learn}),
+                      **({} if defaults else BEFORE_0_2))
     t0 = time.perf_counter()
     # float32 statistics: the Wanda and heuristic rows are what prune() without learning gives.
     run = plan_candidates(model, cfg, batches, bf16_calibration=False)
@@ -260,7 +264,8 @@ def render(result: dict) -> str:
         f"sentences of the embedded Wikipedia text (mean-pooled sentence embeddings): `cosine` = mean cosine "
         f"to the dense embedding, `nn_agree` = share of sentences whose nearest held-out neighbour is the "
         f"dense model's. Seeds {m['seeds']} (calibration draw and trainer); std is the sample std. Learned "
-        f"settings (chosen on the validation sentences, `encoder_val.md`): `{m['learn']}`.\n\n",
+        f"settings (chosen on the validation sentences, `encoder_val.md`): `{m['learn']}`. Wanda, heuristic "
+        f"and learned rows: {m.get('settings', 'shared sites, o_proj folded, the plain mask W * M')}.\n\n",
         markdown_table(result["rows"], cols, floatfmt=".4f"),
         "\nTarget: learned above the heuristic (and Wanda) by more than the seed spread (margin = difference "
         "of means, spread = the larger std of the two):\n\n",
@@ -352,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one learned run per value of "
                     "this trainer setting (each over LEARN and --learn), the rest as they are; K1=V1+K2=V2: one "
                     "run with both; repeatable")
+    ap.add_argument("--defaults", action="store_true", help="the library's defaults for the Wanda, heuristic and "
+                    "learned rows (one permutation per layer, reconstruction, 600 s budget); writes "
+                    "encoder_defaults.{json,md}")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown of --out from its JSON")
     args = ap.parse_args(argv)
@@ -360,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     from permsparse.data.assets import embedded_bert_path
     from permsparse.models.loading import load_model
 
-    out = Path(args.out or RESULTS / ("encoder.json" if args.split == "test" else "encoder_val.json"))
+    name = "encoder_defaults.json" if args.defaults else "encoder.json" if args.split == "test" else "encoder_val.json"
+    out = Path(args.out or RESULTS / name)
     if args.render:
         import json
 
@@ -383,12 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python bench/encoder.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
             "split": args.split, "n_held": len(held), "n_calib": N_CALIB, "seeds": args.seeds, "learn": learn,
-            "groups": args.groups, "score": "wanda", "pattern": "2:4", "pools": {"calib": len(sents.calib)}}
+            "groups": args.groups, "score": "wanda", "pattern": "2:4", "pools": {"calib": len(sents.calib)},
+            "settings": ("the library's defaults (reconstruction after the mask, one permutation per layer)"
+                         if args.defaults else "shared sites, o_proj folded, the plain mask W * M")}
     runs: list[dict] = []
     for name, learn_s in settings or [("", learn)]:
         for seed in args.seeds:
             for r in run_seed(model, tokenizer, sents, args.split, seed, dense, learn_s, args.groups, args.progress,
-                              methods if not settings else METHODS[:3]):
+                              methods if not settings else METHODS[:3], args.defaults):
                 runs.append({**r, "setting": name} if settings else r)
             # What is done so far, after every seed (a long sweep that is stopped keeps its runs).
             text = _write(out, {**meta, "seconds": time.perf_counter() - t0}, runs, settings)

@@ -2,6 +2,12 @@
 
     python bench/reconstruct.py                     # about 16 minutes on 2 idle CPU cores
     python bench/reconstruct.py --pattern 4:8
+    python bench/reconstruct.py --plan runs/s0 [runs/s1 ...]   # plans of earlier runs, 3 min each
+
+``--plan``: the learned plans of ``permsparse prune smollm2-135m --seed S --out runs/sS`` runs
+(the default command), each replayed on the dense model with the run's own calibration (its
+seed's windows, the bf16 pass of a learned run) with and without the refit: the same plan and
+masks, so the difference is the reconstruction's alone. Rows go to ``reconstruct_plans.{json,md}``.
 
 SmolLM2-135M-Instruct with the library's defaults, as ``permsparse prune smollm2-135m`` runs
 them (Wanda, G = 4, one permutation per layer, 128 calibration windows of 512 tokens, a 600 s
@@ -16,6 +22,7 @@ rewritten from all of them.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -35,10 +42,26 @@ from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from permsparse.models.loading import load_model  # noqa: E402
+from permsparse.train.loop import make_batches  # noqa: E402
 from permsparse.report import markdown_table  # noqa: E402
 
 COLUMNS = ["pattern", "seed", "plan", "ppl_masked", "ppl_reconstructed", "guard_kept", "steps", "learn_seconds",
            "refit_seconds"]
+
+
+def masked_and_refitted(calibration, dense, perms: dict, eval_windows) -> dict:
+    """Perplexity of a copy of ``dense`` pruned with ``perms`` by ``calibration``, with the plain
+    mask and with the refit (the calibration must hold the Hessians)."""
+    out = {}
+    for recon in (False, True):
+        calibration.cfg = dataclasses.replace(calibration.cfg, reconstruct=recon)
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        calibration.apply_(model, perms)
+        if recon:
+            out["refit_seconds"] = round(time.perf_counter() - t0, 1)
+        out["ppl_reconstructed" if recon else "ppl_masked"] = round(perplexity(model, eval_windows, progress=False), 2)
+    return out
 
 
 def measure(pattern: str, seed: int) -> list[dict]:
@@ -54,15 +77,33 @@ def measure(pattern: str, seed: int) -> list[dict]:
     for plan in ("none", "heuristic", "learned"):
         row = {"pattern": pattern, "seed": seed, "plan": plan, "guard_kept": plans.kept, "steps": len(plans.history),
                "learn_seconds": round(learn_seconds)}
-        for recon in (False, True):
-            plans.calibration.cfg = dataclasses.replace(plans.calibration.cfg, reconstruct=recon)
-            t1 = time.perf_counter()
-            model, _ = plans.pruned(dense, plan)
-            if recon:
-                row["refit_seconds"] = round(time.perf_counter() - t1, 1)
-            row["ppl_reconstructed" if recon else "ppl_masked"] = round(perplexity(model, windows.eval,
-                                                                                   progress=False), 2)
-            del model
+        row.update(masked_and_refitted(plans.calibration, dense, plans.plans[plan], windows.eval))
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def replay(plan_dirs: list[str]) -> list[dict]:
+    """Each saved run's plan applied to the dense model, with the plain mask and with the refit."""
+    from permsparse.io.plan import read_plan
+    from permsparse.pipeline.calibration import calibrate
+
+    dense, tok = load_model("smollm2-135m")
+    rows = []
+    for d in plan_dirs:
+        meta, sites, perms = read_plan(d)
+        cfg = PruneConfig.from_json(meta["config"])
+        data = DataConfig(**{k: v for k, v in meta["config"].get("data", {}).items() if k in ("n_calib", "window",
+                                                                                                "eval_tokens")})
+        windows = load_text_windows("wikipedia", tok, data.window, data.n_calib, cfg.learn.seed,
+                                    eval_tokens=data.eval_tokens)
+        # As the run calibrated: a learned run's pass is under bf16 autocast (api.plan_candidates).
+        calibration = calibrate(dense, dataclasses.replace(cfg, reconstruct=True), make_batches(windows.calib,
+                                cfg.learn.batch_size), sites=sites, heuristic=False,
+                                bf16=cfg.permutation == "learned" and cfg.learn.bf16)
+        row = {"pattern": cfg.pattern, "seed": cfg.learn.seed, "plan": meta["metrics"].get("kept_plan"),
+               "sites": "synchronised" if cfg.sync else "independent", "ppl_run": round(meta["metrics"]["ppl"], 2)}
+        row.update(masked_and_refitted(calibration, dense, perms, windows.eval))
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -72,9 +113,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plan", nargs="+", help="run folders (permsparse.json) whose plans to replay")
     ap.add_argument("--out", default=str(HERE / "results"))
     opts = ap.parse_args()
     out = Path(opts.out)
+    if opts.plan:
+        rows = replay(opts.plan)
+        meta = {"command": "python bench/reconstruct.py --plan " + " ".join(opts.plan),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+        atomic_write_json(out / "reconstruct_plans.json", {"rows": rows, "meta": meta})
+        atomic_write_text(out / "reconstruct_plans.md", (
+            "# Reconstruction on the default command's plans\n\n"
+            f"Command: `{meta['command']}` (the folders: `permsparse prune smollm2-135m --seed S --out DIR`)\n\n"
+            "Each run's plan (the permutations the guard kept) applied to the dense SmolLM2 again, calibrated as "
+            "the run was (its seed's 128 windows, the bf16 pass), with the plain mask (`ppl_masked`) and with the "
+            "refit (`ppl_reconstructed`, the default); `ppl_run`: what the run itself reported. Held-out "
+            f"perplexity on the embedded Wikipedia's last 32,768 tokens. Machine: {meta['machine']}. "
+            f"{meta['date']}.\n\n"
+            + markdown_table(rows, ["pattern", "sites", "seed", "plan", "ppl_masked", "ppl_reconstructed",
+                                    "ppl_run"])))
+        return
     path = out / "reconstruct.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     rows = measure(opts.pattern, opts.seed)
