@@ -157,6 +157,7 @@ def render(rows: list[dict], meta: dict) -> str:
             "after the mask. gap_closed is measured against the Wanda and unstructured 50 % rows "
             "(both without reconstruction). prune_seconds: calibration, training, guard and "
             f"reconstruction (the evaluations excluded). Machine: {meta['machine']}. {meta['date']}.\n\n"
+            + (f"{meta['note']}\n\n" if meta.get("note") else "")
             + markdown_table(rows, COLUMNS) + summary(rows))
 
 

@@ -82,6 +82,7 @@ def main() -> None:
         "held-out perplexity on the embedded Wikipedia's last 32,768 tokens. `o_proj`: its permutation folded "
         "into `v_proj` (one per head, tied across a KV group) or gathered (any). gap_closed against Wanda "
         f"{refs['wanda']:.1f} and unstructured 50 % {refs['unstructured50']:.1f} (both without reconstruction). "
+        "`seconds`: the prune's wall time, on a machine that may be running other work. "
         f"Machine: {meta['machine']}. {meta['date']}.\n\n" + markdown_table(rows, COLUMNS)))
 
 

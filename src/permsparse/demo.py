@@ -60,6 +60,7 @@ def run_demo(preset: str = "quick", out: "str | Path | None" = None, overwrite: 
     ):
         model, result = run.pruned(dense, plan)
         result.seconds = seconds
+        note += "; kept weights refitted" if cfg.refits else ""  # reconstruction, the default
         rows.append({"method": method, "pattern": pattern, "ppl": perplexity(model, windows.eval, progress=progress),
                      "seconds": seconds, "note": note})
         log.info("%s: ppl %.2f", method, rows[-1]["ppl"])
