@@ -151,6 +151,11 @@ def help_text(opt: Option) -> str:
     return f"{opt.help} [{shown}]".replace("%", "%%")
 
 
+#: Flags of earlier releases -> the field and the value they set. ``--independent`` asked for one
+#: permutation per layer when shared sites were the default; it is the default now.
+RETIRED_FLAGS: dict[str, tuple[str, Any]] = {"independent": ("sync", False)}
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """One option per config field with a flag, in one argument group per section."""
     by_section = {section: parser.add_argument_group(title) for section, _, title in SECTIONS}
@@ -165,10 +170,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(opt.flag, dest=opt.name, type=opt.parse, choices=opt.choices,
                                metavar=None if opt.choices else opt.dest.upper(), default=argparse.SUPPRESS,
                                help=help_text(opt))
-    # Earlier releases shared sites by default and took --independent for one permutation per
-    # layer, now the default: old commands keep working.
-    parser.add_argument("--independent", dest="sync", action="store_false", default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)
+    for flag, (name, value) in RETIRED_FLAGS.items():  # hidden: old commands keep working
+        parser.add_argument(f"--{flag}", dest=name, action="store_const", const=value, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
 
 
 def given_values(args: argparse.Namespace) -> dict[str, Any]:

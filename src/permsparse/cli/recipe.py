@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from permsparse.cli.options import Option, UsageError, options
+from permsparse.cli.options import RETIRED_FLAGS, Option, UsageError, options
 
 __all__ = ["load_recipe", "flatten"]
 
@@ -123,8 +123,9 @@ def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"pattern must be text such as \"2:4\", got {value!r} (in YAML, quote it: '2:4')")
         elif name in opts:
             out[name] = _value(opts[name], value)
-        elif name == "independent":  # the flag of earlier releases, when shared sites were the default
-            out["sync"] = not value
+        elif name in RETIRED_FLAGS:  # a flag of earlier releases; ``false`` sets the other value
+            field, set_to = RETIRED_FLAGS[name]
+            out[field] = set_to if value else not set_to
         elif name in by_dest:  # a flag's name: --sync, --no-bf16, --checkpoint
             opt = by_dest[name]
             out[opt.name] = (not value) if opt.inverted else _value(opt, value)

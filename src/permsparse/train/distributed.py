@@ -143,8 +143,8 @@ def all_reduce_stats_(stats: Mapping) -> None:
         st = stats[name]
         _all_reduce_(st.sq_sum)
         if st.hessian:
-            if st.xxt is None:  # this rank's shard had no tokens
-                st.xxt = torch.zeros(st.d_in, st.d_in, dtype=torch.float64)
+            # One dtype on every rank (a shard without tokens has no accumulator; one from a GPU is float32).
+            st.xxt = torch.zeros(st.d_in, st.d_in, dtype=torch.float64) if st.xxt is None else st.xxt.double()
             _all_reduce_(st.xxt)
         n = torch.tensor([st.n_tokens], dtype=torch.float64)
         _all_reduce_(n)
