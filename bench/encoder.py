@@ -134,10 +134,13 @@ def fidelity(emb: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
 
 
 def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: torch.Tensor, learn: dict,
-             groups: int, progress: bool, methods: tuple[str, ...] = (), defaults: bool = False) -> list[dict]:
-    """The ``methods`` (default: all) of one seed; one calibration and learned run serve the
-    first three (with ``objective=blockwise`` the learned row is ``prune``'s block-by-block walk).
-    ``defaults``: those three with the library's site, reconstruction and budget defaults instead
+             groups: int, progress: bool, methods: tuple[str, ...] = (), defaults: bool = False,
+             scores: tuple[str, ...] = ("wanda",)) -> list[dict]:
+    """The ``methods`` (default: all) of one seed; per score in ``scores``, one calibration and
+    learned run serve its plain, heuristic and learned rows (``sparsegpt``: SparseGPT's mask in
+    the permuted layout; its plain row is the ``sparsegpt`` reference; with
+    ``objective=blockwise`` the learned row is ``prune``'s block-by-block walk).
+    ``defaults``: those rows with the library's site, reconstruction and budget defaults instead
     of the settings this table was first measured with (the references stay as they are)."""
     from permsparse.api import plan_candidates
     from permsparse.config import LearnConfig, PruneConfig
@@ -146,29 +149,33 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
     held = sents.test if split == "test" else sents.val
     batches = calib_batches(tokenizer, sents.calib, N_CALIB, int(learn["batch_size"]), seed)
     blockwise = learn.get("objective") == "blockwise"
-    cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic" if blockwise else "learned",
-                      groups=groups, progress=progress,
-                      learn=LearnConfig(seed=seed, **{**({} if defaults else NO_BUDGET), **learn}),
-                      **({} if defaults else BEFORE_0_2))
     t0 = time.perf_counter()
-    # float32 statistics: the Wanda and heuristic rows are what prune() without learning gives.
-    run = plan_candidates(model, cfg, batches, bf16_calibration=False)
-    calib_s = run.calibration.seconds
 
     def measure(pruned) -> dict[str, float]:
         return fidelity(embed(pruned, tokenizer, held), dense)
 
     rows = []
-    for method, plan in (("wanda", "none"), ("wanda+heuristic", "heuristic")):
-        rows.append({"method": method, "seed": seed, **measure(run.pruned(model, plan)[0]), "prune_seconds": calib_s})
-    if blockwise:
-        rows.append(_blockwise_row(model, replace(cfg, permutation="learned"), batches, seed, measure))
-    else:
-        unguarded = measure(run.pruned(model, "learned")[0])
-        rows.append({"method": "wanda+learned", "seed": seed, **measure(run.pruned(model, run.kept)[0]),
-                     "prune_seconds": calib_s + run.learn_seconds, "kept_plan": run.kept,
-                     "train_steps": len(run.history), "cosine_unguarded": unguarded["cosine"],
-                     "nn_agree_unguarded": unguarded["nn_agree"], **{f"guard_{k}": v for k, v in run.guard.items()}})
+    for score in scores:
+        cfg = PruneConfig(pattern="2:4", score=score, permutation="heuristic" if blockwise else "learned",
+                          groups=groups, progress=progress,
+                          learn=LearnConfig(seed=seed, **{**({} if defaults else NO_BUDGET), **learn}),
+                          **({} if defaults else BEFORE_0_2))
+        # float32 statistics: the plain and heuristic rows are what prune() without learning gives.
+        run = plan_candidates(model, cfg, batches, bf16_calibration=False)
+        calib_s = run.calibration.seconds
+        for method, plan in (((score, "none"),) if score == "wanda" else ()) + ((f"{score}+heuristic", "heuristic"),):
+            rows.append({"method": method, "seed": seed, **measure(run.pruned(model, plan)[0]),
+                         "prune_seconds": calib_s})
+        if blockwise:
+            rows.append(_blockwise_row(model, replace(cfg, permutation="learned"), batches, seed, measure,
+                                       f"{score}+learned"))
+        else:
+            unguarded = measure(run.pruned(model, "learned")[0])
+            rows.append({"method": f"{score}+learned", "seed": seed, **measure(run.pruned(model, run.kept)[0]),
+                         "prune_seconds": calib_s + run.learn_seconds, "kept_plan": run.kept,
+                         "train_steps": len(run.history), "cosine_unguarded": unguarded["cosine"],
+                         "nn_agree_unguarded": unguarded["nn_agree"],
+                         **{f"guard_{k}": v for k, v in run.guard.items()}})
     for method, pattern, score in (("sparsegpt", "2:4", "sparsegpt"),
                                    ("wanda-unstructured50", "unstructured50", "wanda")):
         if method in methods:
@@ -194,10 +201,10 @@ def _prune_row(model, method: str, cfg, batches: list[dict], seed: int, measure,
     return {"method": method, "seed": seed, **measure(pruned), "prune_seconds": time.perf_counter() - t0}
 
 
-def _blockwise_row(model, cfg, batches: list[dict], seed: int, measure) -> dict:
+def _blockwise_row(model, cfg, batches: list[dict], seed: int, measure, method: str = "wanda+learned") -> dict:
     """The learned row of the block-wise objective (``prune``'s walk, each block's guard)."""
     out: list = []
-    row = _prune_row(model, "wanda+learned", cfg, batches, seed, measure, out)
+    row = _prune_row(model, method, cfg, batches, seed, measure, out)
     res = out[0]
     row.update(kept_plan=res.kept_plan, train_steps=len(res.history), cosine_unguarded=float("nan"),
                nn_agree_unguarded=float("nan"))
@@ -211,12 +218,14 @@ def _copy(model):
 
 
 METHODS = ("wanda", "wanda+heuristic", "wanda+learned", "sparsegpt", "wanda-unstructured50")
+#: the rows of ``--scores sparsegpt``: SparseGPT's mask (and update) in the permuted layout
+SPARSEGPT_PLANS = ("sparsegpt+heuristic", "sparsegpt+learned")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
     """One flat record per method: mean, sample std, min, max over seeds."""
     rows = []
-    for method in METHODS:
+    for method in METHODS + SPARSEGPT_PLANS:
         sel = [r for r in runs if r["method"] == method]
         if not sel:
             continue
@@ -227,7 +236,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                         f"{key}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                         f"{key}_min": min(vals), f"{key}_max": max(vals)})
         row["prune_seconds_mean"] = statistics.fmean(r["prune_seconds"] for r in sel)
-        if method == "wanda+learned":
+        if method.endswith("+learned"):
             row["kept_plans"] = ",".join(r["kept_plan"] for r in sel)
             row["cosine_unguarded_mean"] = statistics.fmean(r["cosine_unguarded"] for r in sel)
         rows.append(row)
@@ -239,15 +248,18 @@ def targets(rows: list[dict]) -> list[dict]:
     difference of means, spread = the larger sample std of the two."""
     by = {r["method"]: r for r in rows}
     out = []
-    if "wanda+learned" not in by:
-        return out
-    for key in ("cosine", "nn_agree"):
-        for base in ("wanda+heuristic", "wanda"):
-            if base not in by:
-                continue
-            margin = by["wanda+learned"][f"{key}_mean"] - by[base][f"{key}_mean"]
-            spread = max(by["wanda+learned"][f"{key}_std"], by[base][f"{key}_std"])
-            out.append({"metric": key, "vs": base, "margin": margin, "spread": spread, "met": margin > spread})
+    for score in ("wanda", "sparsegpt"):
+        learned = by.get(f"{score}+learned")
+        if learned is None:
+            continue
+        for key in ("cosine", "nn_agree"):
+            for base in (f"{score}+heuristic", score):
+                if base not in by:
+                    continue
+                margin = learned[f"{key}_mean"] - by[base][f"{key}_mean"]
+                spread = max(learned[f"{key}_std"], by[base][f"{key}_std"])
+                out.append({"learned": learned["method"], "metric": key, "vs": base, "margin": margin,
+                            "spread": spread, "met": margin > spread})
     return out
 
 
@@ -259,7 +271,8 @@ def render(result: dict) -> str:
             "nn_agree_std", "prune_seconds_mean", "kept_plans"]
     lines = [
         "# Encoder: the embedded MiniLM (all-MiniLM-L6-v2) pruned 2:4\n\n",
-        f"`{m['command']}` on {m['machine']}, {m['seconds']:.0f} s in all. Score Wanda, G = {m['groups']}; "
+        f"`{m['command']}` on {m['machine']}, {m['seconds']:.0f} s in all. Score Wanda (`sparsegpt+*` rows: SparseGPT's mask chosen and the kept weights updated "
+        f"in the permuted layout), G = {m['groups']}; "
         f"{m['n_calib']} calibration sentences per seed; fidelity on {m['n_held']} held-out **{m['split']}** "
         f"sentences of the embedded Wikipedia text (mean-pooled sentence embeddings): `cosine` = mean cosine "
         f"to the dense embedding, `nn_agree` = share of sentences whose nearest held-out neighbour is the "
@@ -360,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--defaults", action="store_true", help="the library's defaults for the Wanda, heuristic and "
                     "learned rows (one permutation per layer, reconstruction, 600 s budget); writes "
                     "encoder_defaults.{json,md}")
+    ap.add_argument("--scores", default="wanda", help="comma-separated scores of the plain, heuristic and learned "
+                    "rows: wanda, sparsegpt (SparseGPT's mask in the permuted layout)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown of --out from its JSON")
     args = ap.parse_args(argv)
@@ -392,14 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python bench/encoder.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
             "split": args.split, "n_held": len(held), "n_calib": N_CALIB, "seeds": args.seeds, "learn": learn,
-            "groups": args.groups, "score": "wanda", "pattern": "2:4", "pools": {"calib": len(sents.calib)},
+            "groups": args.groups, "score": args.scores, "pattern": "2:4", "pools": {"calib": len(sents.calib)},
             "settings": ("the library's defaults (reconstruction after the mask, one permutation per layer)"
                          if args.defaults else "shared sites, o_proj folded, the plain mask W * M")}
     runs: list[dict] = []
     for name, learn_s in settings or [("", learn)]:
         for seed in args.seeds:
             for r in run_seed(model, tokenizer, sents, args.split, seed, dense, learn_s, args.groups, args.progress,
-                              methods if not settings else METHODS[:3], args.defaults):
+                              methods if not settings else METHODS[:3], args.defaults,
+                              tuple(args.scores.split(","))):
                 runs.append({**r, "setting": name} if settings else r)
             # What is done so far, after every seed (a long sweep that is stopped keeps its runs).
             text = _write(out, {**meta, "seconds": time.perf_counter() - t0}, runs, settings)

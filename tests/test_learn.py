@@ -153,13 +153,52 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     check_plan(t.model, res.sites, res.perms, "2:4", 2)
 
 
+def test_guard_after_the_refit_keeps_the_finalist_that_refits_best_and_writes_its_weights(tiny):
+    # With reconstruction (the default) the guard's last round prunes its finalists as the
+    # model will be (the kept weights refitted) and keeps the lowest; the model gets exactly
+    # the weights that round measured.
+    t = tiny("llama")
+    dense = copy.deepcopy(t.model)
+    calib = _calib()
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                      learn=LearnConfig(epochs=2, batch_size=2, guard_batches=4))
+    assert cfg.reconstruct and cfg.updates_weights and cfg.learn.guard_refit
+    res = prune(t.model, None, cfg, calib)
+    refit = {k.removesuffix("+refit"): v for k, v in res.guard.items() if k.endswith("+refit")}
+    assert {"learned", "heuristic"} <= set(refit) <= {"learned", "heuristic", "none"}
+    # "none" is a finalist only where it beat the heuristic under the plain mask
+    assert ("none" in refit) == (res.guard["none"] < res.guard["heuristic"])
+    assert all(math.isfinite(v) for v in refit.values())
+    assert res.kept_plan == min(refit, key=lambda k: (refit[k], k != "learned"))
+    batches = make_batches(calib, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        teachers = [dense(**b).logits.to(torch.float16) for b in batches]
+        applied = sum(float(task_loss(t.model(**b).logits, b, tt, 1.0)[0]) for b, tt in zip(batches, teachers))
+    assert applied / len(batches) == pytest.approx(refit[res.kept_plan], rel=1e-3)
+    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+    # The refit changed the kept weights (not W * M): the round measured what it says.
+    name = res.sites[0].consumers[0]
+    w, w0 = apply.get_module(t.model, name).weight, apply.get_module(dense, name).weight
+    kept_w = w != 0
+    assert not torch.allclose(w[kept_w], w0[kept_w])
+
+    # --no-guard-refit: the plain mask alone ranks the plans, as before.
+    off = prune(copy.deepcopy(dense), None, replace(cfg, learn=replace(cfg.learn, guard_refit=False)), calib)
+    assert not any(k.endswith("+refit") for k in off.guard)
+    best = min(v for k, v in off.guard.items() if k.startswith("learned"))
+    assert off.kept_plan == min(("none", "heuristic", "learned"),
+                                key=lambda k: (best if k == "learned" else off.guard[k], k != "learned"))
+
+
 # -- the claims -------------------------------------------------------------------------------
 
 
 def _guarded_run(tiny, **learn) -> tuple[dict[str, float], float, str]:
     """prune() with a learned permutation warm-started from the heuristic, the guard on every
     calibration batch: ``(guard losses, the returned learned plan's loss, kept plan)``."""
-    cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+    # The plain mask: the claim is about what training optimises (the refitting guard's last
+    # round is tested above).
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False, reconstruct=False,
                       learn=LearnConfig(epochs=4, batch_size=2, guard_batches=4, **learn))
     res = prune(tiny("llama").model, None, cfg, _calib())
     # The plan the trainer returns is the best of its own (last, snapshots, averages).
@@ -218,13 +257,18 @@ def test_blockwise_objective(tiny):
     blocks = ["model.layers.0", "model.layers.1"]
     assert sorted({s.block for s in res.sites}) == blocks
     plans = ("none", "heuristic", "learned")
-    assert set(res.guard) == {f"{b}:{k}" for b in blocks for k in plans}
+    masked = {k: v for k, v in res.guard.items() if not k.endswith("+refit")}
+    assert set(masked) == {f"{b}:{k}" for b in blocks for k in plans}
     assert all(math.isfinite(v) and v >= 0 for v in res.guard.values())
-    # Per block, the guard keeps the argmin; the summary counts the kept plans.
+    # Per block, the guard keeps the argmin of its finalists refitted (reconstruction, the
+    # default: the learned plan, the heuristic, and none where it beat the heuristic masked);
+    # the summary counts the kept plans.
     kept = {k: 0 for k in plans}
     for b in blocks:
-        losses = {k: res.guard[f"{b}:{k}"] for k in plans}
-        kept[min(losses, key=lambda k: (losses[k], k != "learned"))] += 1
+        finalists = ["learned", "heuristic"] + (["none"] if masked[f"{b}:none"] < masked[f"{b}:heuristic"] else [])
+        assert {k for k in res.guard if k.startswith(f"{b}:") and k.endswith("+refit")} == \
+            {f"{b}:{k}+refit" for k in finalists}
+        kept[min(finalists, key=lambda k: (res.guard[f"{b}:{k}+refit"], k != "learned"))] += 1
     assert res.kept_plan == ", ".join(f"{k} {v}/2" for k, v in kept.items() if v)
     assert len(res.history) == 2 * 8
     assert [h.step for h in res.history] == list(range(8)) * 2

@@ -37,7 +37,7 @@ from permsparse.pipeline.calibration import (
 )
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
-from permsparse.train.guard import evaluate_plan, teacher_logits
+from permsparse.train.guard import evaluate_params, evaluate_plan, teacher_logits
 from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
@@ -167,6 +167,8 @@ class CandidatePlans:
     history: list[StepLog] = field(default_factory=list)
     guard: dict[str, float] = field(default_factory=dict)
     learn_seconds: float = 0.0
+    #: ``(plan, weights, reports)`` of a plan already pruned (the refitting guard's choice), reused
+    applied: tuple | None = field(default=None, repr=False)
 
     @property
     def sites(self) -> list[Site]:
@@ -178,8 +180,13 @@ class CandidatePlans:
 
     def prune_(self, model: nn.Module, plan: str | None = None) -> PruneResult:
         """Prune ``model`` in place with ``plan`` (default: the kept one)."""
-        perms = self.plans[plan or self.kept]
-        reports = self.calibration.apply_(model, perms)
+        plan = plan or self.kept
+        perms = self.plans[plan]
+        if self.applied is not None and self.applied[0] == plan:
+            self.calibration.write_(model, self.applied[1])
+            reports = self.applied[2]
+        else:
+            reports = self.calibration.apply_(model, perms)
         return PruneResult(self.sites, perms, reports, self.history, self.kept, self.guard,
                            learned=self.plans.get("learned", {}), groups=self.cfg.groups)
 
@@ -234,7 +241,44 @@ def plan_candidates(
     plans, history, guard, kept = learn_permutations(
         model, calibration.sites, calibration.scores, calibration.heuristic, cfg, calibration.batches,
         metrics_path, on_step, resume, teachers=calibration.teachers)
-    return CandidatePlans(calibration, plans, kept, history, guard, time.perf_counter() - t0)
+    applied = None
+    if cfg.learn.guard_refit and cfg.updates_weights:
+        kept, applied = _guard_refitted(model, calibration, plans, guard, cfg)
+    return CandidatePlans(calibration, plans, kept, history, guard, time.perf_counter() - t0, applied)
+
+
+def _guard_inputs(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict],
+                  teachers: Sequence[torch.Tensor] | None) -> tuple[list[dict], list | None]:
+    """The guard's batches (each rank its shard) and their dense targets (``None`` without distillation)."""
+    guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
+    if cfg.learn.alpha <= 0:
+        return guard_batches, None
+    if teachers is not None:
+        return guard_batches, list(teachers[: cfg.learn.guard_batches])
+    return guard_batches, teacher_logits(model, guard_batches, cfg.learn.bf16)
+
+
+def _guard_refitted(model: nn.Module, calibration: Calibration, plans: Mapping[str, Mapping[str, Permutation]],
+                    guard: dict[str, float], cfg: PruneConfig) -> tuple[str, tuple]:
+    """The guard's last round where pruning refits the kept weights: the finalists (the learned
+    plan, the heuristic, and no permutation where it beat the heuristic under the plain mask)
+    pruned as the model will be, compared on the guard's batches. Their losses join ``guard`` as
+    ``<plan>+refit``; returns the kept plan and ``(plan, weights, reports)`` of it, which the
+    final prune reuses. Holds two plans' weights at a time."""
+    finalists = ["learned", "heuristic"] + (["none"] if guard["none"] < guard["heuristic"] else [])
+    batches, teachers = _guard_inputs(model, cfg, calibration.batches, calibration.teachers)
+    best: tuple | None = None
+    for name in finalists:  # ties keep the earlier, so the learned plan
+        weights, reports = calibration.weights(model, plans[name])
+        loss = dist.mean_float(evaluate_params(model, weights, batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
+                                               cfg.learn.hidden_loss))
+        guard[f"{name}+refit"] = loss
+        if best is None or loss < guard[f"{best[0]}+refit"]:
+            best = (name, weights, reports)
+        del weights
+    log.info("guard after the refit: %s; kept %s",
+             ", ".join(f"{k} {guard[f'{k}+refit']:.4f}" for k in finalists), best[0])
+    return best[0], best
 
 
 def _weights(model: nn.Module, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
@@ -287,13 +331,7 @@ def learn_permutations(
     last = len(history) - 1
     candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
     candidates.update({f"learned@{k}": plan for k, plan in averaged.items()})
-    guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
-    if cfg.learn.alpha <= 0:
-        teachers = None
-    elif teachers is not None:
-        teachers = list(teachers[: cfg.learn.guard_batches])
-    else:
-        teachers = teacher_logits(model, guard_batches, cfg.learn.bf16)
+    guard_batches, teachers = _guard_inputs(model, cfg, batches, teachers)
     weights = _weights(model, sites)
     guard = {  # each rank its shard of the guard batches; equal shards, so the mean is the global loss
         name: dist.mean_float(evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,

@@ -160,6 +160,12 @@ class LearnConfig:
                       "--no-bf16 (bf16 false): float32", flag="no-bf16")
     steps_per_block: int = _opt(24, "steps per block (blockwise objective)")
     guard_batches: int = _opt(2, "calibration batches the final guard compares the plans on")
+    # A plan that loses least under the plain mask need not lose least once the kept weights are
+    # refitted (MiniLM: bench/results/encoder_defaults.md); the refit of the finalists is reused.
+    guard_refit: bool = _opt(True, "end to end, when the kept weights are refitted (reconstruction, SparseGPT): "
+                             "the guard also compares its finalists (the best learned plan and the heuristic) "
+                             "refitted, as the model will have them; --no-guard-refit: by the plain mask only",
+                             flag="no-guard-refit")
     # The training loss is noisy at low τ and a late plan can be worse than an earlier one.
     snapshots: int = _opt(3, "end to end: hard plans taken evenly during training that the guard weighs "
                           "beside the last one")
@@ -289,9 +295,14 @@ class PruneConfig:
         return self.reconstruct and self.score not in ("magnitude", "sparsegpt")
 
     @property
+    def updates_weights(self) -> bool:
+        """Whether pruning changes the kept weights (SparseGPT, or the refit), not only masks them."""
+        return self.score == "sparsegpt" or self.refits
+
+    @property
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each layer's input Hessian (SparseGPT, reconstruction)."""
-        return self.score == "sparsegpt" or self.refits
+        return self.updates_weights
 
     def to_json(self) -> dict:
         """The fields, ``learn`` nested: the schema of a recipe and of ``permsparse.json``'s ``config``."""

@@ -131,7 +131,9 @@ def write_report(
     if kept_plan:
         parts.append(f"\nThe guard kept: **{kept_plan}**.\n")
     if guard:
-        parts.append("\nCalibration loss of each candidate plan (lower is better):\n\n")
+        parts.append("\nCalibration loss of each candidate plan (lower is better)"
+                     + ("; `+refit`: the finalists with their kept weights refitted, as the model has them, "
+                        "which decides" if any(k.endswith("+refit") for k in guard) else "") + ":\n\n")
         parts.append(markdown_table([{"plan": k, "calibration_loss": v} for k, v in guard.items()]))
     if train_png:
         parts.append("\n## Training\n\n![training curves](training.png)\n")

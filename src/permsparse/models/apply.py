@@ -22,7 +22,7 @@ from permsparse.core.permuter import unpermuted_mask
 from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
 from permsparse.models.sites import Site, get_module
 
-__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "prune_site_"]
+__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "site_weights", "prune_site_"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _hessian(stats: Mapping[str, ColumnStats] | None, name: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def prune_site_(
+def site_weights(
     model: nn.Module,
     site: Site,
     pattern: "NMPattern | None",
@@ -115,8 +115,9 @@ def prune_site_(
     perm: Permutation | None = None,
     scores: list[torch.Tensor] | None = None,
     reconstruct: bool = False,
-) -> SiteReport:
-    """Prune every consumer of ``site`` in place; ``pattern=None`` is per-row 50% unstructured.
+) -> tuple[dict[str, torch.Tensor], SiteReport]:
+    """The pruned weight of every consumer of ``site`` (``{consumer: W}``, original coordinates,
+    the model untouched) and what pruning kept; ``pattern=None`` is per-row 50% unstructured.
 
     ``reconstruct``: after the mask is chosen, refit the kept weights to the dense layer's output
     on the calibration inputs (needs the Hessians in ``stats``; see :meth:`SparseGPT.prune`)."""
@@ -127,16 +128,16 @@ def prune_site_(
     if perm is not None and perm.d_in != site.d_in:
         raise ValueError(f"site {site.name}: permutation has {perm.d_in} channels, the site reads {site.d_in}")
     total = plain = kept = ceiling = 0.0
+    out: dict[str, torch.Tensor] = {}
     for name, s in zip(site.consumers, scores):
-        lin = get_module(model, name)
-        w = lin.weight
+        w = get_module(model, name).weight
         total += float(s.sum(dtype=torch.float64))
         if pattern is not None:
             plain += kept_score(s, pattern)
             kept += kept_score(s, pattern, perm)
             ceiling += unstructured_kept(s, pattern)
         if score == "sparsegpt":
-            w.copy_(SparseGPT(_hessian(stats, name)).prune(w, pattern, perm)[0])
+            out[name] = SparseGPT(_hessian(stats, name)).prune(w, pattern, perm)[0]
             continue
         if pattern is None:
             mask = unstructured_mask(s, 0.5)
@@ -145,10 +146,28 @@ def prune_site_(
         else:
             mask = unpermuted_mask(s, perm, pattern)
         if reconstruct:
-            w.copy_(SparseGPT(_hessian(stats, name)).prune(w, pattern, perm, mask=mask)[0])
+            out[name] = SparseGPT(_hessian(stats, name)).prune(w, pattern, perm, mask=mask)[0]
         else:
-            w.mul_(mask.to(w.dtype))
+            out[name] = w * mask.to(w.dtype)
     total = max(total, 1e-30)
     if pattern is None:
-        return SiteReport(site.name, float("nan"), float("nan"), float("nan"))
-    return SiteReport(site.name, plain / total, kept / total, ceiling / total)
+        return out, SiteReport(site.name, float("nan"), float("nan"), float("nan"))
+    return out, SiteReport(site.name, plain / total, kept / total, ceiling / total)
+
+
+@torch.no_grad()
+def prune_site_(
+    model: nn.Module,
+    site: Site,
+    pattern: "NMPattern | None",
+    score: str,
+    stats: Mapping[str, ColumnStats] | None,
+    perm: Permutation | None = None,
+    scores: list[torch.Tensor] | None = None,
+    reconstruct: bool = False,
+) -> SiteReport:
+    """Prune every consumer of ``site`` in place (:func:`site_weights` written into the model)."""
+    weights, report = site_weights(model, site, pattern, score, stats, perm, scores, reconstruct)
+    for name, w in weights.items():
+        get_module(model, name).weight.copy_(w)
+    return report

@@ -28,7 +28,7 @@ from torch import nn
 from permsparse.config import PruneConfig
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
-from permsparse.models.apply import SiteReport, prune_site_
+from permsparse.models.apply import SiteReport, prune_site_, site_weights
 from permsparse.models.calibrate import BlockInputs, block_output, run_blocks
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.calibration import scores_and_heuristic
@@ -57,9 +57,12 @@ def identity_plan(sites: Sequence[Site], groups: int) -> dict[str, Permutation]:
     return {s.name: Permutation.identity(s.d_in, s.structure(groups)[0]) for s in sites}
 
 
-def _learn_block(block: nn.Module, name: str, sites: list[Site], scores: dict, heur: dict, pattern: NMPattern,
-                 cfg: PruneConfig, inputs: BlockInputs) -> tuple[dict[str, Permutation], dict]:
-    """Learn one block's plan and let the block-wise guard choose among none, heuristic and learned."""
+def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site], scores: dict, heur: dict,
+                 pattern: NMPattern, cfg: PruneConfig, stats, inputs: BlockInputs
+                 ) -> tuple[dict[str, Permutation], dict, tuple | None]:
+    """Learn one block's plan and let the block-wise guard choose among none, heuristic and
+    learned; where pruning refits the kept weights, its finalists (learned, heuristic) refitted
+    decide, and the third value is ``(weights, reports)`` of the kept one."""
     calls = list(zip(inputs.args, inputs.kwargs))
     targets = inputs.outputs  # the dense outputs, when run_blocks computed them already
     if targets is None:
@@ -71,9 +74,25 @@ def _learn_block(block: nn.Module, name: str, sites: list[Site], scores: dict, h
     losses = {k: block_loss(block, name, sites, c, scores, pattern, calls, targets, cfg.learn.bf16)
               for k, c in candidates.items()}
     best = min(losses, key=lambda k: (losses[k], k != "learned"))
+    applied = None
+    if cfg.learn.guard_refit and cfg.updates_weights:
+        finalists = ["learned", "heuristic"] + (["none"] if losses["none"] < losses["heuristic"] else [])
+        best = None
+        for k in finalists:  # ties keep the earlier, so the learned plan
+            weights, reports = {}, []
+            for s in sites:
+                w, rep = site_weights(model, s, pattern, cfg.score, stats, candidates[k].get(s.name),
+                                      [scores[c] for c in s.consumers], cfg.refits)
+                weights.update(w)
+                reports.append(rep)
+            params = {f"{c[len(name) + 1:]}.weight": w for c, w in weights.items()}
+            losses[f"{k}+refit"] = block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets,
+                                              cfg.learn.bf16, params=params)
+            if best is None or losses[f"{k}+refit"] < losses[f"{best}+refit"]:
+                best, applied = k, (weights, reports)
     rec = {"history": [h.to_json() for h in hist], "guard": {f"{name}:{k}": v for k, v in losses.items()},
            "kept": best}
-    return candidates[best], rec
+    return candidates[best], rec, applied
 
 
 def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], pattern: NMPattern | None,
@@ -83,11 +102,18 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
     scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, permutation in ("heuristic", "learned"))
     chosen: dict[str, Permutation] = {}
     rec: dict = {"history": [], "guard": {}, "kept": None}
+    applied = None
     if permutation == "heuristic":
         chosen = heur
     elif permutation == "learned":
-        chosen, rec = _learn_block(block, name, sites, scores, heur, pattern, cfg, inputs)
+        chosen, rec, applied = _learn_block(model, block, name, sites, scores, heur, pattern, cfg, stats, inputs)
     rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
+    if applied is not None:  # the guard's last round pruned the kept plan already
+        with torch.no_grad():
+            for c, w in applied[0].items():
+                get_module(model, c).weight.copy_(w)
+        rec["reports"] = [asdict(r) for r in applied[1]]
+        return rec
     rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
                                          [scores[c] for c in s.consumers], cfg.refits))
                       for s in sites]

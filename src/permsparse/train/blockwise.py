@@ -95,11 +95,14 @@ def block_loss(
     inputs: "Sequence[tuple[tuple, dict]]",
     targets: Sequence[torch.Tensor],
     bf16: bool,
+    params: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
-    """Normalised MSE of the block pruned with hard ``perms`` against the dense targets."""
+    """Normalised MSE of the block pruned with hard ``perms`` against the dense targets;
+    ``params``: the block's pruned weights (``{"<layer in block>.weight": W}``) instead of ``W ⊙ M``."""
     device = next(block.parameters()).device
     prefix = f"{block_name}."
-    params = hard_params(sites, perms, _block_weights(block, prefix, sites), scores, pattern, prefix_strip=prefix)
+    if params is None:
+        params = hard_params(sites, perms, _block_weights(block, prefix, sites), scores, pattern, prefix_strip=prefix)
     with torch.no_grad():
         total = 0.0
         for (args, kwargs), target in zip(inputs, targets):

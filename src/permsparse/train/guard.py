@@ -17,7 +17,7 @@ from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
-__all__ = ["evaluate_plan", "teacher_logits", "TeacherCache"]
+__all__ = ["evaluate_plan", "evaluate_params", "teacher_logits", "TeacherCache"]
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,30 @@ def evaluate_plan(
 ) -> float:
     """Calibration loss of the model pruned with hard ``perms`` (no gradient): the trainer's
     loss (``hidden``: its ``LearnConfig.hidden_loss``, for a model without logits)."""
+    params = hard_params(sites, perms, weights, scores, pattern)
+    return evaluate_params(model, params, batches, alpha, bf16, teachers, hidden)
+
+
+def evaluate_params(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batches: Sequence[dict],
+    alpha: float,
+    bf16: bool,
+    teachers: Sequence[torch.Tensor | None] | None = None,
+    hidden: str = "cosine",
+) -> float:
+    """Calibration loss of ``model`` with ``params`` (``{"<layer>.weight": W}``) in place of its
+    own (no gradient): the trainer's loss, as :func:`evaluate_plan` measures a plan."""
     device = next(model.parameters()).device
     if teachers is None:
         teachers = teacher_logits(model, batches, bf16) if alpha > 0 else [None] * len(batches)
     total = 0.0
-    params = hard_params(sites, perms, weights, scores, pattern)
     with torch.no_grad():
         for batch, teacher in zip(batches, teachers):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(bf16, device):
-                out = functional_call(model, params, (), model_inputs(batch), strict=False)
+                out = functional_call(model, dict(params), (), model_inputs(batch), strict=False)
                 if teacher is None and not has_logits(out):  # α = 0: no teachers were made
                     teacher = dense_target(model(**model_inputs(batch)))
             if has_logits(out):
