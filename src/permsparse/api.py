@@ -37,7 +37,7 @@ from permsparse.pipeline.calibration import (
 )
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
-from permsparse.train.guard import evaluate_params, evaluate_plan, teacher_logits
+from permsparse.train.guard import evaluate_params, evaluate_plan, refit_finalists, teacher_logits
 from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
@@ -265,7 +265,7 @@ def _guard_refitted(model: nn.Module, calibration: Calibration, plans: Mapping[s
     pruned as the model will be, compared on the guard's batches. Their losses join ``guard`` as
     ``<plan>+refit``; returns the kept plan and ``(plan, weights, reports)`` of it, which the
     final prune reuses. Holds two plans' weights at a time."""
-    finalists = ["learned", "heuristic"] + (["none"] if guard["none"] < guard["heuristic"] else [])
+    finalists = refit_finalists(guard)
     batches, teachers = _guard_inputs(model, cfg, calibration.batches, calibration.teachers)
     best: tuple | None = None
     for name in finalists:  # ties keep the earlier, so the learned plan

@@ -35,6 +35,7 @@ from permsparse.pipeline.calibration import scores_and_heuristic
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
 from permsparse.train.blockwise import block_loss, train_block
+from permsparse.train.guard import refit_finalists
 
 __all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
 
@@ -76,9 +77,8 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     best = min(losses, key=lambda k: (losses[k], k != "learned"))
     applied = None
     if cfg.learn.guard_refit and cfg.updates_weights:
-        finalists = ["learned", "heuristic"] + (["none"] if losses["none"] < losses["heuristic"] else [])
         best = None
-        for k in finalists:  # ties keep the earlier, so the learned plan
+        for k in refit_finalists(losses):  # ties keep the earlier, so the learned plan
             weights, reports = {}, []
             for s in sites:
                 w, rep = site_weights(model, s, pattern, cfg.score, stats, candidates[k].get(s.name),

@@ -17,7 +17,7 @@ from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
-__all__ = ["evaluate_plan", "evaluate_params", "teacher_logits", "TeacherCache"]
+__all__ = ["evaluate_plan", "evaluate_params", "refit_finalists", "teacher_logits", "TeacherCache"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +110,10 @@ def evaluate_params(
                 loss, _, _ = hidden_loss(dense_target(out), teacher, batch.get("attention_mask"), hidden)
             total += float(loss.detach())
     return total / max(len(batches), 1)
+
+
+def refit_finalists(masked: Mapping[str, float]) -> list[str]:
+    """The plans the guard's last round refits, from their losses under the plain mask: the
+    learned plan and the heuristic, and no permutation only where it beat the heuristic (each
+    refit costs as much as pruning the model once). In order of preference on a tie."""
+    return ["learned", "heuristic"] + (["none"] if masked["none"] < masked["heuristic"] else [])
