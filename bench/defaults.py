@@ -3,6 +3,8 @@
     python bench/defaults.py                       # the 2:4 table (about 1 h 40 min on 2 idle CPU cores)
     python bench/defaults.py --rows learned-sync   # re-run some rows, keep the others
     python bench/defaults.py --pattern 4:8 --rows wanda,heuristic,learned --seeds 0
+    python bench/defaults.py --rows sparsegpt,heuristic-sparsegpt   # SparseGPT's mask (about 15 min)
+    python bench/defaults.py --domain python-docs --rows wanda,unstructured50,heuristic,learned --seeds 0
 
 Every row is one ``permsparse prune`` command in its own process, with the library's defaults
 plus the flags the row names (``command`` in the table), on SmolLM2-135M-Instruct and the

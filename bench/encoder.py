@@ -3,6 +3,7 @@
     python bench/encoder.py                          # the table (about 10 minutes on 2 CPU cores)
     python bench/encoder.py --split val --seeds 0    # the same on the validation sentences (for tuning)
     python bench/encoder.py --defaults               # the same with the library's defaults (encoder_defaults.md)
+    python bench/encoder.py --defaults --scores wanda,sparsegpt   # + SparseGPT's mask under the plans (7.5 min)
 
 Sentences come from the embedded Wikipedia text: every article is split into sentences; those
 of every tenth article (articles 9, 19, ...) are the **test** pool, of the articles before
