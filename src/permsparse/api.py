@@ -23,7 +23,7 @@ from torch import nn
 from permsparse.config import PruneConfig
 from permsparse.core.pattern import parse_pattern
 from permsparse.core.permutation import Permutation
-from permsparse.models.apply import SiteReport
+from permsparse.models.apply import SiteReport, write_weights_
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.blockwise import identity_plan, prune_blockwise
 from permsparse.pipeline.calibration import (
@@ -183,7 +183,7 @@ class CandidatePlans:
         plan = plan or self.kept
         perms = self.plans[plan]
         if self.applied is not None and self.applied[0] == plan:
-            self.calibration.write_(model, self.applied[1])
+            write_weights_(model, self.applied[1])
             reports = self.applied[2]
         else:
             reports = self.calibration.apply_(model, perms)
@@ -270,12 +270,13 @@ def _guard_refitted(model: nn.Module, calibration: Calibration, plans: Mapping[s
     best: tuple | None = None
     for name in finalists:  # ties keep the earlier, so the learned plan
         weights, reports = calibration.weights(model, plans[name])
-        loss = dist.mean_float(evaluate_params(model, weights, batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
+        params = {f"{k}.weight": w for k, w in weights.items()}
+        loss = dist.mean_float(evaluate_params(model, params, batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
                                                cfg.learn.hidden_loss))
         guard[f"{name}+refit"] = loss
         if best is None or loss < guard[f"{best[0]}+refit"]:
             best = (name, weights, reports)
-        del weights
+        del weights, params
     log.info("guard after the refit: %s; kept %s",
              ", ".join(f"{k} {guard[f'{k}+refit']:.4f}" for k in finalists), best[0])
     return best[0], best

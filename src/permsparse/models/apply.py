@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from permsparse.core.permuter import unpermuted_mask
 from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
 from permsparse.models.sites import Site, get_module
 
-__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "site_weights", "prune_site_"]
+__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "site_weights", "prune_site_", "plan_weights",
+           "write_weights_"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,35 @@ def prune_site_(
 ) -> SiteReport:
     """Prune every consumer of ``site`` in place (:func:`site_weights` written into the model)."""
     weights, report = site_weights(model, site, pattern, score, stats, perm, scores, reconstruct)
+    write_weights_(model, weights)
+    return report
+
+
+@torch.no_grad()
+def plan_weights(
+    model: nn.Module,
+    sites: "Sequence[Site]",
+    pattern: "NMPattern | None",
+    score: str,
+    stats: Mapping[str, ColumnStats] | None,
+    perms: Mapping[str, Permutation],
+    scores: Mapping[str, torch.Tensor],
+    reconstruct: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[SiteReport]]:
+    """:func:`site_weights` of every site under ``perms`` (a site without one: plain N:M):
+    ``({consumer: W}, reports)``, the model untouched."""
+    out: dict[str, torch.Tensor] = {}
+    reports = []
+    for s in sites:
+        w, rep = site_weights(model, s, pattern, score, stats, perms.get(s.name), [scores[c] for c in s.consumers],
+                              reconstruct)
+        out.update(w)
+        reports.append(rep)
+    return out, reports
+
+
+@torch.no_grad()
+def write_weights_(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``{layer: W}`` (as :func:`site_weights` returns) into ``model``'s layers."""
     for name, w in weights.items():
         get_module(model, name).weight.copy_(w)
-    return report

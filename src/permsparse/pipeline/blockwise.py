@@ -28,7 +28,7 @@ from torch import nn
 from permsparse.config import PruneConfig
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
-from permsparse.models.apply import SiteReport, prune_site_, site_weights
+from permsparse.models.apply import SiteReport, plan_weights, prune_site_, write_weights_
 from permsparse.models.calibrate import BlockInputs, block_output, run_blocks
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.calibration import scores_and_heuristic
@@ -79,12 +79,7 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     if cfg.learn.guard_refit and cfg.updates_weights:
         best = None
         for k in refit_finalists(losses):  # ties keep the earlier, so the learned plan
-            weights, reports = {}, []
-            for s in sites:
-                w, rep = site_weights(model, s, pattern, cfg.score, stats, candidates[k].get(s.name),
-                                      [scores[c] for c in s.consumers], cfg.refits)
-                weights.update(w)
-                reports.append(rep)
+            weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refits)
             params = {f"{c[len(name) + 1:]}.weight": w for c, w in weights.items()}
             losses[f"{k}+refit"] = block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets,
                                               cfg.learn.bf16, params=params)
@@ -109,9 +104,7 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
         chosen, rec, applied = _learn_block(model, block, name, sites, scores, heur, pattern, cfg, stats, inputs)
     rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
     if applied is not None:  # the guard's last round pruned the kept plan already
-        with torch.no_grad():
-            for c, w in applied[0].items():
-                get_module(model, c).weight.copy_(w)
+        write_weights_(model, applied[0])
         rec["reports"] = [asdict(r) for r in applied[1]]
         return rec
     rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),

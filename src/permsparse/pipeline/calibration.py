@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from permsparse.config import PruneConfig
 from permsparse.core.pattern import NMPattern, parse_pattern
 from permsparse.core.permutation import Permutation
-from permsparse.models.apply import SiteReport, heuristic_permutation, prune_site_, site_scores, site_weights
+from permsparse.models.apply import SiteReport, heuristic_permutation, plan_weights, prune_site_, site_scores
 from permsparse.models.calibrate import collect_stats
-from permsparse.models.sites import Site, find_sites, get_module, nothing_to_prune, unhandled_layers
+from permsparse.models.sites import Site, find_sites, nothing_to_prune, unhandled_layers
 from permsparse.train import distributed as dist
 from permsparse.train.guard import TeacherCache
 
@@ -150,25 +150,10 @@ class Calibration:
 
     def weights(self, model: nn.Module, perms: Mapping[str, Permutation] | None = None
                 ) -> tuple[dict[str, torch.Tensor], list[SiteReport]]:
-        """What :meth:`apply_` would write (``{"<consumer>.weight": W}``) and report, without
-        changing ``model``; :meth:`write_` puts such weights in."""
-        pattern = parse_pattern(self.cfg.pattern)
-        perms = perms or {}
-        out: dict[str, torch.Tensor] = {}
-        reports = []
-        for s in self.sites:
-            w, rep = site_weights(model, s, pattern, self.cfg.score, self.stats, perms.get(s.name),
-                                  [self.scores[c] for c in s.consumers], self.cfg.refits)
-            out.update({f"{k}.weight": v for k, v in w.items()})
-            reports.append(rep)
-        return out, reports
-
-    @staticmethod
-    @torch.no_grad()
-    def write_(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy :meth:`weights`' result into ``model``."""
-        for name, w in weights.items():
-            get_module(model, name.removesuffix(".weight")).weight.copy_(w)
+        """What :meth:`apply_` would write (``{consumer: W}``) and report, without changing
+        ``model``; :func:`~permsparse.models.apply.write_weights_` puts such weights in."""
+        return plan_weights(model, self.sites, parse_pattern(self.cfg.pattern), self.cfg.score, self.stats,
+                            perms or {}, self.scores, self.cfg.refits)
 
     def check_fits(self, cfg: PruneConfig) -> PruneConfig:
         """``cfg`` resolved for these sites; raises if it needs another calibration (only
