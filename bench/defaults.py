@@ -42,7 +42,10 @@ ROWS = {
     "wanda-reconstructed": ["--permutation", "none"],
     "heuristic-masked": ["--permutation", "heuristic", "--no-reconstruct"],
     "heuristic": ["--permutation", "heuristic"],
+    # SparseGPT's one-pass OBS update as the refit, the default before the exact least squares.
+    "heuristic-obs": ["--permutation", "heuristic", "--refit", "obs"],
     "learned": [],
+    "learned-obs": ["--refit", "obs"],
     "learned-sync": ["--sync"],
     "learned-masked": ["--no-reconstruct"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
@@ -50,7 +53,7 @@ ROWS = {
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-sync", "learned-masked", "learned-sparsegpt")
+LEARNED = ("learned", "learned-obs", "learned-sync", "learned-masked", "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt",)
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
@@ -134,9 +137,12 @@ def main() -> None:
     seeds = [int(s) for s in opts.seeds.split(",")]
     out = Path(opts.out)
     path = out / "defaults.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    rows = saved.get("rows", [])
     meta = {"command": "python bench/defaults.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    if saved.get("meta", {}).get("note"):  # what the kept rows need said stays said
+        meta["note"] = saved["meta"]["note"]
     for name in names:
         for seed in (seeds if name in SEEDED else [None]):
             new = run_row(name, opts.pattern, seed if seed is not None else 0, opts.domain)

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from permsparse.core.heuristics import HEURISTIC_POWER
 from permsparse.core.pattern import parse_pattern
+from permsparse.core.reconstruct import REFIT_METHODS
 from permsparse.core.scores import SCORES
 from permsparse.core.sinkhorn import TemperatureSchedule
 
@@ -265,6 +266,10 @@ class PruneConfig:
                              "its dense output on the calibration inputs (OBS / least squares, as SparseGPT; the "
                              "sparsegpt score refits by itself, magnitude prunes without data); --no-reconstruct: "
                              "keep W * M", flag="no-reconstruct")
+    # The exact masked least squares fits every layer closer than OBS's one pass (SmolLM2 learned 2:4:
+    # perplexity 64.6 against 71.0, docs/results.md), at about the same cost.
+    refit: str = _opt("lstsq", "how the kept weights are refitted: lstsq (exact masked least squares, conjugate "
+                      "gradient) or obs (SparseGPT's one-pass OBS update)", choices=REFIT_METHODS)
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -276,6 +281,7 @@ class PruneConfig:
             raise ValueError(f"groups must be 'auto' or an integer >= 1, got {self.groups!r}")
         _check_choice("heuristic", self.heuristic, HEURISTICS)
         _check_choice("attn_out", self.attn_out, ATTN_OUT)
+        _check_choice("refit", self.refit, REFIT_METHODS)
         _check_float(self, "heuristic_power", 0.0, above=True)
         _check_float(self, "swap_seconds", 0.0)
         _check_device(self.device)
@@ -293,6 +299,11 @@ class PruneConfig:
         """Whether the kept weights are refitted after the mask: ``reconstruct`` with a score that
         neither refits by itself (SparseGPT) nor prunes without data (magnitude)."""
         return self.reconstruct and self.score not in ("magnitude", "sparsegpt")
+
+    @property
+    def refit_method(self) -> str | None:
+        """The refit the kept weights get (``refit``), None where :attr:`refits` is False."""
+        return self.refit if self.refits else None
 
     @property
     def updates_weights(self) -> bool:

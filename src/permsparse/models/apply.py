@@ -19,10 +19,11 @@ from permsparse.core.metrics import kept_score, unstructured_kept
 from permsparse.core.pattern import NMPattern, nm_mask, unstructured_mask
 from permsparse.core.permutation import Permutation
 from permsparse.core.permuter import unpermuted_mask
+from permsparse.core.reconstruct import REFIT_METHODS, masked_lstsq
 from permsparse.core.scores import ColumnStats, SparseGPT, compute_score
 from permsparse.models.sites import Site, get_module
 
-__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "site_weights", "prune_site_", "plan_weights",
+__all__ = ["SiteReport", "site_scores", "heuristic_permutation", "site_weights", "refit_weight", "prune_site_", "plan_weights",
            "write_weights_"]
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,26 @@ def _hessian(stats: Mapping[str, ColumnStats] | None, name: str) -> torch.Tensor
     return st.H
 
 
+def _refit_method(reconstruct: "bool | str | None") -> str | None:
+    """``reconstruct`` as a method name: False/None → no refit, True → the default (``lstsq``)."""
+    if reconstruct is None or reconstruct is False:
+        return None
+    method = REFIT_METHODS[0] if reconstruct is True else reconstruct
+    if method not in REFIT_METHODS:
+        raise ValueError(f"unknown refit {method!r}: use one of {REFIT_METHODS}")
+    return method
+
+
+def refit_weight(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, method: str = "lstsq",
+                 pattern: "NMPattern | None" = None, perm: Permutation | None = None) -> torch.Tensor:
+    """``weight``'s kept entries (``mask``, original coordinates) refitted to the dense output on the
+    calibration Hessian: ``lstsq`` exactly (:func:`permsparse.core.reconstruct.masked_lstsq`), ``obs``
+    by SparseGPT's one-pass update (in the permuted layout ``perm``, which ``pattern`` is checked in)."""
+    if method == "obs":
+        return SparseGPT(hessian).prune(weight, pattern, perm, mask=mask)[0]
+    return masked_lstsq(weight, hessian, mask)
+
+
 @torch.no_grad()
 def site_weights(
     model: nn.Module,
@@ -115,13 +136,15 @@ def site_weights(
     stats: Mapping[str, ColumnStats] | None,
     perm: Permutation | None = None,
     scores: list[torch.Tensor] | None = None,
-    reconstruct: bool = False,
+    reconstruct: "bool | str | None" = False,
 ) -> tuple[dict[str, torch.Tensor], SiteReport]:
     """The pruned weight of every consumer of ``site`` (``{consumer: W}``, original coordinates,
     the model untouched) and what pruning kept; ``pattern=None`` is per-row 50% unstructured.
 
     ``reconstruct``: after the mask is chosen, refit the kept weights to the dense layer's output
-    on the calibration inputs (needs the Hessians in ``stats``; see :meth:`SparseGPT.prune`)."""
+    on the calibration inputs (needs the Hessians in ``stats``): ``"lstsq"`` (or True) exactly,
+    ``"obs"`` by SparseGPT's one-pass update; see :func:`refit_weight`."""
+    method = _refit_method(reconstruct)
     if scores is None:
         scores = site_scores(model, site, score, stats)
     if pattern is not None:
@@ -146,8 +169,8 @@ def site_weights(
             mask = nm_mask(s, pattern)
         else:
             mask = unpermuted_mask(s, perm, pattern)
-        if reconstruct:
-            out[name] = SparseGPT(_hessian(stats, name)).prune(w, pattern, perm, mask=mask)[0]
+        if method is not None:
+            out[name] = refit_weight(w, mask, _hessian(stats, name), method, pattern, perm)
         else:
             out[name] = w * mask.to(w.dtype)
     total = max(total, 1e-30)
@@ -165,7 +188,7 @@ def prune_site_(
     stats: Mapping[str, ColumnStats] | None,
     perm: Permutation | None = None,
     scores: list[torch.Tensor] | None = None,
-    reconstruct: bool = False,
+    reconstruct: "bool | str | None" = False,
 ) -> SiteReport:
     """Prune every consumer of ``site`` in place (:func:`site_weights` written into the model)."""
     weights, report = site_weights(model, site, pattern, score, stats, perm, scores, reconstruct)
@@ -182,7 +205,7 @@ def plan_weights(
     stats: Mapping[str, ColumnStats] | None,
     perms: Mapping[str, Permutation],
     scores: Mapping[str, torch.Tensor],
-    reconstruct: bool = False,
+    reconstruct: "bool | str | None" = False,
 ) -> tuple[dict[str, torch.Tensor], list[SiteReport]]:
     """:func:`site_weights` of every site under ``perms`` (a site without one: plain N:M):
     ``({consumer: W}, reports)``, the model untouched."""

@@ -79,7 +79,7 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     if cfg.learn.guard_refit and cfg.updates_weights:
         best = None
         for k in refit_finalists(losses):  # ties keep the earlier, so the learned plan
-            weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refits)
+            weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refit_method)
             params = {f"{c[len(name) + 1:]}.weight": w for c, w in weights.items()}
             losses[f"{k}+refit"] = block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets,
                                               cfg.learn.bf16, params=params)
@@ -108,7 +108,7 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
         rec["reports"] = [asdict(r) for r in applied[1]]
         return rec
     rec["reports"] = [asdict(prune_site_(model, s, pattern, cfg.score, stats, chosen.get(s.name),
-                                         [scores[c] for c in s.consumers], cfg.refits))
+                                         [scores[c] for c in s.consumers], cfg.refit_method))
                       for s in sites]
     return rec
 

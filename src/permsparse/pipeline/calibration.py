@@ -146,14 +146,14 @@ class Calibration:
         pattern = parse_pattern(self.cfg.pattern)
         perms = perms or {}
         return [prune_site_(model, s, pattern, self.cfg.score, self.stats, perms.get(s.name),
-                            [self.scores[c] for c in s.consumers], self.cfg.refits) for s in self.sites]
+                            [self.scores[c] for c in s.consumers], self.cfg.refit_method) for s in self.sites]
 
     def weights(self, model: nn.Module, perms: Mapping[str, Permutation] | None = None
                 ) -> tuple[dict[str, torch.Tensor], list[SiteReport]]:
         """What :meth:`apply_` would write (``{consumer: W}``) and report, without changing
         ``model``; :func:`~permsparse.models.apply.write_weights_` puts such weights in."""
         return plan_weights(model, self.sites, parse_pattern(self.cfg.pattern), self.cfg.score, self.stats,
-                            perms or {}, self.scores, self.cfg.refits)
+                            perms or {}, self.scores, self.cfg.refit_method)
 
     def check_fits(self, cfg: PruneConfig) -> PruneConfig:
         """``cfg`` resolved for these sites; raises if it needs another calibration (only
