@@ -13,8 +13,8 @@ SmolLM2-135M-Instruct with the library's defaults, as ``permsparse prune smollm2
 them (Wanda, G = 4, one permutation per layer, 128 calibration windows of 512 tokens, a 600 s
 training budget). One calibration and one learned run; each of its plans (none, heuristic, the
 learned plan the guard kept) then prunes a copy of the dense model twice: with the plain mask
-``W ⊙ M`` and with ``reconstruct=True`` (the default: SparseGPT's OBS update with that mask
-fixed, in the permuted layout). Held-out perplexity on the last 32,768 tokens. Rows are added to
+``W ⊙ M`` and refitted with that mask fixed, by each ``--refit`` method (``lstsq``, the default:
+the exact masked least squares; ``obs``: SparseGPT's one-pass OBS update). Held-out perplexity on the last 32,768 tokens. Rows are added to
 ``bench/results/reconstruct.json`` (keyed by pattern and plan) and ``reconstruct.md`` is
 rewritten from all of them.
 """
@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from permsparse.api import plan_candidates  # noqa: E402
 from permsparse.config import DataConfig, LearnConfig, PruneConfig  # noqa: E402
+from permsparse.core.reconstruct import REFIT_METHODS  # noqa: E402
 from permsparse.data.text import load_text_windows  # noqa: E402
 from permsparse.evaluate import perplexity  # noqa: E402
 from permsparse.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -45,23 +46,37 @@ from permsparse.models.loading import load_model  # noqa: E402
 from permsparse.train.loop import make_batches  # noqa: E402
 from permsparse.report import markdown_table  # noqa: E402
 
-COLUMNS = ["pattern", "seed", "plan", "ppl_masked", "ppl_reconstructed", "guard_kept", "steps", "learn_seconds",
-           "refit_seconds"]
+COLUMNS = ["pattern", "seed", "plan", "ppl_masked", "ppl_obs", "ppl_lstsq", "guard_kept", "steps", "learn_seconds",
+           "refit_seconds_obs", "refit_seconds_lstsq"]
+PLAN_COLUMNS = ["pattern", "sites", "seed", "plan", "ppl_masked", "ppl_obs", "ppl_lstsq", "ppl_run",
+                "refit_seconds_obs", "refit_seconds_lstsq"]
 
 
 def masked_and_refitted(calibration, dense, perms: dict, eval_windows) -> dict:
-    """Perplexity of a copy of ``dense`` pruned with ``perms`` by ``calibration``, with the plain
-    mask and with the refit (the calibration must hold the Hessians)."""
+    """Perplexity of a copy of ``dense`` pruned with ``perms`` by ``calibration``: with the plain
+    mask (``ppl_masked``) and refitted by each method (``ppl_obs``, ``ppl_lstsq``; the calibration
+    must hold the Hessians). The same masks each time, so the differences are the refit's alone."""
     out = {}
-    for recon in (False, True):
-        calibration.cfg = dataclasses.replace(calibration.cfg, reconstruct=recon)
+    for method in (None, *REFIT_METHODS):
+        calibration.cfg = dataclasses.replace(calibration.cfg, reconstruct=method is not None,
+                                              refit=method or calibration.cfg.refit)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         calibration.apply_(model, perms)
-        if recon:
-            out["refit_seconds"] = round(time.perf_counter() - t0, 1)
-        out["ppl_reconstructed" if recon else "ppl_masked"] = round(perplexity(model, eval_windows, progress=False), 2)
+        if method is not None:
+            out[f"refit_seconds_{method}"] = round(time.perf_counter() - t0, 1)
+        out[f"ppl_{method or 'masked'}"] = round(perplexity(model, eval_windows, progress=False), 2)
     return out
+
+
+def _migrate(rows: list[dict]) -> list[dict]:
+    """Rows measured when OBS was the only refit call it ``ppl_reconstructed``: the same quantity."""
+    for r in rows:
+        if "ppl_reconstructed" in r:
+            r["ppl_obs"] = r.pop("ppl_reconstructed")
+        if "refit_seconds" in r:
+            r["refit_seconds_obs"] = r.pop("refit_seconds")
+    return rows
 
 
 def measure(pattern: str, seed: int) -> list[dict]:
@@ -118,23 +133,27 @@ def main() -> None:
     opts = ap.parse_args()
     out = Path(opts.out)
     if opts.plan:
-        rows = replay(opts.plan)
+        path = out / "reconstruct_plans.json"
+        old = _migrate(json.loads(path.read_text())["rows"]) if path.exists() else []
+        new = replay(opts.plan)
+        key = ("pattern", "sites", "seed", "ppl_run")  # one run's plan; a re-run of a seed is another row
+        rows = [r for r in old if all(tuple(r.get(k) for k in key) != tuple(n.get(k) for k in key) for n in new)] + new
         meta = {"command": "python bench/reconstruct.py --plan " + " ".join(opts.plan),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
-        atomic_write_json(out / "reconstruct_plans.json", {"rows": rows, "meta": meta})
+        atomic_write_json(path, {"rows": rows, "meta": meta})
         atomic_write_text(out / "reconstruct_plans.md", (
             "# Reconstruction on the default command's plans\n\n"
             f"Command: `{meta['command']}` (the folders: `permsparse prune smollm2-135m --seed S --out DIR`)\n\n"
             "Each run's plan (the permutations the guard kept) applied to the dense SmolLM2 again, calibrated as "
             "the run was (its seed's 128 windows, the bf16 pass), with the plain mask (`ppl_masked`) and with the "
-            "refit (`ppl_reconstructed`, the default); `ppl_run`: what the run itself reported. Held-out "
-            f"perplexity on the embedded Wikipedia's last 32,768 tokens. Machine: {meta['machine']}. "
-            f"{meta['date']}.\n\n"
-            + markdown_table(rows, ["pattern", "sites", "seed", "plan", "ppl_masked", "ppl_reconstructed",
-                                    "ppl_run"])))
+            "kept weights refitted: `ppl_obs` by SparseGPT's one-pass OBS update (`--refit obs`), `ppl_lstsq` by "
+            "the exact masked least squares (`--refit lstsq`, the default now; rows without it were measured "
+            "before it existed); `ppl_run`: what the run itself reported. Held-out perplexity on the embedded "
+            f"Wikipedia's last 32,768 tokens. Machine: {meta['machine']}. {meta['date']}.\n\n"
+            + markdown_table(rows, PLAN_COLUMNS)))
         return
     path = out / "reconstruct.json"
-    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    old = _migrate(json.loads(path.read_text())["rows"]) if path.exists() else []
     rows = measure(opts.pattern, opts.seed)
     rows = [r for r in old if (r["pattern"], r.get("seed", 0)) != (opts.pattern, opts.seed)] + rows
     meta = {"command": "python bench/reconstruct.py", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -145,8 +164,9 @@ def main() -> None:
         f"Command: `{meta['command']} [--pattern 4:8]`\n\n"
         "SmolLM2-135M-Instruct with the library's defaults (Wanda, G = 4, one permutation per layer, o_proj "
         "gathered, 128 x 512 calibration tokens, the learned trainer with a 600 s budget). Each plan of one calibration and one learned run prunes the dense "
-        "model with the plain mask (`ppl_masked`) and with the kept weights refitted by SparseGPT's OBS update "
-        "with that mask fixed (`ppl_reconstructed`, `--reconstruct`). Held-out perplexity on the last 32,768 "
+        "model with the plain mask (`ppl_masked`) and with the kept weights refitted with that mask fixed: by "
+        "SparseGPT's OBS update (`ppl_obs`, `--refit obs`) and by the exact masked least squares (`ppl_lstsq`, "
+        "`--refit lstsq`, the default; empty in rows measured before it existed). Held-out perplexity on the last 32,768 "
         "tokens of the embedded Wikipedia. `steps`: training steps the budget allowed (fewer on a busy "
         f"machine). Machine: {meta['machine']}, torch {meta['torch']}. {meta['date']}.\n\n"
         + markdown_table(rows, COLUMNS)))
