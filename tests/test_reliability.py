@@ -486,6 +486,9 @@ def test_ctrl_c_says_how_to_resume(model_dir, calib, tmp_path):
     ck, out = tmp_path / "ck.safetensors", tmp_path / "run"
     boot = "\n".join([
         "import os, signal",
+        # A shell's background job starts with SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler: restore it so that the test behaves the same everywhere.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
         "import permsparse.train.checkpoint as C",
         "real, saved = C.save_checkpoint, []",
         "def save(*a, **k):",
