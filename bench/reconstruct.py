@@ -136,8 +136,11 @@ def main() -> None:
         path = out / "reconstruct_plans.json"
         old = _migrate(json.loads(path.read_text())["rows"]) if path.exists() else []
         new = replay(opts.plan)
-        key = ("pattern", "sites", "seed", "ppl_run")  # one run's plan; a re-run of a seed is another row
-        rows = [r for r in old if all(tuple(r.get(k) for k in key) != tuple(n.get(k) for k in key) for n in new)] + new
+        def key(r: dict) -> tuple:  # one run's plan; a re-run of a seed is another row
+            return tuple(r.get(k) for k in ("pattern", "sites", "seed", "ppl_run"))
+
+        replayed = {key(n) for n in new}
+        rows = [r for r in old if key(r) not in replayed] + new
         meta = {"command": "python bench/reconstruct.py --plan " + " ".join(opts.plan),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
         atomic_write_json(path, {"rows": rows, "meta": meta})
