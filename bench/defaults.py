@@ -48,18 +48,19 @@ ROWS = {
     "learned-obs": ["--refit", "obs"],
     "learned-sync": ["--sync"],
     "learned-masked": ["--no-reconstruct"],
-    # Masks and refit block by block on the pruned blocks' outputs (the learned plan is learned
-    # on the dense calibration either way).
+    # Block by block on the pruned blocks' outputs: each block's statistics, masks, refit and
+    # (learned) plan come from the inputs the pruned model gives it; learned: each block's guard
+    # chooses among none, heuristic and learned.
     "heuristic-sequential": ["--permutation", "heuristic", "--sequential"],
-    "learned-sequential": ["--sequential"],
+    "learned-blockwise": ["--objective", "blockwise"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
     "sparsegpt": ["--permutation", "none", "--score", "sparsegpt"],
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-obs", "learned-sync", "learned-masked", "learned-sequential", "learned-sparsegpt")
+LEARNED = ("learned", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise", "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
-SEEDED = LEARNED + ("heuristic-sparsegpt",)
+SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential")
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
            "command"]
 

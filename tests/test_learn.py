@@ -295,28 +295,6 @@ def test_sequential_heuristic(tiny):
     assert not all(v for c, v in same.items() if c.startswith("model.layers.1."))
 
 
-def test_sequential_learned_prunes_the_end_to_end_plan_on_pruned_inputs(tiny):
-    """End-to-end learning with ``sequential``: the plan is learned and guarded on the dense
-    calibration as without it, then pruned block by block on the pruned blocks' outputs."""
-    calib = _calib()
-    learn = LearnConfig(epochs=2, batch_size=2, guard_batches=4, bf16=False)
-    seq = tiny("llama")
-    res = prune(seq.model, None, PruneConfig(groups=2, sequential=True, progress=False, learn=learn), calib)
-    one_shot = tiny("llama")
-    ref = prune(one_shot.model, None, PruneConfig(groups=2, progress=False, learn=learn), calib)
-    # Same training and guard (its losses come from the dense calibration) ...
-    assert len(res.history) == len(ref.history) > 0 and res.kept_plan == ref.kept_plan
-    assert res.guard == pytest.approx(ref.guard)
-    kept = {} if res.kept_plan == "none" else res.perms
-    assert all(torch.equal(res.perms[n].indices, ref.perms[n].indices) for n in kept)
-    check_plan(seq.model, res.sites, res.perms, "2:4", 2)
-    # ... and the same weights in block 0 (dense inputs either way), not in block 1.
-    same = {c: torch.allclose(seq.model.get_submodule(c).weight, one_shot.model.get_submodule(c).weight)
-            for s in res.sites for c in s.consumers}
-    assert all(v for c, v in same.items() if c.startswith("model.layers.0."))
-    assert not all(v for c, v in same.items() if c.startswith("model.layers.1."))
-
-
 # -- divergence and time budget --------------------------------------------------------------
 
 

@@ -140,19 +140,7 @@ def prune(
     sites, cfg = pattern_sites(model, cfg, batches)
     permutation = cfg.permutation if pattern is not None else "none"
     model.requires_grad_(False)
-    end_to_end = permutation == "learned" and cfg.learn.objective != "blockwise"
-    if cfg.sequential and end_to_end and not (cfg.offload or cfg.spread_blocks):
-        # Learn (and guard) on the dense model's calibration, then prune the kept plan block by
-        # block on the pruned blocks' outputs: masks and refit fitted to the inputs the pruned
-        # model gives (bench/results/defaults.md: the sequential rows).
-        plans = plan_candidates(model, cfg, batches, sites=sites, metrics_path=metrics_path, on_step=on_step,
-                                resume=resume)
-        kept, chosen, learned = plans.kept, plans.plans[plans.kept], plans.plans.get("learned", {})
-        history, guard = plans.history, plans.guard
-        del plans  # its one-shot statistics (Hessians) and teacher logits, before the walk makes its own
-        walk = prune_blockwise(model, sites, pattern, cfg, permutation, batches, plan=chosen)
-        result = PruneResult(sites, walk.perms, walk.reports, history, kept, guard, learned=learned)
-    elif (cfg.sequential or cfg.offload or cfg.spread_blocks
+    if (cfg.sequential or cfg.offload or cfg.spread_blocks
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):
         walk = prune_blockwise(model, sites, pattern, cfg, permutation, batches)
         result = PruneResult(sites, walk.perms, walk.reports, walk.history, walk.kept_plan, walk.guard)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -91,19 +91,14 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
 
 
 def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], pattern: NMPattern | None,
-              cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs,
-              plan: Mapping[str, Permutation] | None = None) -> dict:
+              cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs) -> dict:
     """Score, choose the plan of and prune one block; what it chose, as plain values (they
-    cross ranks when the blocks are spread). ``plan``: the permutations are given (a plan
-    chosen before the walk); the block's statistics still choose its masks and refit."""
-    scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats,
-                                        plan is None and permutation in ("heuristic", "learned"))
+    cross ranks when the blocks are spread)."""
+    scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, permutation in ("heuristic", "learned"))
     chosen: dict[str, Permutation] = {}
     rec: dict = {"history": [], "guard": {}, "kept": None}
     applied = None
-    if plan is not None:
-        chosen = {s.name: plan[s.name] for s in sites if s.name in plan}
-    elif permutation == "heuristic":
+    if permutation == "heuristic":
         chosen = heur
     elif permutation == "learned":
         chosen, rec, applied = _learn_block(model, block, name, sites, scores, heur, pattern, cfg, stats, inputs)
@@ -150,13 +145,8 @@ def _collect(order: list[str], done: dict[str, dict], permutation: str) -> Block
 
 
 def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern | None, cfg: PruneConfig,
-                    permutation: str, batches: Sequence[dict],
-                    plan: Mapping[str, Permutation] | None = None) -> BlockwiseOutcome:
-    """Prune ``model`` in place block by block (see the module's docstring for the two feeds).
-
-    ``plan``: apply these permutations (sites missing from it: none) instead of searching or
-    learning one per block; each block's masks and refit still come from its own statistics,
-    so a plan learned on the dense model is pruned on the inputs the pruned model gives."""
+                    permutation: str, batches: Sequence[dict]) -> BlockwiseOutcome:
+    """Prune ``model`` in place block by block (see the module's docstring for the two feeds)."""
     by_block: dict[str, list[Site]] = {}
     for s in sites:
         by_block.setdefault(s.block, []).append(s)
@@ -175,7 +165,7 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     done: dict[str, dict] = {}
 
     def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
-        done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs, plan)
+        done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs)
 
     device = None
     if cfg.offload:
@@ -185,4 +175,4 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
                owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread)
     if spread:
         _share_spread(model, chain, owners, by_block, done)
-    return _collect(order, done, "plan" if plan is not None else permutation)
+    return _collect(order, done, permutation)
