@@ -159,8 +159,12 @@ class LearnConfig:
     alpha: float = _opt(1.0, "weight of the distillation KL")
     bf16: bool = _opt(True, "bfloat16 autocast of the model's forward and backward while learning; "
                       "--no-bf16 (bf16 false): float32", flag="no-bf16")
-    steps_per_block: int = _opt(24, "steps per block (blockwise objective)")
-    guard_batches: int = _opt(2, "calibration batches the final guard compares the plans on")
+    steps_per_block: int = _opt(24, "steps per block (blockwise objective), at most")
+    guard_batches: int = _opt(2, "end to end: calibration batches the final guard compares the plans on")
+    # Each block's guard ran on every batch: 5 block passes over all data per block, most of a
+    # block-wise run (docs/results.md, "The block-wise objective in the budget").
+    block_guard_batches: int = _opt(8, "block-wise: calibration batches each block's guard compares the plans "
+                                    "on; 0: all")
     # A plan that loses least under the plain mask need not lose least once the kept weights are
     # refitted (MiniLM: bench/results/encoder_defaults.md); the refit of the finalists is reused.
     guard_refit: bool = _opt(True, "end to end, when the kept weights are refitted (reconstruction, SparseGPT): "
@@ -184,7 +188,9 @@ class LearnConfig:
                                    "teacher forward at every step")
     # The best model in a fixed wall time: bench/results/quality.md (defaults rows).
     time_budget: float | None = _opt(600.0, "seconds of training at most: the steps that fit (estimated from "
-                                     "the first steps, kept in the checkpoint), at most those of --epochs; 0: no budget")
+                                     "the first steps, kept in the checkpoint), at most those of --epochs; block-wise, "
+                                     "what is left shared evenly over the blocks left, at most --steps-per-block "
+                                     "each; 0: no budget")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
@@ -211,7 +217,7 @@ class LearnConfig:
         _check_float(self, "time_budget", 0.0, above=True, none_ok=True)
         _check_float(self, "teacher_cache_gb", 0.0, inf_ok=True)
         for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
-                          ("snapshots", 0), ("checkpoint_every", 1)):
+                          ("block_guard_batches", 0), ("snapshots", 0), ("checkpoint_every", 1)):
             _check_int(self, name, low)
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
             self.lr_end = None

@@ -232,8 +232,8 @@ def _first_inputs(model: nn.Module, blocks: list[nn.Module], batches: Iterable["
                   progress: bool, offload_to: torch.device | None) -> BlockInputs:
     """The first block's inputs. Offloading, the blocks stay on CPU and the layers before the
     first block visit ``offload_to`` for the capture (which stops at the first block)."""
-    if offload_to is None:
-        return capture_block_inputs(model, blocks[0], batches, progress)
+    if offload_to is None:  # the forward ends at the first block: the rest would run for nothing
+        return capture_block_inputs(model, blocks[0], batches, progress, stop=True)
     cpu = torch.device("cpu")
     for b in blocks:
         b.to(cpu)

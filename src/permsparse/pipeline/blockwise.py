@@ -59,18 +59,24 @@ def identity_plan(sites: Sequence[Site], groups: int) -> dict[str, Permutation]:
 
 
 def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site], scores: dict, heur: dict,
-                 pattern: NMPattern, cfg: PruneConfig, stats, inputs: BlockInputs
+                 pattern: NMPattern, cfg: PruneConfig, stats, inputs: BlockInputs, seconds: float | None
                  ) -> tuple[dict[str, Permutation], dict, tuple | None]:
-    """Learn one block's plan and let the block-wise guard choose among none, heuristic and
-    learned; where pruning refits the kept weights, its finalists (learned, heuristic) refitted
-    decide, and the third value is ``(weights, reports)`` of the kept one."""
+    """Learn one block's plan (in ``seconds`` at most, see :func:`train_block`) and let the
+    block-wise guard choose among none, heuristic and learned on the first
+    ``block_guard_batches`` batches; where pruning refits the kept weights, its finalists
+    (learned, heuristic) refitted decide, and the third value is ``(weights, reports)`` of
+    the kept one."""
     calls = list(zip(inputs.args, inputs.kwargs))
     targets = inputs.outputs  # the dense outputs, when run_blocks computed them already
     if targets is None:
         with torch.no_grad():
             targets = [block_output(block(*a, **k)).detach() for a, k in calls]
     learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
-                                start=heur if cfg.learn.init == "heuristic" else None)
+                                start=heur if cfg.learn.init == "heuristic" else None, seconds=seconds)
+    # Each guard round is a pass of the block over its batches: on all of them, the guard cost
+    # twice the training (bench/results/defaults.md); a subset ranks the plans alike.
+    g = cfg.learn.block_guard_batches or len(calls)
+    calls, targets = calls[:g], targets[:g]
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": heur, "learned": learned}
     losses = {k: block_loss(block, name, sites, c, scores, pattern, calls, targets, cfg.learn.bf16)
               for k, c in candidates.items()}
@@ -91,9 +97,9 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
 
 
 def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], pattern: NMPattern | None,
-              cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs) -> dict:
-    """Score, choose the plan of and prune one block; what it chose, as plain values (they
-    cross ranks when the blocks are spread)."""
+              cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs, seconds: float | None = None) -> dict:
+    """Score, choose the plan of and prune one block (``seconds``: its share of the training
+    budget); what it chose, as plain values (they cross ranks when the blocks are spread)."""
     scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, permutation in ("heuristic", "learned"))
     chosen: dict[str, Permutation] = {}
     rec: dict = {"history": [], "guard": {}, "kept": None}
@@ -101,7 +107,8 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
     if permutation == "heuristic":
         chosen = heur
     elif permutation == "learned":
-        chosen, rec, applied = _learn_block(model, block, name, sites, scores, heur, pattern, cfg, stats, inputs)
+        chosen, rec, applied = _learn_block(model, block, name, sites, scores, heur, pattern, cfg, stats, inputs,
+                                             seconds)
     rec["perms"] = {n: [p.indices.tolist(), p.groups] for n, p in chosen.items()}
     if applied is not None:  # the guard's last round pruned the kept plan already
         write_weights_(model, applied[0])
@@ -163,9 +170,17 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
         log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
                  "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
     done: dict[str, dict] = {}
+    budget = cfg.learn.time_budget
+    left = len(mine) if spread else len(order)  # the blocks this rank still learns
 
     def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
-        done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs)
+        nonlocal left
+        # The budget left, shared evenly over the blocks left: a block that ends under its share
+        # (steps_per_block) leaves the rest to the others.
+        spent = sum(h["seconds"] for rec in done.values() for h in rec["history"])
+        seconds = max(budget - spent, 0.0) / left if budget else None
+        done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs, seconds)
+        left -= 1
 
     device = None
     if cfg.offload:

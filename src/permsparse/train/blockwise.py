@@ -48,25 +48,34 @@ def train_block(
     cfg: LearnConfig,
     start: Mapping[str, Permutation] | None = None,
     progress: bool = False,
+    seconds: float | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn this block's sites so that its sparse output matches the dense ``targets`` on
-    cached ``inputs`` (normalised MSE); returns ``(perms, history)``."""
+    cached ``inputs`` (normalised MSE); returns ``(perms, history)``.
+
+    ``seconds``: this block's share of the time budget; after three steps the block's step
+    count becomes the steps that fit at the pace of the second and third (the first pays
+    one-off costs), at most ``cfg.steps_per_block`` and at least three, and τ and the lr
+    anneal over that count."""
     device = next(block.parameters()).device
     prefix = f"{block_name}."
     bank = make_bank(sites, groups, pattern, start, cfg, scores).to(device)
     weights = step_weights(_block_weights(block, prefix, sites), cfg)
     opt = make_optimizer(bank.parameters(), cfg)
-    schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, cfg.steps_per_block, cfg.tau_schedule)
+    steps = cfg.steps_per_block
+    schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepLog] = []
     prev = None
     masks: dict = {}
-    for step in tqdm(range(cfg.steps_per_block), desc=f"learn {block_name}", disable=not progress, leave=False):
+    bar = tqdm(total=steps, desc=f"learn {block_name}", disable=not progress, leave=False)
+    step, start_clock = 0, time.perf_counter()
+    while step < steps:
         t0 = time.perf_counter()
         i = int(torch.randint(len(inputs), (1,), generator=gen))
         args, kwargs = inputs[i]
-        tau = schedule(step)
-        anneal_lr(opt, cfg, step / max(cfg.steps_per_block - 1, 1))
+        tau = schedule.at(step / max(steps - 1, 1))
+        anneal_lr(opt, cfg, step / max(steps - 1, 1))
         out, ent = bank(tau, cfg.sinkhorn_iters)
         params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
                                 grad_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -82,7 +91,23 @@ def train_block(
         history.append(StepLog(step, loss.item(), float("nan"), float("nan"), tau, ent, moved_share(prev, cur),
                                time.perf_counter() - t0, opt.param_groups[0]["lr"]))
         prev = cur
+        step += 1
+        bar.update()
+        if seconds is not None and step == _PROBE and steps > _PROBE:
+            steps = _fit_steps(seconds, time.perf_counter() - start_clock, history, steps)
+            bar.total = steps
+    bar.close()
     return bank.hard(), history
+
+
+_PROBE = 3  # steps before a block's budget fixes its step count (the first is not timed)
+
+
+def _fit_steps(seconds: float, elapsed: float, history: Sequence[StepLog], steps: int) -> int:
+    """The block's step count in ``seconds``: the steps done, and those that fit in what is
+    left at the pace of the steps after the first; within ``[_PROBE, steps]``."""
+    pace = max(sum(h.seconds for h in history[1:]) / max(len(history) - 1, 1), 1e-9)
+    return max(len(history), min(steps, len(history) + int(max(seconds - elapsed, 0.0) / pace)))
 
 
 def block_loss(
