@@ -44,21 +44,25 @@ ROWS = {
     "heuristic": ["--permutation", "heuristic"],
     # SparseGPT's one-pass OBS update as the refit, the default before the exact least squares.
     "heuristic-obs": ["--permutation", "heuristic", "--refit", "obs"],
+    # The default objective (auto) is the block-wise one for SmolLM2: block by block on the pruned
+    # blocks' outputs, each block's statistics, masks, refit and plan from the inputs the pruned
+    # model gives it, each block's guard choosing among none, heuristic and learned.
     "learned": [],
-    "learned-obs": ["--refit", "obs"],
-    "learned-sync": ["--sync"],
+    # The end-to-end objective (CE + KL on the model's output), the default before auto.
+    "learned-e2e": ["--objective", "e2e"],
+    "learned-obs": ["--objective", "e2e", "--refit", "obs"],
+    "learned-sync": ["--objective", "e2e", "--sync"],
     "learned-masked": ["--no-reconstruct"],
-    # Block by block on the pruned blocks' outputs: each block's statistics, masks, refit and
-    # (learned) plan come from the inputs the pruned model gives it; learned: each block's guard
-    # chooses among none, heuristic and learned.
     "heuristic-sequential": ["--permutation", "heuristic", "--sequential"],
-    "learned-blockwise": ["--objective", "blockwise"],
+    # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
+    "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
     "sparsegpt": ["--permutation", "none", "--score", "sparsegpt"],
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise", "learned-sparsegpt")
+LEARNED = ("learned", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
+           "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential")
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
@@ -172,8 +176,10 @@ def render(rows: list[dict], meta: dict) -> str:
             "runs it: SmolLM2-135M-Instruct, the embedded Wikipedia (`domain` python-docs: the Python "
             "language reference that CPython ships, `--calib FILE`), the CLI's held-out perplexity (the text's "
             "last 32,768 tokens). The defaults: Wanda, G = 4, one permutation per layer, o_proj gathered, 128 "
-            "calibration windows of 512 tokens, a 600 s training budget (3 epochs at most), reconstruction "
-            "after the mask. gap_closed is measured against the Wanda and unstructured 50 % rows "
+            "calibration windows of 512 tokens, the auto objective (for SmolLM2 the block-wise one: block by "
+            "block on the pruned blocks' outputs, 24 steps per block at most, each block's guard on 8 "
+            "batches; end to end: 3 epochs at most), a 600 s training budget, reconstruction after the mask. "
+            "gap_closed is measured against the Wanda and unstructured 50 % rows "
             "(both without reconstruction). prune_seconds: calibration, training, guard and "
             f"reconstruction (the evaluations excluded). Machine: {meta['machine']}. {meta['date']}.\n\n"
             + (f"{meta['note']}\n\n" if meta.get("note") else "")

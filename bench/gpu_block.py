@@ -132,7 +132,7 @@ def run_depth(shape: dict, depth: int, device: torch.device, steps: int, batch: 
     model = _model(shape, depth, device, window)
     init = "identity" if direct else init
     calib = torch.randint(3, shape["vocab_size"], (steps * batch, window), generator=torch.Generator().manual_seed(0))
-    learn = LearnConfig(**NO_BUDGET, batch_size=batch, epochs=1.0, guard_batches=1, snapshots=0, bf16=True, init=init,
+    learn = LearnConfig(**NO_BUDGET, objective="e2e", batch_size=batch, epochs=1.0, guard_batches=1, snapshots=0, bf16=True, init=init,
                         activation_checkpointing=ckpt)
     pc = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn, progress=False,
                      **BEFORE_0_2)

@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
         score, permutation, pattern = METHODS[args.method]
         extra = {"lr_end": args.lr_end} if args.lr_end is not None else {}  # else the library's default
         learn = LearnConfig(epochs=args.epochs, batch_size=args.batch_size, time_budget=args.train_seconds,
-                            tau_schedule=args.tau_schedule, **extra)
+                            tau_schedule=args.tau_schedule, objective="e2e", **extra)
         cfg = PruneConfig(pattern=pattern or args.pattern, score=score, permutation=permutation,
                           groups=args.groups, learn=learn, progress=False, heuristic_power=args.heuristic_power,
                           **{**BEFORE_0_2, "sync": not args.independent})

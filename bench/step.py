@@ -72,7 +72,7 @@ def measure(steps: int, batch: int, window: int) -> dict:
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     windows = load_text_windows("wikipedia", tok, window, steps * batch, 0)
-    learn = LearnConfig(**NO_BUDGET, batch_size=batch, epochs=1.0, snapshots=0, guard_batches=1)
+    learn = LearnConfig(**NO_BUDGET, objective="e2e", batch_size=batch, epochs=1.0, snapshots=0, guard_batches=1)
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="learned", groups=4, learn=learn,
                       progress=False, **{**BEFORE_0_2, "sync": False})
     t0 = time.perf_counter()

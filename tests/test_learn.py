@@ -277,6 +277,78 @@ def test_blockwise_objective(tiny):
     check_plan(t.model, res.sites, res.perms, "2:4", 2)
 
 
+def test_blockwise_budget_fixes_each_blocks_steps(tiny):
+    # A budget already spent: each block runs the probe steps only (on the schedule of steps_per_block).
+    t = tiny("llama")
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                      learn=LearnConfig(objective="blockwise", steps_per_block=50, batch_size=2, time_budget=1e-6))
+    res = prune(t.model, None, cfg, _calib())
+    assert [h.step for h in res.history] == [0, 1, 2] * 2
+    assert res.history[0].tau == cfg.learn.tau_start > res.history[2].tau
+    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+
+
+def test_block_budget_counts_the_pace_after_the_first_step():
+    from permsparse.train.blockwise import _fit_steps
+    from permsparse.train.state import StepLog
+
+    hist = [StepLog(i, 0.0, math.nan, math.nan, 1.0, 0.0, 0.0, sec) for i, sec in enumerate([5.0, 1.0, 1.0])]
+    assert _fit_steps(10.0, 7.0, hist, 24) == 6  # 3 s left at 1 s a step (the first step's 5 s not a pace)
+    assert _fit_steps(100.0, 7.0, hist, 24) == 24  # never past steps_per_block
+    assert _fit_steps(1.0, 7.0, hist, 24) == 3  # over the budget: the steps done
+
+
+def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
+    from permsparse.pipeline import blockwise as walk
+
+    seen = []
+    real = walk.block_loss
+
+    def spy(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k):
+        seen.append((len(inputs), len(targets)))
+        return real(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k)
+
+    monkeypatch.setattr(walk, "block_loss", spy)
+    t = tiny("llama")
+    for guard, batches in ((1, 1), (0, 4)):  # 8 windows in batches of 2; 0: all of them
+        seen.clear()
+        cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                          learn=LearnConfig(objective="blockwise", steps_per_block=3, batch_size=2,
+                                            block_guard_batches=guard))
+        prune(copy.deepcopy(t.model), None, cfg, _calib())
+        assert len(seen) >= 2 * 5 and set(seen) == {(batches, batches)}
+
+
+@pytest.mark.parametrize("family, settings, want", [
+    ("llama", {}, "blockwise"),  # a causal LM, one stack of blocks
+    ("qwen2", {}, "blockwise"),
+    ("llama", {"learn": {"checkpoint_path": "ckpt.safetensors"}}, "e2e"),  # only end to end checkpoints
+    ("llama", {"learn": {"objective": "e2e"}}, "e2e"),  # asked for
+    ("bert", {}, "e2e"),  # no next-token loss
+    ("vit", {}, "e2e"),
+    ("bert", {"sequential": True}, "blockwise"),  # the walk is block by block anyway
+    ("qwen2_5_vl", {}, "e2e"),  # two stacks (vision, text)
+])
+def test_auto_objective(tiny, family, settings, want):
+    from permsparse.pipeline.calibration import pattern_sites
+
+    t = tiny(family)
+    cfg = PruneConfig(permutation="learned", groups=1, progress=False, **settings)
+    assert LearnConfig().objective == "auto"
+    _, got = pattern_sites(t.model, cfg, [t.inputs])
+    assert got.learn.objective == want
+
+
+def test_sequential_walk_runs_the_last_block_once_per_batch(tiny):
+    # Capturing the first block's inputs stops there: the blocks after it run only in the walk.
+    t = tiny("llama")
+    calls = []
+    t.model.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    prune(t.model, None, PruneConfig(permutation="heuristic", groups=2, sequential=True, progress=False,
+                                     learn={"batch_size": 4}), _calib())
+    assert len(calls) == len(_calib()) // 4
+
+
 def test_sequential_heuristic(tiny):
     calib = _calib()
     seq = tiny("llama")

@@ -33,7 +33,7 @@ PERMUTATIONS = ("none", "heuristic", "learned")
 #: ``LearnConfig.init`` values: heuristic warm start, identity-biased, zero cost plus noise,
 #: a random starting permutation.
 INIT_CHOICES = ("heuristic", "identity", "noise", "random")
-OBJECTIVES = ("e2e", "blockwise")
+OBJECTIVES = ("auto", "e2e", "blockwise")
 HEURISTICS = ("zigzag", "zigzag+swap")
 ATTN_OUT = ("fold", "gather")
 TAU_SCHEDULES = ("exponential", "linear", "cosine", "constant")
@@ -138,8 +138,11 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
 class LearnConfig:
     """Knobs of the trainer (the README's recommendations are the defaults)."""
 
-    objective: str = _opt("e2e", "end to end: CE + KL on the model's output; blockwise: per-block output MSE "
-                          "(memory flat in depth)", choices=OBJECTIVES)
+    # auto: bench/results/defaults.md (SmolLM2: block-wise ahead of end to end, in less time and memory).
+    objective: str = _opt("auto", "e2e (end to end): CE + KL on the model's output; blockwise: per-block output "
+                          "MSE, each block fed by the pruned ones before it (memory flat in depth); auto: blockwise "
+                          "for a causal LM of one block stack, e2e otherwise (encoders, classifiers, "
+                          "vision-language) and with --checkpoint", choices=OBJECTIVES)
     init: str = _opt("heuristic", "cost initialisation: heuristic warm start, identity-biased, zero + noise, "
                      "or a random permutation", choices=INIT_CHOICES)
     # Training is bounded by --time-budget; epochs only cap it where steps are fast (a GPU).
@@ -296,7 +299,7 @@ class PruneConfig:
         if self.spread_blocks and self.sequential:
             raise ValueError("spread_blocks feeds every block the dense model's inputs; sequential feeds it the "
                              "pruned blocks' outputs: choose one")
-        if self.spread_blocks and self.permutation == "learned" and self.learn.objective != "blockwise":
+        if self.spread_blocks and self.permutation == "learned" and self.learn.objective == "e2e":
             raise ValueError("spread_blocks needs the block-wise objective (objective='blockwise'); the end-to-end "
                              "objective already shares its work over ranks by splitting batches")
 

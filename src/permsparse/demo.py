@@ -2,7 +2,8 @@
 
 Runs on the embedded default (SmolLM2-135M-Instruct and Wikipedia text shipped in PyPI
 wheels), so it needs no hub. Calibration, scores and the heuristic are computed once and
-shared by the three pruned variants; the learned run trains within a time budget.
+shared by the three pruned variants (one-shot), so the learned run trains end to end
+(``objective="e2e"``; ``permsparse prune`` learns SmolLM2 block by block) within a time budget.
 ``quick`` finishes in a few minutes on 2 CPU cores; ``full`` uses the quality table's
 settings.
 """
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 
 # n_calib windows of 512 tokens; eval_tokens from the end of the corpus; training seconds.
 PRESETS: dict[str, dict] = {
-    "quick": {"n_calib": 24, "eval_tokens": 8192, "learn": {"epochs": 2.0, "batch_size": 4, "time_budget": 150.0}},
-    "full": {"n_calib": 96, "eval_tokens": 32768, "learn": {"epochs": 3.0, "batch_size": 4, "time_budget": 600.0}},
+    "quick": {"n_calib": 24, "eval_tokens": 8192, "learn": {"objective": "e2e", "epochs": 2.0, "batch_size": 4,
+                                                                "time_budget": 150.0}},
+    "full": {"n_calib": 96, "eval_tokens": 32768, "learn": {"objective": "e2e", "epochs": 3.0, "batch_size": 4,
+                                                                 "time_budget": 600.0}},
 }
 
 

@@ -37,7 +37,7 @@ class ColumnStats:
 
     ``sq_sum[j] = Σ_t x_tj²`` (Wanda, RIA) and, when ``hessian=True``, ``H = 2/n Σ_t x_t x_tᵀ``
     (SparseGPT, reconstruction). ``sq_sum`` is accumulated in float64 on the host. Inputs on the
-    host accumulate ``X Xᵀ`` in float64 there too; inputs on an accelerator accumulate it in
+    host accumulate ``X Xᵀ`` in float64 there too (each batch's product taken in float32); inputs on an accelerator accumulate it in
     float32 where they are (as SparseGPT does), because a 7B model's Hessians are ~10^15
     multiply-adds per calibration pass: minutes on a GPU, most of an hour on host cores.
     :meth:`to_host` moves it to the host once calibration is done.
@@ -58,17 +58,43 @@ class ColumnStats:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
         x = x.detach().reshape(-1, self.d_in)  # (T, d_in)
-        self.n_tokens += x.shape[0]
         if x.device.type == "cpu":
-            x = x.to(torch.float64)
-            self.sq_sum += (x * x).sum(0)
-        else:
-            x = x.float()
-            self.sq_sum += (x * x).sum(0, dtype=torch.float64).cpu()
-        if self.hessian:
+            self.add_terms(self.batch_terms(x))
+            return
+        self.n_tokens += x.shape[0]
+        x = x.float()
+        self.sq_sum += (x * x).sum(0, dtype=torch.float64).cpu()
+        if self.hessian:  # in place: no d_in x d_in temporary on the accelerator
             if self.xxt is None:
                 self.xxt = torch.zeros(self.d_in, self.d_in, dtype=x.dtype, device=x.device)
             self.xxt.addmm_(x.T.to(self.xxt), x.to(self.xxt))
+
+    def batch_terms(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """What host inputs ``x`` add, ``(tokens, Σ x², Xᵀ X)`` in float64, for :meth:`add_terms`:
+        layers that read one tensor (q/k/v, gate/up) compute it once (see ``stat_hooks``)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
+        x = x.detach().reshape(-1, self.d_in)
+        x64 = x.to(torch.float64)
+        # One batch's product in float32 (half the time of float64 on host cores; its rounding,
+        # ~1e-7 of the entries, is far below the float32 H the refit solves with), summed in float64.
+        xtx = None
+        if self.hessian:
+            x32 = x.float()
+            xtx = (x32.T @ x32).to(torch.float64)
+        return x.shape[0], (x64 * x64).sum(0), xtx
+
+    def add_terms(self, terms: tuple[int, torch.Tensor, torch.Tensor | None]) -> None:
+        """Add one batch's :meth:`batch_terms`."""
+        n, sq, xtx = terms
+        self.n_tokens += n
+        self.sq_sum += sq
+        if self.hessian:
+            if xtx is None:
+                raise ValueError("these terms were computed without the Hessian")
+            if self.xxt is None:
+                self.xxt = torch.zeros(self.d_in, self.d_in, dtype=xtx.dtype, device=xtx.device)
+            self.xxt += xtx.to(self.xxt.device)
 
     def to_host(self) -> "ColumnStats":
         """Move the Hessian accumulator to the host (keeping its dtype); returns ``self``."""

@@ -58,6 +58,18 @@ class stat_hooks:
         self.model, self.layers, self.hessian = model, list(layers), hessian
         self.stats = stats if stats is not None else {}
         self.handles: list = []
+        # The last host input and its terms: q/k/v (gate/up) are called one after the other on
+        # one tensor, whose Xᵀ X (most of a calibration pass on CPU) is then computed once.
+        self._last: tuple[torch.Tensor, tuple] | None = None
+
+    def _add(self, st: ColumnStats, x: torch.Tensor) -> None:
+        if x.device.type != "cpu":
+            st.add_batch(x)
+            return
+        last = self._last
+        if last is None or last[0] is not x or last[1][1].shape[0] != st.d_in or (st.hessian and last[1][2] is None):
+            self._last = (x, st.batch_terms(x))
+        st.add_terms(self._last[1])
 
     def __enter__(self) -> dict[str, ColumnStats]:
         for name in self.layers:
@@ -65,7 +77,7 @@ class stat_hooks:
             st = self.stats.setdefault(name, ColumnStats(lin.weight.shape[1], hessian=self.hessian))
 
             def hook(module: nn.Module, args: tuple, st: ColumnStats = st) -> None:
-                st.add_batch(args[0])
+                self._add(st, args[0])
 
             self.handles.append(lin.register_forward_pre_hook(hook))
         return self.stats
@@ -74,6 +86,7 @@ class stat_hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._last = None
         # Hessians accumulated on an accelerator wait on the host until each layer is refitted.
         for st in self.stats.values():
             st.to_host()

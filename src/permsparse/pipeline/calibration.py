@@ -54,11 +54,33 @@ def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group
                      f"channels that are multiples of M={m}; pass groups explicitly")
 
 
-def resolved(cfg: PruneConfig, sites: Sequence[Site]) -> PruneConfig:
-    """``cfg`` with ``groups="auto"`` replaced by the G it means for these ``sites``."""
-    if cfg.groups != "auto":
-        return cfg
-    return replace(cfg, groups=resolve_groups(sites, parse_pattern(cfg.pattern)))
+def resolved(cfg: PruneConfig, sites: Sequence[Site], model: nn.Module | None = None) -> PruneConfig:
+    """``cfg`` with ``groups="auto"`` replaced by the G it means for these ``sites`` and, given
+    the ``model``, ``objective="auto"`` by :func:`resolve_objective`."""
+    if cfg.groups == "auto":
+        cfg = replace(cfg, groups=resolve_groups(sites, parse_pattern(cfg.pattern)))
+    if model is not None and cfg.learn.objective == "auto":
+        cfg = replace(cfg, learn=replace(cfg.learn, objective=resolve_objective(model, sites, cfg)))
+    return cfg
+
+
+def resolve_objective(model: nn.Module, sites: Sequence[Site], cfg: PruneConfig) -> str:
+    """What ``objective="auto"`` means for ``model``: ``blockwise`` where the walk goes block by
+    block anyway (sequential, offload, spread blocks) and for a causal language model whose sites
+    lie in one stack of blocks (measured best on SmolLM2, bench/results/defaults.md); ``e2e``
+    where a run asks for what only it has (a checkpoint, activation checkpointing) and for the
+    rest, whose evidence is end to end: encoders and classifiers (no next-token loss) and
+    vision-language models (two stacks, which one chain of block inputs cannot feed)."""
+    if cfg.learn.objective != "auto":
+        return cfg.learn.objective
+    if cfg.sequential or cfg.offload or cfg.spread_blocks:
+        return "blockwise"
+    if cfg.learn.checkpoint_path or cfg.learn.activation_checkpointing:
+        return "e2e"
+    stacks = {s.block.rpartition(".")[0] for s in sites}
+    can_generate = getattr(model, "can_generate", None)
+    causal = bool(callable(can_generate) and can_generate())
+    return "blockwise" if causal and len(stacks) == 1 else "e2e"
 
 
 def pattern_sites(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -> tuple[list[Site], PruneConfig]:
@@ -78,7 +100,7 @@ def pattern_sites(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -
                          "forward could follow)" + (f"; layer types it could not handle: "
                                                      f"{', '.join(f'{t} ({n})' for t, n in sorted(types.items()))}"
                                                      if types else ""))
-    cfg = resolved(cfg, sites)
+    cfg = resolved(cfg, sites, model)
     pattern = parse_pattern(cfg.pattern)
     if pattern is not None:
         for s in sites:
