@@ -81,7 +81,7 @@ def _no_leftovers(parent: Path, name: str) -> None:
 
 def test_prune_learned_then_eval(model_dir, calib_txt, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(_prune(model_dir, calib_txt, out, "--pattern", "2:4", "--permutation", "learned"))
+    rc = main(_prune(model_dir, calib_txt, out, "--pattern", "2:4", "--permutation", "learned", "--objective", "e2e"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "report.md" in captured.out
@@ -372,7 +372,7 @@ def test_nan_loss_exits_1_and_writes_nothing(model_dir, calib_txt, tmp_path, cap
 
     monkeypatch.setattr(learn, "task_loss", nan_after_first)
     out = tmp_path / "run"
-    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "learned"))
+    rc = main(_prune(model_dir, calib_txt, out, "--permutation", "learned", "--objective", "e2e"))
     assert rc == 1  # a failure at run time, not a usage error
     line = _one_error_line(capsys.readouterr().err)
     assert "loss became nan" in line and "--lr" in line
@@ -581,7 +581,8 @@ def test_exit_2_for_a_usage_error_in_one_line(model_dir, calib_txt, tmp_path):
 
 
 def test_exit_1_for_a_failure_at_run_time_in_one_line(model_dir, calib_txt, tmp_path):
-    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--permutation", "learned", "--no-eval"), fail="nan")
+    proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--permutation", "learned", "--objective", "e2e",
+                       "--no-eval"), fail="nan")
     assert proc.returncode == 1, proc.stderr
     assert "loss became nan" in _one_error_line(proc.stderr)
     proc = _cli(_prune(model_dir, calib_txt, tmp_path / "run", "--no-eval"), fail="bug")

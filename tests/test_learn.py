@@ -38,8 +38,9 @@ from permsparse.models.sites import find_sites
 
 PATTERN = NMPattern.parse("2:4")
 VOCAB = 128  # the conftest tiny models' vocabulary
-#: A short run on the tiny LLaMA: 8 windows of 32 tokens, batches of 2 → 4 batches, 64 steps.
-TINY_LEARN = dict(epochs=16, lr=0.05, batch_size=2, guard_batches=4)
+#: A short run on the tiny LLaMA: 8 windows of 32 tokens, batches of 2 → 4 batches, 64 steps, of
+#: the end-to-end trainer (the auto objective would learn a tiny LLaMA block by block).
+TINY_LEARN = dict(objective="e2e", epochs=16, lr=0.05, batch_size=2, guard_batches=4)
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,7 @@ def test_guard_after_the_refit_keeps_the_finalist_that_refits_best_and_writes_it
     dense = copy.deepcopy(t.model)
     calib = _calib()
     cfg = PruneConfig(permutation="learned", groups=2, progress=False,
-                      learn=LearnConfig(epochs=2, batch_size=2, guard_batches=4))
+                      learn=LearnConfig(objective="e2e", epochs=2, batch_size=2, guard_batches=4))
     assert cfg.reconstruct and cfg.updates_weights and cfg.learn.guard_refit
     res = prune(t.model, None, cfg, calib)
     refit = {k.removesuffix("+refit"): v for k, v in res.guard.items() if k.endswith("+refit")}
@@ -199,7 +200,7 @@ def _guarded_run(tiny, **learn) -> tuple[dict[str, float], float, str]:
     # The plain mask: the claim is about what training optimises (the refitting guard's last
     # round is tested above).
     cfg = PruneConfig(permutation="learned", groups=2, progress=False, reconstruct=False,
-                      learn=LearnConfig(epochs=4, batch_size=2, guard_batches=4, **learn))
+                      learn=LearnConfig(objective="e2e", epochs=4, batch_size=2, guard_batches=4, **learn))
     res = prune(tiny("llama").model, None, cfg, _calib())
     # The plan the trainer returns is the best of its own (last, snapshots, averages).
     learned = min(v for k, v in res.guard.items() if k.startswith("learned"))

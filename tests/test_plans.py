@@ -12,7 +12,7 @@ from permsparse.api import calibrate, plan_candidates, prune
 from permsparse.config import LearnConfig, PruneConfig
 from permsparse.train.loop import make_batches
 
-LEARN = LearnConfig(epochs=1, batch_size=2, snapshots=1, lr=0.05)
+LEARN = LearnConfig(objective="e2e", epochs=1, batch_size=2, snapshots=1, lr=0.05)
 
 
 @pytest.fixture(autouse=True)

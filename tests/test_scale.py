@@ -52,7 +52,7 @@ def _config(**learn):
     from permsparse.config import LearnConfig
     from permsparse.config import PruneConfig
 
-    kw = dict(epochs=4, lr=0.05, batch_size=4, guard_batches=2, bf16=False, seed=3)
+    kw = dict(objective="e2e", epochs=4, lr=0.05, batch_size=4, guard_batches=2, bf16=False, seed=3)
     kw.update(learn)
     return PruneConfig(permutation="learned", groups=GROUPS, learn=LearnConfig(**kw), progress=False)
 
@@ -305,7 +305,8 @@ def test_spread_blocks_learns_against_dense_inputs():
         assert torch.equal(a, b), n
     assert dist.block_owners(5, 2) == [0, 0, 0, 1, 1] and dist.block_owners(1, 3) == [0]
     with pytest.raises(ValueError, match="block-wise objective"):
-        PruneConfig(spread_blocks=True)
+        PruneConfig(spread_blocks=True, learn={"objective": "e2e"})
+    assert PruneConfig(spread_blocks=True).learn.objective == "auto"  # auto: block-wise with spread blocks
     with pytest.raises(ValueError, match="choose one"):
         PruneConfig(spread_blocks=True, sequential=True, learn={"objective": "blockwise"})
 

@@ -11,6 +11,7 @@ evaluating and reporting are separate steps (``io``, ``evaluate``, ``report``).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -118,9 +119,15 @@ def prune(
     (e.g. ``pixel_values`` and ``labels`` for a classifier). Only magnitude pruning
     without learning needs none. ``tokenizer`` is accepted for API symmetry with
     transformers (it is not needed once ``calib`` is tokenized). ``metrics_path``: a
-    JSONL file of per-step training records; ``on_step(step_log, bank)``: called after
-    every training step (its own time is not counted as training time). ``resume``:
-    continue the end-to-end training from ``config.learn.checkpoint_path`` if it exists.
+    JSONL file of per-step training records (the block-wise objective appends them at the
+    end); ``on_step(step_log, bank)``: called after every end-to-end training step (its own
+    time is not counted as training time). ``resume``: continue the end-to-end training from
+    ``config.learn.checkpoint_path`` if it exists.
+
+    ``config.learn.objective="auto"`` (the default) learns a causal language model of one
+    stack of blocks block by block and every other model end to end (see
+    :func:`~permsparse.pipeline.calibration.resolve_objective`); ``result.config`` holds
+    the objective it chose.
 
     Under ``torch.distributed`` (see :mod:`permsparse.train.distributed`) every rank calls this
     with the same model and data: statistics and the end-to-end training are sharded over
@@ -144,6 +151,9 @@ def prune(
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):
         walk = prune_blockwise(model, sites, pattern, cfg, permutation, batches)
         result = PruneResult(sites, walk.perms, walk.reports, walk.history, walk.kept_plan, walk.guard)
+        if metrics_path and walk.history and dist.is_main():  # as the end-to-end loop appends them
+            with open(metrics_path, "a") as f:
+                f.writelines(json.dumps(h.to_json()) + "\n" for h in walk.history)
     else:
         plans = plan_candidates(model, cfg, batches, sites=sites, metrics_path=metrics_path, on_step=on_step,
                                 resume=resume)

@@ -56,10 +56,10 @@ def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group
 
 def resolved(cfg: PruneConfig, sites: Sequence[Site], model: nn.Module | None = None) -> PruneConfig:
     """``cfg`` with ``groups="auto"`` replaced by the G it means for these ``sites`` and, given
-    the ``model``, ``objective="auto"`` by :func:`resolve_objective`."""
+    the ``model``, a learned run's ``objective="auto"`` by :func:`resolve_objective`."""
     if cfg.groups == "auto":
         cfg = replace(cfg, groups=resolve_groups(sites, parse_pattern(cfg.pattern)))
-    if model is not None and cfg.learn.objective == "auto":
+    if model is not None and cfg.permutation == "learned" and cfg.learn.objective == "auto":
         cfg = replace(cfg, learn=replace(cfg.learn, objective=resolve_objective(model, sites, cfg)))
     return cfg
 
