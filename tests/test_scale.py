@@ -259,7 +259,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for k in costs:
         assert torch.allclose(costs[k], ref_costs[k], atol=1e-5, rtol=0), (k, (costs[k] - ref_costs[k]).abs().max())
     assert got["loss"] == pytest.approx([h.loss for h in ref.history], abs=1e-5)
-    assert got["guard"] == pytest.approx(ref.guard, abs=1e-5)
+    # The refitted finalists' Hessians sum float32 products of each rank's half of a batch, whose
+    # rounding differs from one process's products of whole batches (~1e-7 of an entry).
+    assert got["guard"] == pytest.approx(ref.guard, abs=1e-5, rel=1e-4)
 
 
 def test_blocks_spread_over_two_gloo_processes_match_one_process(tmp_path):

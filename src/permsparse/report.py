@@ -58,7 +58,9 @@ def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None
     if not history:
         return None
     plt = pyplot()
-    steps = [h.step for h in history]
+    # Block by block, each block counts its own steps from 0: the records in order, one block after another.
+    blockwise = any(b.step <= a.step for a, b in zip(history, history[1:]))
+    steps = list(range(len(history))) if blockwise else [h.step for h in history]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     ax = axes[0, 0]
     ax.plot(steps, [h.loss for h in history], label="loss")
@@ -75,7 +77,7 @@ def plot_training(history: Sequence[StepLog], path: "str | Path") -> Path | None
     axes[1, 1].plot(steps, [100 * h.changed for h in history])
     axes[1, 1].set_title("channels whose hard position changed (%)")
     for a in axes.flat:
-        a.set_xlabel("step")
+        a.set_xlabel("step (the blocks one after another)" if blockwise else "step")
         a.grid(alpha=0.3)
     return _finish(fig, path)
 
