@@ -165,7 +165,7 @@ class LearnConfig:
     steps_per_block: int = _opt(24, "steps per block (blockwise objective), at most")
     guard_batches: int = _opt(2, "end to end: calibration batches the final guard compares the plans on")
     # Each block's guard ran on every batch: 5 block passes over all data per block, most of a
-    # block-wise run (docs/results.md, "The block-wise objective in the budget").
+    # block-wise run (docs/results.md, "The block-wise default").
     block_guard_batches: int = _opt(8, "block-wise: calibration batches each block's guard compares the plans "
                                     "on; 0: all")
     # A plan that loses least under the plain mask need not lose least once the kept weights are

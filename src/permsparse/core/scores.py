@@ -37,8 +37,9 @@ class ColumnStats:
 
     ``sq_sum[j] = Σ_t x_tj²`` (Wanda, RIA) and, when ``hessian=True``, ``H = 2/n Σ_t x_t x_tᵀ``
     (SparseGPT, reconstruction). ``sq_sum`` is accumulated in float64 on the host. Inputs on the
-    host accumulate ``X Xᵀ`` in float64 there too (each batch's product taken in float32); inputs on an accelerator accumulate it in
-    float32 where they are (as SparseGPT does), because a 7B model's Hessians are ~10^15
+    host accumulate ``X Xᵀ`` in float64 there too (each batch's product taken in float32);
+    inputs on an accelerator accumulate it in float32 where they are (as SparseGPT does),
+    because a 7B model's Hessians are ~10^15
     multiply-adds per calibration pass: minutes on a GPU, most of an hour on host cores.
     :meth:`to_host` moves it to the host once calibration is done.
     """
