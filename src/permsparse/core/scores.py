@@ -56,12 +56,12 @@ class ColumnStats:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` of shape ``(..., d_in)``."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
-        x = x.detach().reshape(-1, self.d_in)  # (T, d_in)
         if x.device.type == "cpu":
             self.add_terms(self.batch_terms(x))
             return
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, stats expect {self.d_in}")
+        x = x.detach().reshape(-1, self.d_in)  # (T, d_in)
         self.n_tokens += x.shape[0]
         x = x.float()
         self.sq_sum += (x * x).sum(0, dtype=torch.float64).cpu()

@@ -67,7 +67,7 @@ class stat_hooks:
             st.add_batch(x)
             return
         last = self._last
-        if last is None or last[0] is not x or last[1][1].shape[0] != st.d_in or (st.hessian and last[1][2] is None):
+        if last is None or last[0] is not x or (st.hessian and last[1][2] is None):
             self._last = (x, st.batch_terms(x))
         st.add_terms(self._last[1])
 
