@@ -175,7 +175,7 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
             rows.append({"method": f"{score}+learned", "seed": seed, **measure(run.pruned(model, run.kept)[0]),
                          "prune_seconds": calib_s + run.learn_seconds, "kept_plan": run.kept,
                          "train_steps": len(run.history), "cosine_unguarded": unguarded["cosine"],
-                         "nn_agree_unguarded": unguarded["nn_agree"],
+                         "nn_agree_unguarded": unguarded["nn_agree"], **_local_refit(model, run),
                          **{f"guard_{k}": v for k, v in run.guard.items()}})
     for method, pattern, score in (("sparsegpt", "2:4", "sparsegpt"),
                                    ("wanda-unstructured50", "unstructured50", "wanda")):
@@ -188,6 +188,25 @@ def run_seed(model, tokenizer, sents: Sentences, split: str, seed: int, dense: t
         log.info("seed %d %-22s cosine %.4f  nn-agree %.4f", seed, r["method"], r["cosine"], r["nn_agree"])
     log.info("seed %d: %.0f s", seed, time.perf_counter() - t0)
     return rows
+
+
+def _local_refit(model, run) -> dict:
+    """Where the kept weights are refitted: per site, the learned plan's output error after the refit
+    over the heuristic's (each layer on its own calibration inputs), as the number of sites where
+    the learned plan is the better one and the median ratio."""
+    from permsparse.core.reconstruct import refit_error
+
+    cal = run.calibration
+    if not cal.cfg.refits:
+        return {}
+    errors = {}
+    for plan in ("heuristic", "learned"):
+        weights, _ = cal.weights(model, run.plans[plan])
+        errors[plan] = [sum(refit_error(weights[c], model.get_submodule(c).weight, cal.stats[c].xxt) for c in s.consumers)
+                        for s in cal.sites]
+    ratios = [lr / max(h, 1e-30) for lr, h in zip(errors["learned"], errors["heuristic"])]
+    return {"sites_learned_refits_better": sum(r < 1 for r in ratios), "sites": len(ratios),
+            "learned_refit_error_ratio_median": statistics.median(ratios)}
 
 
 def _prune_row(model, method: str, cfg, batches: list[dict], seed: int, measure, result: list | None = None) -> dict:
@@ -240,6 +259,9 @@ def summarise(runs: list[dict]) -> list[dict]:
         if method.endswith("+learned"):
             row["kept_plans"] = ",".join(r["kept_plan"] for r in sel)
             row["cosine_unguarded_mean"] = statistics.fmean(r["cosine_unguarded"] for r in sel)
+            if all("sites" in r for r in sel):  # refitted: sites where the learned plan refits better
+                row["sites_learned_refits_better"] = ",".join(f"{r['sites_learned_refits_better']}/{r['sites']}"
+                                                              for r in sel)
         rows.append(row)
     return rows
 
@@ -319,7 +341,7 @@ def render_sweep(result: dict) -> str:
 
     m = result["meta"]
     cols = ["setting", "method", "seeds", "cosine_mean", "cosine_std", "nn_agree_mean", "nn_agree_std",
-            "prune_seconds_mean", "kept_plans", "cosine_unguarded_mean"]
+            "prune_seconds_mean", "kept_plans", "cosine_unguarded_mean", "sites_learned_refits_better"]
     rows = [r for r in result["rows"] if r["method"] == "wanda+learned"]
     first = result["rows"][0]["setting"]
     base = [r for r in result["rows"] if r["method"] != "wanda+learned" and r["setting"] == first]

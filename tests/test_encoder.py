@@ -9,6 +9,7 @@ loss, a cached teacher trains like a live one; the hidden-state losses are what 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -107,6 +108,29 @@ def test_tiny_bert_learns_end_to_end_without_logits_and_the_guard_ranks_its_plan
     refit = {k.removesuffix("+refit"): v for k, v in res.guard.items() if k.endswith("+refit")}
     assert set(refit) == {"learned", "heuristic"}
     assert res.kept_plan == min(refit, key=lambda k: (refit[k], k != "learned"))
+
+
+def test_a_trainer_that_sees_the_refit_has_every_plan_judged_refitted(tiny):
+    t = tiny("bert")
+    batches = _padded(t.batches(8))
+    learn = {**LEARN, "epochs": 2}
+    plain = prune(copy.deepcopy(t.model), None, PruneConfig(permutation="learned", groups=2, progress=False,
+                                                              learn=LearnConfig(**learn)), batches)
+    model = copy.deepcopy(t.model)
+    res = prune(model, None, PruneConfig(permutation="learned", groups=2, progress=False,
+                                         learn=LearnConfig(**learn, refit_every=4)), batches)
+    assert len(res.history) == 16 and all(math.isfinite(h.loss) for h in res.history)
+    # One guard round, every plan refitted as the model will be: no plain-mask round before it.
+    assert not any(k.endswith("+refit") for k in res.guard)
+    assert res.guard["heuristic"] == pytest.approx(plain.guard["heuristic+refit"], rel=1e-5)
+    assert res.guard["heuristic"] < plain.guard["heuristic"]  # the refit recovers error the plain mask keeps
+    assert res.kept_plan == min(("none", "heuristic", "learned"), key=lambda k: (res.guard[k], k != "learned"))
+    for s in res.sites:  # still N:M in the kept plan's layout
+        for c in s.consumers:
+            w = model.get_submodule(c).weight
+            perm = res.perms.get(s.name)
+            w = perm.apply_to_columns(w) if perm is not None else w
+            assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all())
 
 
 def test_guard_loss_of_an_encoder_is_the_hidden_loss_of_the_pruned_model(tiny):

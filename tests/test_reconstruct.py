@@ -100,7 +100,7 @@ def test_reconstruct_prunes_to_the_same_masks_closer_to_each_dense_layer(tiny):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from permsparse.core.reconstruct import damped_hessian, masked_lstsq, refit_error  # noqa: E402
+from permsparse.core.reconstruct import damped_hessian, masked_lstsq, refit_error, restored_weights  # noqa: E402
 
 
 def _brute_force(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,6 +137,30 @@ def test_masked_lstsq_is_the_exact_least_squares_and_keeps_the_mask(seed, d_out,
     assert e_cg <= refit_error(w * mask, w, hd) + 1e-6
     obs = SparseGPT(h).prune(w, pat, mask=mask)[0]
     assert e_cg <= refit_error(obs, w, hd) * (1 + 1e-4) + 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_restored_weights_keep_the_refit_and_give_each_pruned_entry_its_best_single_value(seed):
+    # What a trainer that sees the refit permutes: the refit on the kept entries; a pruned entry, if
+    # it alone came back, takes the value that fits the dense output best (not its dense weight,
+    # which the refit has partly made up for already).
+    pat = NMPattern.parse("2:4")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 16, generator=g)
+    h = _stats(_correlated_inputs(256, 16, seed)).H
+    mask = nm_mask(w.abs(), pat)
+    refitted = masked_lstsq(w, h, mask, max_iters=200, tol=1e-7)
+    got = restored_weights(w, refitted, h)
+    assert torch.equal(got[mask], refitted[mask]) and got.dtype == w.dtype
+    hd = damped_hessian(h.double())
+    for i, j in zip(*torch.nonzero(~mask, as_tuple=True)):
+        def err(v: float) -> float:
+            row = refitted[i].clone().double()
+            row[j] = v
+            return refit_error(row[None], w[i : i + 1], hd)
+
+        v = float(got[i, j])
+        assert err(v) <= min(err(v + 1e-2), err(v - 1e-2), err(float(w[i, j])), err(0.0)) + 1e-9
 
 
 def test_masked_lstsq_handles_dead_inputs_and_refuses_bad_shapes():

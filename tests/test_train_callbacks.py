@@ -45,6 +45,8 @@ def run(tiny):
     def go(cfg: LearnConfig, **kw):
         return train_end_to_end(t.model, sites, scores, PATTERN, 2, calib, cfg, start=heur, progress=False, **kw)
 
+    go.weights = {c: t.model.get_submodule(c).weight.detach() for s in sites for c in s.consumers}
+    go.heuristic = heur
     return go
 
 
@@ -129,6 +131,28 @@ def test_checkpoint_resume_through_the_callbacks_gives_identical_plans(run, tmp_
         return {k: v for k, v in h.to_json().items() if k != "seconds"}
 
     assert [drop_time(h) for h in hist] == [drop_time(h) for h in ref_hist]
+
+
+# -- the trainer that sees the refit ------------------------------------------------------------
+
+
+def test_refit_every_refits_at_its_steps_and_a_refit_that_keeps_the_weights_changes_nothing(run):
+    cfg = LearnConfig(epochs=2, batch_size=2, lr=0.05, bf16=False, refit_every=3)  # 8 steps: refits at 0, 3, 6
+    ref, ref_hist = run(replace(cfg, refit_every=0))
+    plans = []
+
+    def dense(plan):  # W' = W on the kept entries: the trainer's weights stay the dense ones
+        plans.append(plan)
+        return dict(run.weights)
+
+    got, hist = run(cfg, refit=dense)
+    assert len(plans) == 3 and plans[0] == run.heuristic  # the first refit is of the warm start
+    assert got == ref and [h.loss for h in hist] == [h.loss for h in ref_hist]
+    # Refitted weights enter the loss: twice the dense ones on every kept entry change the first step.
+    _, doubled = run(cfg, refit=lambda plan: {c: 2 * w for c, w in run.weights.items()})
+    assert doubled[0].loss != ref_hist[0].loss
+    _, off = run(replace(cfg, refit_every=0), refit=lambda plan: pytest.fail("refit_every=0 must not refit"))
+    assert [h.loss for h in off] == [h.loss for h in ref_hist]
 
 
 # -- timing and the hooks -------------------------------------------------------------------------

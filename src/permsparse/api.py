@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from permsparse.config import PruneConfig
 from permsparse.core.pattern import parse_pattern
 from permsparse.core.permutation import Permutation
+from permsparse.core.reconstruct import restored_weights
 from permsparse.models.apply import SiteReport, write_weights_
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.blockwise import identity_plan, prune_blockwise
@@ -250,9 +251,12 @@ def plan_candidates(
     t0 = time.perf_counter()
     plans, history, guard, kept = learn_permutations(
         model, calibration.sites, calibration.scores, calibration.heuristic, cfg, calibration.batches,
-        metrics_path, on_step, resume, teachers=calibration.teachers)
+        metrics_path, on_step, resume, teachers=calibration.teachers,
+        refit=(lambda perms: calibration.weights(model, perms)[0]) if cfg.refits else None,
+        hessians={c: st.xxt for c, st in calibration.stats.items()} if cfg.refits else None)
     applied = None
-    if cfg.learn.guard_refit and cfg.updates_weights:
+    # (A trainer that saw the refit had its guard refit every plan already.)
+    if cfg.learn.guard_refit and cfg.updates_weights and not (cfg.refits and cfg.learn.refit_every):
         kept, applied = _guard_refitted(model, calibration, plans, guard, cfg)
     return CandidatePlans(calibration, plans, kept, history, guard, time.perf_counter() - t0, applied)
 
@@ -317,6 +321,8 @@ def learn_permutations(
     on_step=None,
     resume: bool = False,
     teachers: Sequence[torch.Tensor] | None = None,
+    refit: "Callable[[Mapping[str, Permutation]], Mapping[str, torch.Tensor]] | None" = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, dict[str, Permutation]], list[StepLog], dict[str, float], str]:
     """Train end to end, then the guard: ``(candidates, history, guard_losses, kept_plan)``.
 
@@ -327,30 +333,50 @@ def learn_permutations(
     the costs (``cfg.learn.average``, ``cfg.learn.tail_average``), whichever has the lowest
     calibration loss
     (``guard_losses`` holds the others as ``learned@<step>``, ``learned@avg<decay>`` and
-    ``learned@tail<share>``).
+    ``learned@tail<share>``). ``refit``: ``fn(plan) -> {consumer: W'}``, the weights pruning
+    writes under a plan, and ``hessians`` each consumer's ``XᵀX``: with ``cfg.learn.refit_every``
+    the trainer permutes ``W'`` completed by :func:`~permsparse.core.reconstruct.restored_weights`
+    (see :func:`~permsparse.train.loop.train_end_to_end`), and the guard weighs every plan refitted.
     """
     cfg = resolved(cfg, sites)
     pattern = parse_pattern(cfg.pattern)
     snapshots: dict[int, dict[str, Permutation]] = {}
     averaged: dict[str, dict[str, Permutation]] = {}
+    weights = _weights(model, sites)
+    refitted = refit is not None and cfg.learn.refit_every > 0
+    if refitted and hessians is None:
+        raise ValueError("refit_every needs each layer's Hessian (hessians) beside refit")
+
+    def restored(plan: Mapping[str, Permutation]) -> dict[str, torch.Tensor]:
+        return {c: restored_weights(weights[c], w, hessians[c]) for c, w in refit(plan).items()}
+
     learned, history = train_end_to_end(
         model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
         on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged, teachers=teachers,
+        refit=restored if refitted else None,
     )
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}
     last = len(history) - 1
     candidates.update({f"learned@{st}": plan for st, plan in sorted(snapshots.items()) if st < last})
     candidates.update({f"learned@{k}": plan for k, plan in averaged.items()})
     guard_batches, teachers = _guard_inputs(model, cfg, batches, teachers)
-    weights = _weights(model, sites)
-    guard = {  # each rank its shard of the guard batches; equal shards, so the mean is the global loss
-        name: dist.mean_float(evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches,
-                                            cfg.learn.alpha, cfg.learn.bf16, teachers, cfg.learn.hidden_loss))
-        for name, cand in candidates.items()
-    }
+
+    def loss_of(cand: Mapping[str, Permutation]) -> float:
+        # A trainer that learned for the refitted model is judged by it: every plan refitted.
+        if refitted:
+            params = {f"{k}.weight": w for k, w in refit(cand).items()}
+            loss = evaluate_params(model, params, guard_batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
+                                   cfg.learn.hidden_loss)
+        else:
+            loss = evaluate_plan(model, sites, cand, weights, scores, pattern, guard_batches, cfg.learn.alpha,
+                                 cfg.learn.bf16, teachers, cfg.learn.hidden_loss)
+        return dist.mean_float(loss)  # each rank its shard; equal shards, so the mean is the global loss
+
+    guard = {name: loss_of(cand) for name, cand in candidates.items()}
     plan = min(guard, key=lambda k: (guard[k], k != "learned"))
-    log.info("guard (calibration loss): %s; kept %s", ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
+    log.info("guard (calibration loss%s): %s; kept %s", ", every plan refitted" if refitted else "",
+             ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
     if plan.startswith("learned@"):
         # The learned result is the best of its own plans: an earlier one won the guard.
         candidates["learned"] = candidates[plan]

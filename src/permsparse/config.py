@@ -174,6 +174,12 @@ class LearnConfig:
                              "the guard also compares its finalists (the best learned plan and the heuristic) "
                              "refitted, as the model will have them; --no-guard-refit: by the plain mask only",
                              flag="no-guard-refit")
+    # Under the plain mask the trainer learns a plan for W ⊙ M, but the model ships the refitted
+    # weights, which recover more from other plans (MiniLM: docs/results.md, "The trainer sees the refit").
+    refit_every: int = _opt(0, "end to end, when the kept weights are refitted (reconstruction): every this many "
+                            "steps the weights the trainer permutes take the refit of its current plan on the "
+                            "kept entries (the dense ones elsewhere), so it learns the plan for the refitted "
+                            "model; 0: off")
     # The training loss is noisy at low τ and a late plan can be worse than an earlier one.
     snapshots: int = _opt(3, "end to end: hard plans taken evenly during training that the guard weighs "
                           "beside the last one")
@@ -220,7 +226,7 @@ class LearnConfig:
         _check_float(self, "time_budget", 0.0, above=True, none_ok=True)
         _check_float(self, "teacher_cache_gb", 0.0, inf_ok=True)
         for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
-                          ("block_guard_batches", 0), ("snapshots", 0), ("checkpoint_every", 1)):
+                          ("block_guard_batches", 0), ("refit_every", 0), ("snapshots", 0), ("checkpoint_every", 1)):
             _check_int(self, name, low)
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
             self.lr_end = None

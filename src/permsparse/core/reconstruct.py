@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["REFIT_METHODS", "damped_hessian", "masked_lstsq", "refit_error"]
+__all__ = ["REFIT_METHODS", "damped_hessian", "masked_lstsq", "refit_error", "restored_weights"]
 
 #: ``lstsq``: the exact masked least squares (this module); ``obs``: SparseGPT's one-pass OBS update.
 REFIT_METHODS = ("lstsq", "obs")
@@ -98,3 +98,22 @@ def masked_lstsq(
         P = Z + (rz_new / rz.clamp_min(1e-30)) * P
         rz = rz_new
     return (X * M).to(weight.dtype)
+
+
+@torch.no_grad()
+def restored_weights(weight: torch.Tensor, refitted: torch.Tensor, hessian: torch.Tensor,
+                     percdamp: float = 0.01) -> torch.Tensor:
+    """The refitted weights ``W'`` (kept entries) completed, on every pruned entry, by the value
+    that entry would best take if it alone were kept again: one exact coordinate step on the
+    residual, ``(W − W')H / diag(H)``.
+
+    A plan that moves a pruned input into the mask then gains what that input adds to the refitted
+    row, not its dense weight (which the refit has already made up for in part, and would count
+    twice). On the kept entries ``W'`` stays as it is. Float32 on ``weight``'s device, ``weight``'s dtype.
+    """
+    dev = weight.device
+    H = damped_hessian(hessian.to(dev, torch.float64), percdamp)
+    H = (H / torch.diag(H).mean()).to(torch.float32)
+    R = refitted.detach().to(dev, torch.float32)
+    step = ((weight.detach().float() - R) @ H) / torch.diag(H)
+    return torch.where(R != 0, R, step).to(weight.dtype)

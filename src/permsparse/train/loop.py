@@ -68,6 +68,7 @@ def train_end_to_end(
     averaged: dict[str, dict[str, Permutation]] | None = None,
     teachers: Sequence[torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
+    refit: "Callable[[Mapping[str, Permutation]], Mapping[str, torch.Tensor]] | None" = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn the hard permutation of every site end to end; returns ``(perms, history)``.
 
@@ -92,6 +93,12 @@ def train_end_to_end(
     steps (:class:`~permsparse.train.callbacks.StepBudget`), and kept in the checkpoint, so
     that τ and the lr follow the same schedule after a resume.
 
+    ``refit``: ``fn(plan) -> {consumer: W}``, the weights the steps permute and mask once the
+    kept weights are refitted under ``plan`` (:func:`~permsparse.api.learn_permutations` gives the
+    refitted weights on the kept entries, :func:`~permsparse.core.reconstruct.restored_weights`
+    elsewhere). With ``cfg.refit_every`` > 0 the steps take them from the current plan at every
+    that many steps (and at a resumed run's first): the loss is then the refitted model's.
+
     Under ``torch.distributed`` each rank runs its shard of every global batch and the
     cost gradients are averaged over ranks (see :mod:`permsparse.train.distributed`); only
     rank 0 writes the metrics and the checkpoint.
@@ -99,6 +106,7 @@ def train_end_to_end(
     if resume and not cfg.checkpoint_path:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
     run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers)
+    run.refit = refit if cfg.refit_every else None
     cbs = _callbacks(cfg, averaged, snapshots, progress, metrics_path, on_step, callbacks)
     if cfg.checkpoint_path:
         key = run_key(cfg, sites, groups, pattern, len(run.batches), dict(state.bank.named_parameters()))
@@ -158,6 +166,8 @@ class _Run:
     good: HostMirror | None = None  # the bank's costs before the last good step (on the host)
     modules: frozenset[str] = frozenset()  # the model's module names (the blocks to checkpoint among them)
     call_kwargs: dict = field(default_factory=dict)  # for every forward: no KV cache
+    refit: Callable | None = None  # plan -> refitted weights (``train_end_to_end``'s ``refit``)
+    refitted_at: int | None = None  # the step whose plan the step weights were last refitted under
 
     def teacher(self, idx: int, batch: Mapping[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
         """The dense model's logits (hidden states, for a model without logits) of batch ``idx``."""
@@ -213,10 +223,22 @@ def _phase(cbs: Sequence[Callback], state: TrainState, name: str) -> Iterator[No
             cb.on_phase_end(state, name)
 
 
+def _refit_weights(run: _Run, state: TrainState) -> None:
+    """The step weights from the refit of the bank's current hard plan (see ``train_end_to_end``)."""
+    refitted = run.refit(state.bank.hard())
+    run.step_weights = step_weights({c: refitted[c].to(w.device, w.dtype) for c, w in state.weights.items()},
+                                    state.cfg)
+    run.refitted_at = state.step
+    log.debug("step %d: the trainer's weights refitted under its current plan", state.step)
+
+
 def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLog:
     """One optimizer step on the next batch; the step's record."""
     t0 = time.perf_counter()
     cfg, bank = state.cfg, state.bank
+    if run.refit is not None and (run.refitted_at is None or state.step % cfg.refit_every == 0):
+        with record_function("permsparse.refit"):  # not a phase: only some steps refit
+            _refit_weights(run, state)
     if not state.order:
         state.order = torch.randperm(len(run.batches), generator=state.generator).tolist()
     idx = state.order.pop()
