@@ -4,6 +4,9 @@
     python bench/encoder.py --split val --seeds 0    # the same on the validation sentences (for tuning)
     python bench/encoder.py --defaults               # the same with the library's defaults (encoder_defaults.md)
     python bench/encoder.py --defaults --scores wanda,sparsegpt   # + SparseGPT's mask under the plans (7.5 min)
+    python bench/encoder.py --defaults --split val --seeds 0 1 --sweep refit_every=0,8 \
+        --sweep refit_every=8+lr=0.01+margin=0.3+tau_start=0.1+tau_end=0.02 \
+        --out bench/results/encoder_refit_val.json   # the trainer that sees the refit (29 min)
 
 Sentences come from the embedded Wikipedia text: every article is split into sentences; those
 of every tenth article (articles 9, 19, ...) are the **test** pool, of the articles before

@@ -177,9 +177,9 @@ class LearnConfig:
     # Under the plain mask the trainer learns a plan for W ⊙ M, but the model ships the refitted
     # weights, which recover more from other plans (MiniLM: docs/results.md, "The trainer sees the refit").
     refit_every: int = _opt(0, "end to end, when the kept weights are refitted (reconstruction): every this many "
-                            "steps the weights the trainer permutes take the refit of its current plan on the "
-                            "kept entries (the dense ones elsewhere), so it learns the plan for the refitted "
-                            "model; 0: off")
+                            "steps the weights the trainer permutes become the refit of its current plan (each "
+                            "pruned entry: its best value were it kept again), so it learns the plan for the "
+                            "refitted model, and the guard weighs every plan refitted; 0: off")
     # The training loss is noisy at low τ and a late plan can be worse than an earlier one.
     snapshots: int = _opt(3, "end to end: hard plans taken evenly during training that the guard weighs "
                           "beside the last one")
