@@ -26,8 +26,8 @@ from permsparse.train.loop import train_end_to_end
 from permsparse.train.loss import dense_target, hidden_loss
 
 PATTERN = NMPattern.parse("2:4")
-#: 8 batches of 2 sentences of 12 tokens, 8 epochs: 64 steps on the tiny BERT.
-LEARN = dict(epochs=8, batch_size=2, lr=0.05, guard_batches=4)
+#: 8 batches of 2 sentences of 12 tokens, 8 epochs: 64 steps on the tiny BERT, end to end (auto: block-wise).
+LEARN = dict(epochs=8, batch_size=2, lr=0.05, guard_batches=4, objective="e2e")
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +227,7 @@ def test_embedded_minilm_learns_through_the_api(minilm):
     model = copy.deepcopy(model)
     text = ["The quick brown fox jumps over the lazy dog near the river bank today."] * 4
     batches = [dict(tok(text[:2], return_tensors="pt")), dict(tok(text[2:], return_tensors="pt"))]
-    cfg = PruneConfig(permutation="learned", progress=False, learn=LearnConfig(epochs=2, batch_size=2))
+    cfg = PruneConfig(permutation="learned", progress=False, learn=LearnConfig(epochs=2, batch_size=2, objective="e2e"))
     res = prune(model, tok, cfg, batches)
     assert len(res.history) == 4 and all(math.isfinite(h.loss) for h in res.history)
     assert res.kept_plan in ("none", "heuristic", "learned") and all(math.isfinite(v) for v in res.guard.values())

@@ -325,7 +325,7 @@ def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
     ("qwen2", {}, "blockwise"),
     ("llama", {"learn": {"checkpoint_path": "ckpt.safetensors"}}, "e2e"),  # only end to end checkpoints
     ("llama", {"learn": {"objective": "e2e"}}, "e2e"),  # asked for
-    ("bert", {}, "e2e"),  # no next-token loss
+    ("bert", {}, "blockwise"),  # a BertModel: no head, its output is the last block's
     ("vit", {}, "e2e"),
     ("bert", {"sequential": True}, "blockwise"),  # the walk is block by block anyway
     ("qwen2_5_vl", {}, "e2e"),  # two stacks (vision, text)

@@ -66,11 +66,13 @@ def resolved(cfg: PruneConfig, sites: Sequence[Site], model: nn.Module | None = 
 
 def resolve_objective(model: nn.Module, sites: Sequence[Site], cfg: PruneConfig) -> str:
     """What ``objective="auto"`` means for ``model``: ``blockwise`` where the walk goes block by
-    block anyway (sequential, offload, spread blocks) and for a causal language model whose sites
-    lie in one stack of blocks (measured best on SmolLM2, bench/results/defaults.md); ``e2e``
-    where a run asks for what only it has (a checkpoint, activation checkpointing) and for the
-    rest, whose evidence is end to end: encoders and classifiers (no next-token loss) and
-    vision-language models (two stacks, which one chain of block inputs cannot feed)."""
+    block anyway (sequential, offload, spread blocks), and for a causal language model or a model
+    without a head (a sentence embedder such as ``BertModel``: its output is the last block's)
+    whose sites lie in one stack of blocks (measured best on SmolLM2, bench/results/defaults.md,
+    and MiniLM, encoder_defaults.md); ``e2e`` where a run asks for what only it has (a checkpoint,
+    activation checkpointing) and for the rest, whose evidence is end to end: classifiers (a
+    task loss on labels) and vision-language models (two stacks, which one chain of block inputs
+    cannot feed)."""
     if cfg.learn.objective != "auto":
         return cfg.learn.objective
     if cfg.sequential or cfg.offload or cfg.spread_blocks:
@@ -80,7 +82,8 @@ def resolve_objective(model: nn.Module, sites: Sequence[Site], cfg: PruneConfig)
     stacks = {s.block.rpartition(".")[0] for s in sites}
     can_generate = getattr(model, "can_generate", None)
     causal = bool(callable(can_generate) and can_generate())
-    return "blockwise" if causal and len(stacks) == 1 else "e2e"
+    headless = getattr(model, "base_model", None) is model  # transformers: a model is its own base without a head
+    return "blockwise" if (causal or headless) and len(stacks) == 1 else "e2e"
 
 
 def pattern_sites(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict]) -> tuple[list[Site], PruneConfig]:
