@@ -93,11 +93,10 @@ def train_end_to_end(
     steps (:class:`~permsparse.train.callbacks.StepBudget`), and kept in the checkpoint, so
     that τ and the lr follow the same schedule after a resume.
 
-    ``refit``: ``fn(plan) -> {consumer: W}``, the weights the steps permute and mask once the
-    kept weights are refitted under ``plan`` (:func:`~permsparse.api.learn_permutations` gives the
-    refitted weights on the kept entries, :func:`~permsparse.core.reconstruct.restored_weights`
-    elsewhere). With ``cfg.refit_every`` > 0 the steps take them from the current plan at every
-    that many steps (and at a resumed run's first): the loss is then the refitted model's.
+    ``refit``: ``fn(plan) -> {consumer: W}``, the weights to permute once the kept weights are
+    refitted under ``plan`` (see :func:`~permsparse.api.learn_permutations`); with
+    ``cfg.refit_every`` the steps take them from the current plan every that many steps (and at a
+    resumed run's first), so the loss is the refitted model's.
 
     Under ``torch.distributed`` each rank runs its shard of every global batch and the
     cost gradients are averaged over ranks (see :mod:`permsparse.train.distributed`); only
@@ -105,8 +104,7 @@ def train_end_to_end(
     """
     if resume and not cfg.checkpoint_path:
         raise ValueError("resume needs a checkpoint path (LearnConfig.checkpoint_path / --checkpoint)")
-    run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers)
-    run.refit = refit if cfg.refit_every else None
+    run, state = _start(model, sites, scores, pattern, groups, calib, cfg, start, teachers, refit)
     cbs = _callbacks(cfg, averaged, snapshots, progress, metrics_path, on_step, callbacks)
     if cfg.checkpoint_path:
         key = run_key(cfg, sites, groups, pattern, len(run.batches), dict(state.bank.named_parameters()))
@@ -179,7 +177,8 @@ class _Run:
             return dense_target(self.model(**model_inputs(batch), **self.call_kwargs))
 
 
-def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers) -> tuple[_Run, TrainState]:
+def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start, teachers,
+           refit=None) -> tuple[_Run, TrainState]:
     """The run's constants and its state at step 0."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
@@ -191,7 +190,8 @@ def _start(model, sites, scores, pattern, groups, calib, cfg: LearnConfig, start
     steps = max(1, int(round(cfg.epochs * len(batches))))
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
     run = _Run(model, device, batches, teachers, step_weights(weights, cfg), schedule,
-               modules=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model))
+               modules=frozenset(n for n, _ in model.named_modules()), call_kwargs=no_cache_kwargs(model),
+               refit=refit if cfg.refit_every else None)
     state = TrainState(bank, sites, weights, scores, pattern, cfg=cfg, opt=make_optimizer(bank.parameters(), cfg),
                        steps=steps, generator=torch.Generator().manual_seed(cfg.seed))
     return run, state
