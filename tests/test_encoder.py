@@ -133,6 +133,17 @@ def test_a_trainer_that_sees_the_refit_has_every_plan_judged_refitted(tiny):
             assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all())
 
 
+def test_refit_every_where_it_cannot_apply_is_said(tiny, caplog):
+    # auto takes the block-wise objective for a BertModel: the trainer that sees the refit is end to end only.
+    t = tiny("bert")
+    learn = LearnConfig(epochs=1, batch_size=4, refit_every=2, steps_per_block=2)
+    with caplog.at_level("WARNING", logger="permsparse.api"):
+        res = prune(t.model, None, PruneConfig(permutation="learned", groups=2, progress=False, learn=learn),
+                    t.batches(8))
+    assert res.config.learn.objective == "blockwise"
+    assert "refit_every is ignored" in caplog.text and "blockwise" in caplog.text
+
+
 def test_guard_loss_of_an_encoder_is_the_hidden_loss_of_the_pruned_model(tiny):
     t = tiny("bert")
     dense = t.clone()

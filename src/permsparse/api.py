@@ -125,8 +125,8 @@ def prune(
     time is not counted as training time). ``resume``: continue the end-to-end training from
     ``config.learn.checkpoint_path`` if it exists.
 
-    ``config.learn.objective="auto"`` (the default) learns a causal language model of one
-    stack of blocks block by block and every other model end to end (see
+    ``config.learn.objective="auto"`` (the default) learns a causal language model, or a model
+    without a head, of one stack of blocks block by block and every other model end to end (see
     :func:`~permsparse.pipeline.calibration.resolve_objective`); ``result.config`` holds
     the objective it chose.
 
@@ -147,6 +147,9 @@ def prune(
     batches = make_batches(calib, cfg.learn.batch_size) if calib is not None else []
     sites, cfg = pattern_sites(model, cfg, batches)
     permutation = cfg.permutation if pattern is not None else "none"
+    if permutation == "learned" and cfg.learn.refit_every and not (cfg.learn.objective == "e2e" and cfg.refits):
+        log.warning("refit_every is ignored: it needs the end-to-end objective (this run: %s) and reconstruction "
+                    "(this run: %s)", cfg.learn.objective, "on" if cfg.refits else "off")
     model.requires_grad_(False)
     if (cfg.sequential or cfg.offload or cfg.spread_blocks
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):

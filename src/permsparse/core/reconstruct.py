@@ -109,7 +109,9 @@ def restored_weights(weight: torch.Tensor, refitted: torch.Tensor, hessian: torc
 
     A plan that moves a pruned input into the mask then gains what that input adds to the refitted
     row, not its dense weight (which the refit has already made up for in part, and would count
-    twice). On the kept entries ``W'`` stays as it is. Float32 on ``weight``'s device, ``weight``'s dtype.
+    twice). On the kept entries ``W'`` stays as it is (an entry the refit set exactly to zero counts
+    as pruned: its coordinate step is then the same refit's, about zero). Float32 on ``weight``'s
+    device, ``weight``'s dtype.
     """
     dev = weight.device
     H = damped_hessian(hessian.to(dev, torch.float64), percdamp)
