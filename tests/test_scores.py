@@ -156,6 +156,29 @@ def _hessian_of_half(x: torch.Tensor) -> torch.Tensor:
     return (2.0 / x.shape[0] * xh.T @ xh).float()
 
 
+def test_column_stats_under_bf16_autocast_take_the_hessian_in_full_precision():
+    # A calibration pass under the trainer's bfloat16 autocast: the Hessian's products must not run
+    # in bfloat16 (a low-rank XᵀX then turns indefinite and the refit diverged to NaN).
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0))
+    ref = ColumnStats(24, hessian=True)
+    ref.add_batch(x)
+    got = ColumnStats(24, hessian=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        got.add_batch(x)
+    assert torch.equal(got.xxt, ref.xxt) and torch.equal(got.sq_sum, ref.sq_sum)
+
+
+def test_refit_that_diverges_is_refused_not_written():
+    from permsparse.core.reconstruct import masked_lstsq
+
+    w = torch.randn(4, 8)
+    h = torch.eye(8)
+    h[0, 1] = h[1, 0] = float("inf")  # overflowed statistics: whatever the cause, no NaN model is written
+    mask = nm_mask(w.abs(), NMPattern.parse("2:4"))
+    with pytest.raises(FloatingPointError, match="refit diverged"):
+        masked_lstsq(w, h, mask)
+
+
 def test_column_stats_errors():
     stats = ColumnStats(8)
     with pytest.raises(ValueError, match="input has 7 features, stats expect 8"):

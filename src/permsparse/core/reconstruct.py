@@ -97,6 +97,11 @@ def masked_lstsq(
         rz_new = (R * Z).sum(1, keepdim=True)
         P = Z + (rz_new / rz.clamp_min(1e-30)) * P
         rz = rz_new
+    if not bool(torch.isfinite(X).all()):  # never write a NaN model: say why instead
+        raise FloatingPointError(
+            "the refit diverged (non-finite weights): the calibration Hessian is not positive definite "
+            "after damping, e.g. taken in low precision or from too few distinct inputs; give more "
+            "calibration data, or prune without the refit (--no-reconstruct)")
     return (X * M).to(weight.dtype)
 
 

@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 SCORES = ("magnitude", "wanda", "ria", "sparsegpt")
 
 
+def _full_precision(x: torch.Tensor):
+    """No autocast around the Hessian's products: a calibration pass under bfloat16 autocast would
+    take them in bfloat16, whose rounding leaves a low-rank ``XᵀX`` indefinite beyond the refit's
+    damping (the refit's conjugate gradient then diverges to NaN)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @dataclass
 class ColumnStats:
     """Accumulates per-input-channel statistics of a linear layer's input, batch by batch.
@@ -68,7 +75,8 @@ class ColumnStats:
         if self.hessian:  # in place: no d_in x d_in temporary on the accelerator
             if self.xxt is None:
                 self.xxt = torch.zeros(self.d_in, self.d_in, dtype=x.dtype, device=x.device)
-            self.xxt.addmm_(x.T.to(self.xxt), x.to(self.xxt))
+            with _full_precision(x):
+                self.xxt.addmm_(x.T.to(self.xxt), x.to(self.xxt))
 
     def batch_terms(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor | None]:
         """What host inputs ``x`` add, ``(tokens, Σ x², Xᵀ X)`` in float64, for :meth:`add_terms`:
@@ -82,7 +90,8 @@ class ColumnStats:
         xtx = None
         if self.hessian:
             x32 = x.float()
-            xtx = (x32.T @ x32).to(torch.float64)
+            with _full_precision(x32):
+                xtx = (x32.T @ x32).to(torch.float64)
         return x.shape[0], (x64 * x64).sum(0), xtx
 
     def add_terms(self, terms: tuple[int, torch.Tensor, torch.Tensor | None]) -> None:
