@@ -41,6 +41,12 @@ def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tenso
     return H
 
 
+def _unit_hessian(hessian: torch.Tensor, device: torch.device, percdamp: float) -> torch.Tensor:
+    """The damped Hessian rescaled to unit mean diagonal (which changes no solution), float32 on ``device``."""
+    H = damped_hessian(hessian.to(device, torch.float64), percdamp)
+    return (H / torch.diag(H).mean()).to(torch.float32)
+
+
 def refit_error(new: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """The output error ``tr((W' − W) H (W' − W)ᵀ)`` on the calibration inputs (float64)."""
     D = (new.detach().double() - weight.detach().double().to(new.device))
@@ -73,8 +79,7 @@ def masked_lstsq(
     if mask.shape != weight.shape:
         raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(weight.shape)}")
     dev, dt = weight.device, torch.float32
-    H = damped_hessian(hessian.to(dev, torch.float64), percdamp)
-    H = (H / torch.diag(H).mean()).to(dt)
+    H = _unit_hessian(hessian, dev, percdamp)
     W = weight.detach().to(dt)
     M = mask.to(dev, dt)
     inv_diag = 1.0 / torch.diag(H)  # Jacobi: H's diagonal is positive after damping
@@ -119,8 +124,7 @@ def restored_weights(weight: torch.Tensor, refitted: torch.Tensor, hessian: torc
     device, ``weight``'s dtype.
     """
     dev = weight.device
-    H = damped_hessian(hessian.to(dev, torch.float64), percdamp)
-    H = (H / torch.diag(H).mean()).to(torch.float32)
+    H = _unit_hessian(hessian, dev, percdamp)
     R = refitted.detach().to(dev, torch.float32)
     step = ((weight.detach().float() - R) @ H) / torch.diag(H)
     return torch.where(R != 0, R, step).to(weight.dtype)
