@@ -744,3 +744,14 @@ def test_bf16_calibration_pass_gives_bf16_teacher_logits_and_near_float32_statis
         finally:
             pipeline.collect_stats = saved
         assert calls == [bf16], (permutation, score, calls)
+
+
+def test_a_non_finite_guard_loss_never_wins_and_none_finite_is_refused():
+    from permsparse.train.guard import lowest_loss
+
+    nan, inf = float("nan"), float("inf")
+    assert lowest_loss({"learned": nan, "heuristic": 0.5, "none": 0.7}, prefer="learned") == "heuristic"
+    assert lowest_loss({"none": 0.5, "learned": 0.5}, prefer="learned") == "learned"  # a tie: the preferred
+    assert lowest_loss({"learned": 0.5, "heuristic": 0.5}) == "learned"  # a tie: the earlier
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lowest_loss({"learned": nan, "heuristic": inf})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from permsparse.pipeline.calibration import (
 )
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
-from permsparse.train.guard import evaluate_params, evaluate_plan, refit_finalists, teacher_logits
+from permsparse.train.guard import evaluate_params, evaluate_plan, lowest_loss, refit_finalists, teacher_logits
 from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
@@ -291,9 +292,11 @@ def _guard_refitted(model: nn.Module, calibration: Calibration, plans: Mapping[s
         loss = dist.mean_float(evaluate_params(model, params, batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
                                                cfg.learn.hidden_loss))
         guard[f"{name}+refit"] = loss
-        if best is None or loss < guard[f"{best[0]}+refit"]:
+        if math.isfinite(loss) and (best is None or loss < guard[f"{best[0]}+refit"]):
             best = (name, weights, reports)
         del weights, params
+    if best is None:
+        lowest_loss({k: guard[f"{k}+refit"] for k in finalists})  # raises: no finite loss
     log.info("guard after the refit: %s; kept %s",
              ", ".join(f"{k} {guard[f'{k}+refit']:.4f}" for k in finalists), best[0])
     return best[0], best
@@ -377,7 +380,7 @@ def learn_permutations(
         return dist.mean_float(loss)  # each rank its shard; equal shards, so the mean is the global loss
 
     guard = {name: loss_of(cand) for name, cand in candidates.items()}
-    plan = min(guard, key=lambda k: (guard[k], k != "learned"))
+    plan = lowest_loss(guard, prefer="learned")
     log.info("guard (calibration loss%s): %s; kept %s", ", every plan refitted" if refitted else "",
              ", ".join(f"{k} {v:.4f}" for k, v in guard.items()), plan)
     if plan.startswith("learned@"):

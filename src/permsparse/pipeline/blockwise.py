@@ -19,6 +19,7 @@ Two feeds of a block's inputs:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -35,7 +36,7 @@ from permsparse.pipeline.calibration import scores_and_heuristic
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
 from permsparse.train.blockwise import block_loss, train_block
-from permsparse.train.guard import refit_finalists
+from permsparse.train.guard import lowest_loss, refit_finalists
 
 __all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
 
@@ -80,17 +81,22 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": heur, "learned": learned}
     losses = {k: block_loss(block, name, sites, c, scores, pattern, calls, targets, cfg.learn.bf16)
               for k, c in candidates.items()}
-    best = min(losses, key=lambda k: (losses[k], k != "learned"))
     applied = None
-    if cfg.learn.guard_refit and cfg.updates_weights:
+    if not (cfg.learn.guard_refit and cfg.updates_weights):
+        best = lowest_loss(losses, prefer="learned")
+    else:  # the plain mask only names the finalists
         best = None
-        for k in refit_finalists(losses):  # ties keep the earlier, so the learned plan
+        finalists = refit_finalists(losses)
+        for k in finalists:  # ties keep the earlier, so the learned plan
             weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refit_method)
             params = {f"{c[len(name) + 1:]}.weight": w for c, w in weights.items()}
             losses[f"{k}+refit"] = block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets,
                                               cfg.learn.bf16, params=params)
-            if best is None or losses[f"{k}+refit"] < losses[f"{best}+refit"]:
+            loss = losses[f"{k}+refit"]
+            if math.isfinite(loss) and (best is None or loss < losses[f"{best}+refit"]):
                 best, applied = k, (weights, reports)
+        if best is None:
+            lowest_loss({k: losses[f"{k}+refit"] for k in finalists})  # raises: no finite loss
     rec = {"history": [h.to_json() for h in hist], "guard": {f"{name}:{k}": v for k, v in losses.items()},
            "kept": best}
     return candidates[best], rec, applied

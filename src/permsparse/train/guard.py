@@ -5,6 +5,7 @@ logits, or for a model without logits (an encoder) the last hidden states."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
-__all__ = ["evaluate_plan", "evaluate_params", "refit_finalists", "teacher_logits", "TeacherCache"]
+__all__ = ["evaluate_plan", "evaluate_params", "lowest_loss", "refit_finalists", "teacher_logits", "TeacherCache"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,17 @@ def evaluate_params(
                 loss, _, _ = hidden_loss(dense_target(out), teacher, batch.get("attention_mask"), hidden)
             total += float(loss.detach())
     return total / max(len(batches), 1)
+
+
+def lowest_loss(losses: Mapping[str, float], prefer: str | None = None) -> str:
+    """The plan of lowest loss; on a tie ``prefer``, else the earlier. A non-finite loss (a plan
+    whose pruned model overflowed) never wins; if no loss is finite this raises, so that no plan
+    is kept blindly."""
+    finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+    if not finite:
+        raise FloatingPointError(f"every plan's guard loss is non-finite ({dict(losses)}): the pruned model "
+                                 "overflows; try --no-bf16 or more calibration data")
+    return min(finite, key=lambda k: (finite[k], k != prefer))
 
 
 def refit_finalists(masked: Mapping[str, float]) -> list[str]:
