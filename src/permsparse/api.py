@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,8 @@ from permsparse.pipeline.calibration import (
 )
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
-from permsparse.train.guard import evaluate_params, evaluate_plan, lowest_loss, refit_finalists, teacher_logits
+from permsparse.train.guard import (evaluate_params, evaluate_plan, lowest_loss, refit_finalists, refit_round,
+                                    teacher_logits)
 from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
@@ -285,21 +285,18 @@ def _guard_refitted(model: nn.Module, calibration: Calibration, plans: Mapping[s
     final prune reuses. Holds two plans' weights at a time."""
     finalists = refit_finalists(guard)
     batches, teachers = _guard_inputs(model, cfg, calibration.batches, calibration.teachers)
-    best: tuple | None = None
-    for name in finalists:  # ties keep the earlier, so the learned plan
+
+    def evaluate(name: str) -> tuple[float, tuple]:
         weights, reports = calibration.weights(model, plans[name])
         params = {f"{k}.weight": w for k, w in weights.items()}
         loss = dist.mean_float(evaluate_params(model, params, batches, cfg.learn.alpha, cfg.learn.bf16, teachers,
                                                cfg.learn.hidden_loss))
-        guard[f"{name}+refit"] = loss
-        if math.isfinite(loss) and (best is None or loss < guard[f"{best[0]}+refit"]):
-            best = (name, weights, reports)
-        del weights, params
-    if best is None:
-        lowest_loss({k: guard[f"{k}+refit"] for k in finalists})  # raises: no finite loss
+        return loss, (name, weights, reports)
+
+    kept, applied = refit_round(guard, finalists, evaluate)  # ties keep the earlier, so the learned plan
     log.info("guard after the refit: %s; kept %s",
-             ", ".join(f"{k} {guard[f'{k}+refit']:.4f}" for k in finalists), best[0])
-    return best[0], best
+             ", ".join(f"{k} {guard[f'{k}+refit']:.4f}" for k in finalists), kept)
+    return kept, applied
 
 
 def _weights(model: nn.Module, sites: Sequence[Site]) -> dict[str, torch.Tensor]:

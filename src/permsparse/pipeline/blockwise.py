@@ -19,7 +19,6 @@ Two feeds of a block's inputs:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from permsparse.pipeline.calibration import scores_and_heuristic
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
 from permsparse.train.blockwise import block_loss, train_block
-from permsparse.train.guard import lowest_loss, refit_finalists
+from permsparse.train.guard import lowest_loss, refit_finalists, refit_round
 
 __all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
 
@@ -85,18 +84,14 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     if not (cfg.learn.guard_refit and cfg.updates_weights):
         best = lowest_loss(losses, prefer="learned")
     else:  # the plain mask only names the finalists
-        best = None
-        finalists = refit_finalists(losses)
-        for k in finalists:  # ties keep the earlier, so the learned plan
+
+        def evaluate(k: str) -> tuple[float, tuple]:
             weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refit_method)
             params = {f"{c[len(name) + 1:]}.weight": w for c, w in weights.items()}
-            losses[f"{k}+refit"] = block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets,
-                                              cfg.learn.bf16, params=params)
-            loss = losses[f"{k}+refit"]
-            if math.isfinite(loss) and (best is None or loss < losses[f"{best}+refit"]):
-                best, applied = k, (weights, reports)
-        if best is None:
-            lowest_loss({k: losses[f"{k}+refit"] for k in finalists})  # raises: no finite loss
+            return block_loss(block, name, sites, candidates[k], scores, pattern, calls, targets, cfg.learn.bf16,
+                              params=params), (weights, reports)
+
+        best, applied = refit_round(losses, refit_finalists(losses), evaluate)  # ties keep the earlier: learned
     rec = {"history": [h.to_json() for h in hist], "guard": {f"{name}:{k}": v for k, v in losses.items()},
            "kept": best}
     return candidates[best], rec, applied

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
-__all__ = ["evaluate_plan", "evaluate_params", "lowest_loss", "refit_finalists", "teacher_logits", "TeacherCache"]
+__all__ = ["evaluate_plan", "evaluate_params", "lowest_loss", "refit_finalists", "refit_round", "teacher_logits",
+           "TeacherCache"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,24 @@ def lowest_loss(losses: Mapping[str, float], prefer: str | None = None) -> str:
         raise FloatingPointError(f"every plan's guard loss is non-finite ({dict(losses)}): the pruned model "
                                  "overflows; try --no-bf16 or more calibration data")
     return min(finite, key=lambda k: (finite[k], k != prefer))
+
+
+def refit_round(losses: dict[str, float], finalists: Sequence[str],
+                evaluate: Callable[[str], tuple[float, object]]) -> tuple[str, object]:
+    """The guard's refitting round: ``evaluate(plan) -> (loss, what pruning it made)`` for each
+    finalist in turn, its loss recorded in ``losses`` as ``<plan>+refit``; returns the plan of
+    lowest finite loss (ties keep the earlier) and what pruning it made. Only the best so far is
+    held, so two plans' weights at most. No finite loss raises, as :func:`lowest_loss` does."""
+    best: tuple[str, object] | None = None
+    for name in finalists:
+        loss, made = evaluate(name)
+        losses[f"{name}+refit"] = loss
+        if math.isfinite(loss) and (best is None or loss < losses[f"{best[0]}+refit"]):
+            best = (name, made)
+        del made
+    if best is None:
+        lowest_loss({k: losses[f"{k}+refit"] for k in finalists})  # raises: no finite loss
+    return best
 
 
 def refit_finalists(masked: Mapping[str, float]) -> list[str]:
