@@ -299,6 +299,45 @@ def test_block_budget_counts_the_pace_after_the_first_step():
     assert _fit_steps(1.0, 7.0, hist, 24) == 3  # over the budget: the steps done
 
 
+def test_guard_holdout_judges_on_batches_the_trainer_never_saw(tiny, monkeypatch):
+    import permsparse.api as api
+
+    trained, judged = [], []
+    real_train, real_eval = api.train_end_to_end, api.evaluate_plan
+
+    def train_spy(model, sites, scores, pattern, groups, batches, *a, **k):
+        trained.extend(int(b["input_ids"][0, 0]) for b in batches)
+        return real_train(model, sites, scores, pattern, groups, batches, *a, **k)
+
+    def eval_spy(model, sites, cand, weights, scores, pattern, batches, *a, **k):
+        judged.append(tuple(int(b["input_ids"][0, 0]) for b in batches))
+        return real_eval(model, sites, cand, weights, scores, pattern, batches, *a, **k)
+
+    monkeypatch.setattr(api, "train_end_to_end", train_spy)
+    monkeypatch.setattr(api, "evaluate_plan", eval_spy)
+    t = tiny("llama")
+    calib = _calib()
+    calib[:, 0] = torch.arange(len(calib))  # each window named by its first token
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False, reconstruct=False,
+                      learn=LearnConfig(objective="e2e", epochs=1, batch_size=2, guard_batches=1, guard_holdout=True))
+    res = prune(copy.deepcopy(t.model), None, cfg, calib)
+    firsts = [int(b["input_ids"][0, 0]) for b in make_batches(calib, 2)]
+    assert set(trained) == set(firsts[:-1])  # the trainer saw every batch but the last ...
+    assert set(judged) == {(firsts[-1],)}  # ... and the guard judged every plan on the last alone
+    assert res.kept_plan in {"none", "heuristic", "learned"}
+    assert len(res.history) == 3  # one epoch of the 3 batches left
+
+    # Without the holdout the guard reads the first batches, which the trainer also learns on.
+    trained.clear(), judged.clear()
+    prune(copy.deepcopy(t.model), None, replace(cfg, learn=replace(cfg.learn, guard_holdout=False)), calib)
+    assert set(trained) == set(firsts) and set(judged) == {(firsts[0],)}
+
+    # A holdout that leaves nothing to train on is refused before the calibration pass.
+    monkeypatch.setattr(api, "calibrate", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        prune(copy.deepcopy(t.model), None, replace(cfg, learn=replace(cfg.learn, guard_batches=4)), calib)
+
+
 def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
     from permsparse.pipeline import blockwise as walk
 

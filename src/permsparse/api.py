@@ -39,8 +39,8 @@ from permsparse.pipeline.calibration import (
 )
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
-from permsparse.train.guard import (evaluate_params, evaluate_plan, lowest_loss, refit_finalists, refit_round,
-                                    teacher_logits)
+from permsparse.train.guard import (evaluate_params, evaluate_plan, holdout_split, lowest_loss, refit_finalists,
+                                    refit_round, teacher_logits)
 from permsparse.train.loop import make_batches, train_end_to_end
 
 __all__ = ["PruneResult", "prune", "CandidatePlans", "plan_candidates", "Calibration", "calibrate", "score_sites",
@@ -238,6 +238,9 @@ def plan_candidates(
     learn = permutation == "learned"
     if calibration is None:
         batches = make_batches(calib, cfg.learn.batch_size) if calib is not None else []
+        if learn:
+            # a holdout that leaves nothing to train on fails before the calibration
+            holdout_split(len(batches), cfg.learn.guard_batches, cfg.learn.guard_holdout)
         bf16 = learn and cfg.learn.bf16 if bf16_calibration is None else bf16_calibration
         # The cached teacher is the trainer's only when the pass ran under the trainer's autocast.
         cache = learn and bf16 == cfg.learn.bf16 and cfg.learn.alpha > 0 and cfg.learn.teacher_cache_gb > 0
@@ -267,12 +270,14 @@ def plan_candidates(
 
 def _guard_inputs(model: nn.Module, cfg: PruneConfig, batches: Sequence[dict],
                   teachers: Sequence[torch.Tensor] | None) -> tuple[list[dict], list | None]:
-    """The guard's batches (each rank its shard) and their dense targets (``None`` without distillation)."""
-    guard_batches = [dist.shard_batch(b) for b in batches[: cfg.learn.guard_batches]]
+    """The guard's batches (each rank its shard) and their dense targets (``None`` without distillation):
+    the first ``guard_batches``, or with ``guard_holdout`` the last (see :func:`~permsparse.train.guard.holdout_split`)."""
+    picked = holdout_split(len(batches), cfg.learn.guard_batches, cfg.learn.guard_holdout)[1]
+    guard_batches = [dist.shard_batch(batches[i]) for i in picked]
     if cfg.learn.alpha <= 0:
         return guard_batches, None
     if teachers is not None:
-        return guard_batches, list(teachers[: cfg.learn.guard_batches])
+        return guard_batches, [teachers[i] for i in picked]
     return guard_batches, teacher_logits(model, guard_batches, cfg.learn.bf16)
 
 
@@ -353,10 +358,12 @@ def learn_permutations(
     def restored(plan: Mapping[str, Permutation]) -> dict[str, torch.Tensor]:
         return {c: restored_weights(weights[c], w, hessians[c]) for c, w in refit(plan).items()}
 
+    train = holdout_split(len(batches), cfg.learn.guard_batches, cfg.learn.guard_holdout)[0]
     learned, history = train_end_to_end(
-        model, sites, scores, pattern, cfg.groups, batches, cfg.learn,
+        model, sites, scores, pattern, cfg.groups, [batches[i] for i in train], cfg.learn,
         start=heuristic, metrics_path=Path(metrics_path) if metrics_path else None, progress=cfg.progress,
-        on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged, teachers=teachers,
+        on_step=on_step, resume=resume, snapshots=snapshots, averaged=averaged,
+        teachers=None if teachers is None else [teachers[i] for i in train],
         refit=restored if refitted else None,
     )
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": dict(heuristic), "learned": learned}

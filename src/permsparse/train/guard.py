@@ -18,7 +18,7 @@ from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params
 from permsparse.train.loss import autocast, dense_target, has_logits, hidden_loss, model_inputs, task_loss
 
-__all__ = ["evaluate_plan", "evaluate_params", "lowest_loss", "refit_finalists", "refit_round", "teacher_logits",
+__all__ = ["evaluate_plan", "holdout_split", "evaluate_params", "lowest_loss", "refit_finalists", "refit_round", "teacher_logits",
            "TeacherCache"]
 
 log = logging.getLogger(__name__)
@@ -148,3 +148,15 @@ def refit_finalists(masked: Mapping[str, float]) -> list[str]:
     learned plan and the heuristic, and no permutation only where it beat the heuristic (each
     refit costs as much as pruning the model once). In order of preference on a tie."""
     return ["learned", "heuristic"] + (["none"] if masked["none"] < masked["heuristic"] else [])
+
+
+def holdout_split(n: int, guard_batches: int, holdout: bool) -> tuple[range, range]:
+    """Indices of ``(the batches the trainer learns on, those the guard compares the plans on)``
+    of ``n``: all and the first ``guard_batches``; with ``holdout`` the last ``guard_batches`` for
+    the guard and the rest for training, so the guard judges on text the trainer did not see."""
+    if not holdout:
+        return range(n), range(min(guard_batches, n))
+    if n <= guard_batches:
+        raise ValueError(f"guard_holdout keeps {guard_batches} of the {n} calibration batches for the guard and "
+                         f"leaves none to train on: give more calibration windows or fewer guard_batches")
+    return range(n - guard_batches), range(n - guard_batches, n)
