@@ -60,9 +60,8 @@ def site_error(model, cal, site, perm) -> float:
 
 def search_site(model, cal, site, start, seconds: float, rng: random.Random):
     """Greedy swaps from ``start`` on the exact refitted error; (plan, error, tries, kept swaps)."""
-    from permsparse.core.permutation import Permutation
-
     from permsparse.core.pattern import NMPattern
+    from permsparse.core.permutation import Permutation
 
     m = NMPattern.parse(cal.cfg.pattern).m
     idx, groups = start.indices.clone(), start.groups

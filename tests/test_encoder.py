@@ -242,3 +242,43 @@ def test_embedded_minilm_learns_through_the_api(minilm):
     res = prune(model, tok, cfg, batches)
     assert len(res.history) == 4 and all(math.isfinite(h.loss) for h in res.history)
     assert res.kept_plan in ("none", "heuristic", "learned") and all(math.isfinite(v) for v in res.guard.values())
+
+
+# -- the headroom bench's search (bench/encoder_headroom.py) ------------------------------------
+
+
+def test_headroom_search_keeps_a_valid_plan_and_never_raises_the_refitted_error(tiny):
+    """The bench's reference search: every swap stays inside one group, the error it reports is
+    the returned plan's refitted error, and it never ends above its start (the heuristic's plan)."""
+    import importlib.util
+    import random
+    import sys
+    from pathlib import Path
+
+    from permsparse.api import plan_candidates
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "encoder_headroom.py"
+    sys.path.insert(0, str(path.parent))  # it imports bench/encoder.py
+    try:
+        spec = importlib.util.spec_from_file_location("encoder_headroom", path)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(path.parent))
+
+    t = tiny("bert")
+    cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic", groups=2, progress=False)
+    cal = plan_candidates(t.model, cfg, _padded(t.batches(4)), bf16_calibration=False).calibration
+    site = next(s for s in cal.sites if not s.head_tied)
+    start = cal.heuristic[site.name]
+    e0 = bench.site_error(t.model, cal, site, start)
+    plan, err, tries, kept = bench.search_site(t.model, cal, site, start, 0.5, random.Random(0))
+
+    assert tries > 0 and 0 <= kept <= tries
+    assert err <= e0 and err == pytest.approx(bench.site_error(t.model, cal, site, plan), rel=1e-6)
+    k = site.d_in // plan.groups
+    idx = plan.indices.view(plan.groups, k)
+    assert sorted(plan.indices.tolist()) == list(range(site.d_in))
+    assert all(set(idx[g].tolist()) == set(range(g * k, (g + 1) * k)) for g in range(plan.groups))
+    if kept:  # a kept swap lowered the error
+        assert err < e0
