@@ -47,6 +47,9 @@ def test_demo_quick_preset_learned_not_worse_than_heuristic(tmp_path):
     assert set(ppl) == {"dense", "wanda", "wanda+heuristic", "wanda+learned"}
     assert all(math.isfinite(v) for v in ppl.values())
     assert ppl["dense"] < ppl["wanda+heuristic"] < ppl["wanda"]
-    assert ppl["wanda+learned"] < ppl["wanda+heuristic"]
+    # The held-out guard keeps the learned plan only where it wins on batches the trainer never saw: on
+    # 2 idle AVX2 cores (5 steps fit the 150 s) it keeps the heuristic's (docs/results.md, "A guard on
+    # held-out batches"). What must not happen: a kept learned plan worse on held-out text.
+    assert ppl["wanda+learned"] <= ppl["wanda+heuristic"]
     meta, sites, perms = read_plan(tmp_path / "demo")
     assert len(sites) == 120 and (tmp_path / "demo" / "report.md").is_file()

@@ -91,6 +91,7 @@ def _learned_vs_identity(model, sites, calib, cfg: LearnConfig, groups: int):
 # -- end to end through prune() ------------------------------------------------------------
 
 
+@pytest.mark.bf16  # compares with its own bfloat16 forward
 def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     t = tiny("llama")
     dense = copy.deepcopy(t.model)
@@ -154,6 +155,7 @@ def test_learned_prune_guard_history_and_metrics(tiny, tmp_path):
     check_plan(t.model, res.sites, res.perms, "2:4", 2)
 
 
+@pytest.mark.bf16  # compares with its own bfloat16 forward
 def test_guard_after_the_refit_keeps_the_finalist_that_refits_best_and_writes_its_weights(tiny):
     # With reconstruction (the default) the guard's last round prunes its finalists as the
     # model will be (the kept weights refitted) and keeps the lowest; the model gets exactly
@@ -741,6 +743,7 @@ def test_teacher_cache_keeps_the_calibration_logits_and_trains_like_a_live_teach
                          teachers=cache.logits[:1])
 
 
+@pytest.mark.bf16  # compares with its own bfloat16 forward
 def test_bf16_calibration_pass_gives_bf16_teacher_logits_and_near_float32_statistics(tiny):
     # The learned path calibrates under bfloat16 autocast: its logits are those of a bf16
     # forward (what the trainer's own teacher forward would give), and the statistics still

@@ -160,8 +160,10 @@ class LearnConfig:
     # No worse than 10 at half the Sinkhorn cost: bench/results/sweep.md.
     sinkhorn_iters: int = _opt(5, "Sinkhorn iterations per step")
     alpha: float = _opt(1.0, "weight of the distillation KL")
-    bf16: bool = _opt(True, "bfloat16 autocast of the model's forward and backward while learning; "
-                      "--no-bf16 (bf16 false): float32", flag="no-bf16")
+    # Only where the device computes bfloat16 natively: elsewhere 10x slower (permsparse.models.precision).
+    bf16: bool = _opt(True, "bfloat16 autocast of the model's forward and backward while learning, on a GPU "
+                      "or a CPU with AVX512-BF16 or AMX (float32 on other CPUs); --no-bf16 (bf16 false): "
+                      "float32 everywhere", flag="no-bf16")
     steps_per_block: int = _opt(24, "steps per block (blockwise objective), at most")
     guard_batches: int = _opt(2, "end to end: calibration batches the final guard compares the plans on")
     # On few calibration windows a plan fitted to them wins a guard on them and loses on new

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permsparse.core.scores import ColumnStats
+from permsparse.models.precision import bf16_on
 from permsparse.models.sites import get_module
 
 __all__ = [
@@ -110,7 +111,7 @@ def collect_stats(
     float64); the learned path uses it, whose student runs in bfloat16 too."""
     device = _device(model)
     batches = list(batches)
-    with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16_on(bf16, device)):
         for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
             out = model(**_as_inputs(batch, device))
             if on_output is not None:

@@ -21,6 +21,7 @@ from permsparse.core.pattern import NMPattern, parse_pattern
 from permsparse.core.permutation import Permutation
 from permsparse.models.apply import SiteReport, heuristic_permutation, plan_weights, prune_site_, site_scores
 from permsparse.models.calibrate import collect_stats
+from permsparse.models.precision import bf16_on
 from permsparse.models.sites import Site, find_sites, nothing_to_prune, unhandled_layers
 from permsparse.train import distributed as dist
 from permsparse.train.guard import TeacherCache
@@ -56,11 +57,15 @@ def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group
 
 def resolved(cfg: PruneConfig, sites: Sequence[Site], model: nn.Module | None = None) -> PruneConfig:
     """``cfg`` with ``groups="auto"`` replaced by the G it means for these ``sites`` and, given
-    the ``model``, a learned run's ``objective="auto"`` by :func:`resolve_objective`."""
+    the ``model``, a learned run's ``objective="auto"`` by :func:`resolve_objective` and ``bf16``
+    off where the model's device has no native bfloat16 (:func:`~permsparse.models.precision.bf16_on`)."""
     if cfg.groups == "auto":
         cfg = replace(cfg, groups=resolve_groups(sites, parse_pattern(cfg.pattern)))
     if model is not None and cfg.permutation == "learned" and cfg.learn.objective == "auto":
         cfg = replace(cfg, learn=replace(cfg.learn, objective=resolve_objective(model, sites, cfg)))
+    if (model is not None and cfg.permutation == "learned" and cfg.learn.bf16
+            and not bf16_on(True, next(model.parameters()).device)):
+        cfg = replace(cfg, learn=replace(cfg.learn, bf16=False))  # what runs, as the run's record says
     return cfg
 
 

@@ -19,6 +19,7 @@ from permsparse.core.pattern import NMPattern, check_finite
 from permsparse.core.permutation import Permutation
 from permsparse.core.permuter import hard_permuted_prune, init_cost, unpermuted_mask
 from permsparse.core.sinkhorn import EntropySink, hard_assignment, soft_entropy, soft_gradient
+from permsparse.models.precision import bf16_on
 from permsparse.models.sites import Site
 
 __all__ = ["PermutationBank", "make_bank", "sparse_weights", "weights_by_block", "hard_params", "step_weights", "plan_with",
@@ -227,7 +228,7 @@ def step_weights(weights: Mapping[str, torch.Tensor], cfg: LearnConfig) -> Mappi
     """The weights a training step builds ``W_eff`` from. Under bfloat16 autocast every linear
     casts its weight to bfloat16 anyway, so casting once here gives the same forward and
     spares the per-step casts and float32 gathers (SmolLM2, 2 cores: ~1 s a step)."""
-    if not cfg.bf16:
+    if not weights or not bf16_on(cfg.bf16, next(iter(weights.values())).device):
         return weights
     return {c: w.to(torch.bfloat16) for c, w in weights.items()}
 

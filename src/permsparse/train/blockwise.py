@@ -19,6 +19,7 @@ from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.core.sinkhorn import TemperatureSchedule
 from permsparse.models.calibrate import block_output
+from permsparse.models.precision import bf16_on
 from permsparse.models.sites import Site
 from permsparse.train.bank import hard_params, make_bank, moved_share, sparse_weights, step_weights
 from permsparse.train.loss import autocast
@@ -78,7 +79,7 @@ def train_block(
         anneal_lr(opt, cfg, step / max(steps - 1, 1))
         out, ent = bank(tau, cfg.sinkhorn_iters)
         params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
-                                grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+                                grad_dtype=torch.bfloat16 if bf16_on(cfg.bf16, device) else None)
         with autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
         loss = _normalised_mse(y, targets[i].float())

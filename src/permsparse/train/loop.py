@@ -28,6 +28,7 @@ from permsparse.config import LearnConfig
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.core.sinkhorn import TemperatureSchedule
+from permsparse.models.precision import bf16_on
 from permsparse.models.sites import Site
 from permsparse.train import distributed as dist
 from permsparse.train.bank import make_bank, moved_share, sparse_weights, step_weights, weights_by_block
@@ -250,7 +251,7 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
 
     def build(sites: Sequence[Site], prefix: str) -> dict[str, torch.Tensor]:
         return sparse_weights(out, sites, run.step_weights, state.scores, state.pattern, prefix_strip=prefix,
-                              mask_cache=run.masks, grad_dtype=torch.bfloat16 if cfg.bf16 else None)
+                              mask_cache=run.masks, grad_dtype=torch.bfloat16 if bf16_on(cfg.bf16, run.device) else None)
 
     with _phase(cbs, state, "weights"):
         # Activation checkpointing: each block builds its W_eff inside (in the forward phase).

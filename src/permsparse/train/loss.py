@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from permsparse.config import HIDDEN_LOSSES
+from permsparse.models.precision import bf16_on
 
 __all__ = ["task_loss", "hidden_loss", "has_logits", "dense_target", "lm_ce_kl", "model_inputs", "autocast",
            "IGNORE_INDEX"]
@@ -201,5 +202,6 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
 
 
 def autocast(enabled: bool, device: torch.device) -> torch.autocast:
-    """The bfloat16 autocast of the model's forward (and backward) when ``enabled``."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """The bfloat16 autocast of the model's forward (and backward) when ``enabled`` and the
+    device computes bfloat16 natively (:func:`~permsparse.models.precision.bf16_on`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(enabled, device))
