@@ -111,7 +111,8 @@ def collect_stats(
     float64); the learned path uses it, whose student runs in bfloat16 too."""
     device = _device(model)
     batches = list(batches)
-    with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16_on(bf16, device)):
+    bf16 = bf16_on(bf16, device)  # only where the device computes it natively
+    with stat_hooks(model, layers, hessian) as stats, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
             out = model(**_as_inputs(batch, device))
             if on_output is not None:

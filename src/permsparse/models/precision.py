@@ -4,7 +4,7 @@
 and on a GPU or a CPU with AVX512-BF16 or AMX the faster kernels). A CPU without native
 bfloat16 computes it on a slow path: one 2048 x 576 by 576 x 1536 product took 0.53 s in
 bfloat16 against 0.053 s in float32 on one AVX2 core, and the quick demo's training fitted 1
-step in its 150 s instead of 8 (docs/results.md, "bfloat16 on a CPU without it"). There the
+step in its 150 s (5 in float32; docs/results.md, "bfloat16 on a CPU without it"). There the
 request is not honoured and the run stays in float32, which is also the more exact.
 """
 

@@ -249,9 +249,11 @@ def _train_step(run: _Run, state: TrainState, cbs: Sequence[Callback]) -> StepLo
     with _phase(cbs, state, "bank"):
         out, _ = bank(tau, cfg.sinkhorn_iters, entropy=False)  # the backward measures the entropy
 
+    grad_dtype = torch.bfloat16 if bf16_on(cfg.bf16, run.device) else None
+
     def build(sites: Sequence[Site], prefix: str) -> dict[str, torch.Tensor]:
         return sparse_weights(out, sites, run.step_weights, state.scores, state.pattern, prefix_strip=prefix,
-                              mask_cache=run.masks, grad_dtype=torch.bfloat16 if bf16_on(cfg.bf16, run.device) else None)
+                              mask_cache=run.masks, grad_dtype=grad_dtype)
 
     with _phase(cbs, state, "weights"):
         # Activation checkpointing: each block builds its W_eff inside (in the forward phase).
