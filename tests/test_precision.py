@@ -2,8 +2,8 @@
 
 On a CPU without AVX512-BF16 or AMX the library runs the trainer, its calibration pass and its
 guard in float32 even when ``LearnConfig.bf16`` asks for bfloat16 (there 10x slower), and the
-run's config records what ran. The conftest fixture that makes every other test run bfloat16 as
-asked is undone here.
+run's config records what ran. The conftest fixture that fixes the rule for the other tests
+(float32 on every CPU, or bfloat16 where a test is marked ``bf16``) is undone here.
 """
 
 from __future__ import annotations

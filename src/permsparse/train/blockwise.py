@@ -69,6 +69,7 @@ def train_block(
     history: list[StepLog] = []
     prev = None
     masks: dict = {}
+    grad_dtype = torch.bfloat16 if bf16_on(cfg.bf16, device) else None  # as the autocast below
     bar = tqdm(total=steps, desc=f"learn {block_name}", disable=not progress, leave=False)
     step, start_clock = 0, time.perf_counter()
     while step < steps:
@@ -79,7 +80,7 @@ def train_block(
         anneal_lr(opt, cfg, step / max(steps - 1, 1))
         out, ent = bank(tau, cfg.sinkhorn_iters)
         params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
-                                grad_dtype=torch.bfloat16 if bf16_on(cfg.bf16, device) else None)
+                                grad_dtype=grad_dtype)
         with autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
         loss = _normalised_mse(y, targets[i].float())
