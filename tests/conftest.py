@@ -38,6 +38,15 @@ settings.register_profile("permsparse", derandomize=True, deadline=None)
 settings.load_profile("permsparse")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core, at most 4) each worker gets
+    its share of the cores: torch's default of one thread per core in every worker
+    oversubscribes them, and its thread pools then wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 
 @pytest.fixture(autouse=True)
 def _bf16_rule(request, monkeypatch):

