@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 # One test worker per core, at most 4 (each holds its own copy of the real models); TEST_JOBS=0 runs in one process.
 TEST_JOBS ?= auto
 test: setup
-	$(PY) -m pytest -q -n $(TEST_JOBS) --maxprocesses 4
+	$(PY) -m pytest -q -n $(TEST_JOBS) --maxprocesses 4 --dist worksteal
 
 # One process: the slow tier's learned runs have time budgets, and a second worker would take their cores.
 test-all: setup

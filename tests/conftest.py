@@ -47,6 +47,12 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests first (the longest: up to 2 minutes on one core), so that workers
+    share them from the start instead of one worker running the last of them alone."""
+    items.sort(key=lambda item: "smollm2" not in getattr(item, "fixturenames", ()))
+
+
 
 @pytest.fixture(autouse=True)
 def _bf16_rule(request, monkeypatch):
