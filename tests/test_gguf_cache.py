@@ -75,6 +75,9 @@ def test_a_kept_copy_loads_and_a_changed_gguf_misses_it(cache, tiny_source):
     st = gguf.stat()
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
     assert _load(gguf) is None
+    # The new copy replaces the stale one on disk.
+    fresh = gguf_cache.save_copy(model, tok, gguf, "AutoModelForCausalLM")
+    assert fresh != folder and sorted(folder.parent.iterdir()) == [fresh]
 
 
 def test_a_broken_copy_is_removed_and_not_used(cache, tiny_source, caplog):

@@ -51,7 +51,8 @@ def _source(gguf: Path, model_cls: str) -> dict[str, Any]:
             "model_class": model_cls, "transformers": transformers.__version__}
 
 
-def copy_folder(gguf: "str | os.PathLike[str]", model_cls: str, cache_dir: "str | os.PathLike[str] | None" = None) -> Path:
+def copy_folder(gguf: "str | os.PathLike[str]", model_cls: str,
+                cache_dir: "str | os.PathLike[str] | None" = None) -> Path:
     """Where the float copy of ``gguf`` loaded as ``model_cls`` lives (whether or not it exists)."""
     path = Path(gguf)
     key = hashlib.sha256(json.dumps(_source(path, model_cls), sort_keys=True).encode()).hexdigest()[:16]
@@ -120,4 +121,18 @@ def save_copy(model: Any, tokenizer: Any, gguf: "str | os.PathLike[str]", model_
         return None
     logger.info("kept a float copy of %s in %s (%.0f MB): later loads read it instead of the GGUF",
                 Path(gguf).name, folder, n_bytes / 1e6)
+    _drop_stale(folder)
     return folder
+
+
+def _drop_stale(folder: Path) -> None:
+    """Remove the older copies of the same GGUF as ``folder`` (the file replaced, or another
+    transformers since): each is half a gigabyte that no load reads again."""
+    source = json.loads((folder / _SOURCE_FILE).read_text())
+    for other in folder.parent.glob(f"{Path(source['gguf']).stem}-*"):
+        try:
+            old = json.loads((other / _SOURCE_FILE).read_text())
+        except (OSError, ValueError):  # not a finished copy (another process may be writing it)
+            continue
+        if other != folder and (old["gguf"], old["model_class"]) == (source["gguf"], source["model_class"]):
+            shutil.rmtree(other, ignore_errors=True)
