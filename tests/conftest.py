@@ -53,7 +53,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: "smollm2" not in getattr(item, "fixturenames", ()))
 
 
-
 @pytest.fixture(autouse=True)
 def _bf16_rule(request, monkeypatch):
     """The library runs bfloat16 only where the device computes it natively

@@ -54,10 +54,13 @@ def _source(gguf: Path, model_cls: str) -> dict[str, Any]:
 def copy_folder(gguf: "str | os.PathLike[str]", model_cls: str,
                 cache_dir: "str | os.PathLike[str] | None" = None) -> Path:
     """Where the float copy of ``gguf`` loaded as ``model_cls`` lives (whether or not it exists)."""
-    path = Path(gguf)
-    key = hashlib.sha256(json.dumps(_source(path, model_cls), sort_keys=True).encode()).hexdigest()[:16]
+    return _folder(_source(Path(gguf), model_cls), cache_dir)
+
+
+def _folder(source: dict[str, Any], cache_dir: "str | os.PathLike[str] | None") -> Path:
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "gguf" / f"{path.stem}-{key}"
+    return root / "gguf" / f"{Path(source['gguf']).stem}-{key}"
 
 
 def cached_copy(gguf: "str | os.PathLike[str]", model_cls: str,
@@ -99,20 +102,22 @@ def save_copy(model: Any, tokenizer: Any, gguf: "str | os.PathLike[str]", model_
     ``tokenizer`` as a safetensors folder for the next load; ``None`` when the copy is off, too
     large, or cannot be written (a full disk or a read-only cache costs the next load its 20 s,
     never this one's model)."""
-    if not cache_enabled() or any(p.dtype != torch.float32 for p in model.parameters()):
+    params = list(model.parameters())
+    if not cache_enabled() or any(p.dtype != torch.float32 for p in params):
         return None
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in params)
     if n_bytes > MAX_COPY_BYTES:
         logger.debug("no float copy of %s: %.1f GB is above the %.1f GB kept", gguf, n_bytes / 1e9,
                      MAX_COPY_BYTES / 1e9)
         return None
-    folder = copy_folder(gguf, model_cls, cache_dir)
+    source = _source(Path(gguf), model_cls)
+    folder = _folder(source, cache_dir)
     try:
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             # Written last, inside the atomic folder: its presence is what cached_copy checks.
-            (tmp / _SOURCE_FILE).write_text(json.dumps(_source(Path(gguf), model_cls), indent=2) + "\n")
+            (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     except FileExistsError:  # another process kept it meanwhile
         return folder
     except OSError as err:
@@ -121,14 +126,13 @@ def save_copy(model: Any, tokenizer: Any, gguf: "str | os.PathLike[str]", model_
         return None
     logger.info("kept a float copy of %s in %s (%.0f MB): later loads read it instead of the GGUF",
                 Path(gguf).name, folder, n_bytes / 1e6)
-    _drop_stale(folder)
+    _drop_stale(folder, source)
     return folder
 
 
-def _drop_stale(folder: Path) -> None:
+def _drop_stale(folder: Path, source: dict[str, Any]) -> None:
     """Remove the older copies of the same GGUF as ``folder`` (the file replaced, or another
     transformers since): each is half a gigabyte that no load reads again."""
-    source = json.loads((folder / _SOURCE_FILE).read_text())
     for other in folder.parent.glob(f"{Path(source['gguf']).stem}-*"):
         try:
             old = json.loads((other / _SOURCE_FILE).read_text())
