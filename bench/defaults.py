@@ -12,7 +12,7 @@ embedded Wikipedia (the CLI's evaluation: the last 32,768 tokens in 512-token wi
 calibration windows drawn before them). The learned rows run once per seed (``--seed``: the
 calibration sample, the batches and the cost noise). The reference rows set the gap:
 gap_closed = (ppl Wanda − ppl row) / (ppl Wanda − ppl Wanda unstructured 50 %), both without
-reconstruction. Writes ``bench/results/defaults.json`` (``rows``) and ``defaults.md``.
+reconstruction. Writes ``bench/results/defaults.json`` (``rows``) and ``defaults.md`` (``--name``: another file name).
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ def python_docs(path: Path) -> Path:
     return path
 
 
+def machine() -> str:
+    """The cores and whether they compute bfloat16 natively: the learned rows train in bfloat16
+    where they do and in float32 where they do not, which changes their speed and their numbers."""
+    from permsparse.models.precision import native_bf16
+
+    bf16 = "native bfloat16" if native_bf16("cpu") else "no native bfloat16 (float32)"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {bf16}"
+
+
 def run_row(row: str, pattern: str, seed: int, domain: str = "wikipedia") -> dict:
     flags = ["--pattern", "unstructured50" if row == "unstructured50" else pattern, *ROWS[row]]
     if row in SEEDED:
@@ -138,6 +147,8 @@ def main() -> None:
     ap.add_argument("--domain", default="wikipedia", choices=("wikipedia", "python-docs"),
                     help="the text: the embedded Wikipedia or the Python language reference (a second domain)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="defaults",
+                    help="the table's file name: OUT/NAME.json and OUT/NAME.md (another machine's table beside this one)")
     opts = ap.parse_args()
     names = [r.strip() for r in opts.rows.split(",") if r.strip()]
     unknown = sorted(set(names) - set(ROWS))
@@ -145,11 +156,11 @@ def main() -> None:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in opts.seeds.split(",")]
     out = Path(opts.out)
-    path = out / "defaults.json"
+    path = out / f"{opts.name}.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     rows = saved.get("rows", [])
     meta = {"command": "python bench/defaults.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+            "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     if saved.get("meta", {}).get("note"):  # what the kept rows need said stays said
         meta["note"] = saved["meta"]["note"]
     for name in names:
@@ -162,7 +173,7 @@ def main() -> None:
                                      r.get("seed") or 0))
             # Written after every row: a stopped run keeps what it measured.
             atomic_write_json(path, {"rows": rows, "meta": meta})
-            atomic_write_text(out / "defaults.md", render(rows, meta))
+            atomic_write_text(out / f"{opts.name}.md", render(rows, meta))
 
 
 def _key(r: dict) -> tuple:

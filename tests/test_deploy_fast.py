@@ -10,16 +10,14 @@ row-major). GPU tests run the real kernels and skip without CUDA.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_module import load_bench
 from permsparse.core.pattern import NMPattern
 from permsparse.models.apply import prune_site_
 from permsparse.models.deploy import count_gathers, deploy
@@ -33,19 +31,12 @@ from permsparse.models.fast import (
 from permsparse.models.sites import find_sites, get_module
 from permsparse.models.sparse24 import Sparse24Linear, fused_attention_layout_ok, pack_2to4, row_major
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_deploy.py"
 PATTERN = NMPattern.parse("2:4")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _bench():
-    if "gpu_deploy" not in sys.modules:
-        sys.path.insert(0, str(BENCH.parent))
-        spec = importlib.util.spec_from_file_location("gpu_deploy", BENCH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_deploy"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["gpu_deploy"]
+    return load_bench("gpu_deploy")
 
 
 @pytest.fixture

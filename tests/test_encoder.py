@@ -250,21 +250,13 @@ def test_embedded_minilm_learns_through_the_api(minilm):
 def test_headroom_search_keeps_a_valid_plan_and_never_raises_the_refitted_error(tiny):
     """The bench's reference search: every swap stays inside one group, the error it reports is
     the returned plan's refitted error, and it never ends above its start (the heuristic's plan)."""
-    import importlib.util
     import random
-    import sys
-    from pathlib import Path
+
+    from bench_module import load_bench
 
     from permsparse.api import plan_candidates
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "encoder_headroom.py"
-    sys.path.insert(0, str(path.parent))  # it imports bench/encoder.py
-    try:
-        spec = importlib.util.spec_from_file_location("encoder_headroom", path)
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(path.parent))
+    bench = load_bench("encoder_headroom")
 
     t = tiny("bert")
     cfg = PruneConfig(pattern="2:4", score="wanda", permutation="heuristic", groups=2, progress=False)

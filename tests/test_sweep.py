@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "sweep.py"
+from bench_module import load_bench
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +16,7 @@ def _one_thread(one_thread):
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("permsparse_bench_sweep", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("sweep")
 
 
 def test_tiny_sweep_writes_every_axis(tmp_path):
