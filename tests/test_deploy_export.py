@@ -380,6 +380,40 @@ def test_plan_unknown_layer(export_copy):
         psio.load(export_copy)
 
 
+def test_kept_outputs_are_the_dense_blocks_and_the_next_block_sees_the_pruned_one(tiny):
+    """``keep_outputs``: the statistics pass hands each block's dense outputs to ``on_block``
+    (the block-wise trainer's targets, not computed again), and the walk still feeds the next
+    block what the block gives once ``on_block`` has pruned it."""
+    from permsparse.models.calibrate import block_output, hidden_of
+
+    t = tiny("llama")
+    model = t.model
+    sites = find_sites(model)
+    blocks = [(f"model.layers.{i}", model.model.layers[i]) for i in range(model.config.num_hidden_layers)]
+    layers_of = {b: [c for s in sites if s.block == b for c in s.consumers] for b, _ in blocks}
+    handed, pruned_out = {}, {}
+
+    def on_block(name, block, stats, inputs):
+        with torch.no_grad():
+            dense = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+            handed[name] = [torch.equal(o, d) for o, d in zip(inputs.outputs, dense)]
+            for s in sites:
+                if s.block == name:
+                    prune_site_(model, s, PATTERN, "wanda", stats)
+            pruned_out[name] = [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+        if name == "model.layers.1":
+            fed = [hidden_of(a, k) for a, k in zip(inputs.args, inputs.kwargs)]
+            assert all(torch.equal(f, o) for f, o in zip(fed, pruned_out["model.layers.0"]))
+            assert not all(torch.equal(f, d) for f, d in zip(fed, handed_dense0))
+
+    handed_dense0 = []
+    first = blocks[0][1]
+    first.register_forward_hook(lambda m, a, out: handed_dense0.append(block_output(out).detach())
+                                if len(handed_dense0) < 2 else None)
+    run_blocks(model, blocks, t.batches(2), lambda b: layers_of[b], on_block, progress=False, keep_outputs=True)
+    assert handed == {b: [True, True] for b, _ in blocks}
+
+
 def test_plan_unknown_site_block(export_copy):
     def move(d):
         e = site_entry(d, "model.layers.1.mlp_out")

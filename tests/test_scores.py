@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from permsparse.core.pattern import NMPattern, count_violations, nm_mask, unstructured_mask
 from permsparse.core.permutation import Permutation
-from permsparse.core.scores import SCORES, ColumnStats, SparseGPT, compute_score, magnitude, ria, wanda
+from permsparse.core.scores import SCORES, ColumnStats, SparseGPT, compute_score, gram, magnitude, ria, wanda
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -270,3 +272,11 @@ def test_sparsegpt_dead_inputs_and_errors():
         SparseGPT(stats.H).prune(torch.randn(8, 12), "2:4")
     with pytest.raises(ValueError, match=r"width 18 .*divisible by M=4"):
         SparseGPT(torch.eye(18)).prune(torch.randn(2, 18), "2:4")
+
+
+@given(d=st.integers(1, 700), tokens=st.integers(1, 40), blocks=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_gram_from_the_upper_block_triangle_is_xtx(d, tokens, blocks, seed):
+    # Any width (a remainder block, widths under the split's threshold) and any number of blocks.
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = gram(x, blocks)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-10)

@@ -19,6 +19,7 @@ from permsparse.core.permutation import Permutation
 __all__ = [
     "SCORES",
     "ColumnStats",
+    "gram",
     "magnitude",
     "wanda",
     "ria",
@@ -36,6 +37,24 @@ def _full_precision(x: torch.Tensor):
     take them in bfloat16, whose rounding leaves a low-rank ``XᵀX`` indefinite beyond the refit's
     damping (the refit's conjugate gradient then diverges to NaN)."""
     return torch.autocast(x.device.type, enabled=False)
+
+
+def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``xᵀ x`` for ``x`` of shape ``(T, d)``, from its upper block triangle: each of ``blocks``
+    block rows is one product with the columns from its diagonal on, and the rest is its
+    transpose. About (blocks + 1) / (2 blocks) of the multiply-adds of ``x.T @ x`` (on a 2-core
+    AVX2 host, 74 ms against 113 ms for 4,096 x 1,536, 12 against 18 ms at 576 wide), the
+    calibration Hessians' share of a block-by-block prune there."""
+    d = x.shape[1]
+    step = -(-d // blocks)
+    if blocks <= 1 or d < 256:  # too narrow for the split to pay for its extra calls
+        return x.T @ x
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for i in range(0, d, step):
+        row = x[:, i:i + step].T @ x[:, i:]  # (step, d - i): the diagonal block and those right of it
+        out[i:i + step, i:] = row
+        out[i + step:, i:i + step] = row[:, step:].T
+    return out
 
 
 @dataclass
@@ -91,7 +110,7 @@ class ColumnStats:
         if self.hessian:
             x32 = x.float()
             with _full_precision(x32):
-                xtx = (x32.T @ x32).to(torch.float64)
+                xtx = gram(x32).to(torch.float64)
         return x.shape[0], (x64 * x64).sum(0), xtx
 
     def add_terms(self, terms: tuple[int, torch.Tensor, torch.Tensor | None]) -> None:

@@ -136,7 +136,7 @@ class BlockInputs:
     """The positional and keyword arguments one block received, per calibration batch.
 
     ``outputs``: the dense block's hidden-state outputs on these inputs, when
-    :func:`run_blocks` already computed them (``dense=True``), so a caller that needs
+    :func:`run_blocks` already computed them (``dense`` or ``keep_outputs``), so a caller that needs
     them as targets does not hold a second copy."""
 
     args: list[tuple]
@@ -283,6 +283,7 @@ def run_blocks(
     device: "torch.device | str | None" = None,
     owned: Callable[[str], bool] | None = None,
     dense: bool = False,
+    keep_outputs: bool = False,
 ) -> None:
     """Sequential calibration over a chain of blocks.
 
@@ -294,7 +295,10 @@ def run_blocks(
     ``inputs.outputs``), so every block is fed by the dense blocks before it even though
     ``on_block`` prunes them. ``owned(name)``: only those blocks get statistics and
     ``on_block``; the others are only run forward (with ``dense=True``, to reach the
-    owned ones), and the walk stops after the last owned block.
+    owned ones), and the walk stops after the last owned block. ``keep_outputs=True`` hands
+    the dense outputs over too without ``dense`` (the statistics pass computes them anyway: a
+    caller that learns against them is spared a second pass of the block); the next block is
+    still fed the block as ``on_block`` left it.
 
     ``offload=True`` streams: the model stays on CPU; the layers before the first block
     visit ``device`` for the capture (which stops at the first block), then each block in
@@ -320,16 +324,17 @@ def run_blocks(
         if offload:
             block.to(device)
             inputs = BlockInputs(_to(inputs.args, device), _to(inputs.kwargs, device))
-        # One pass: the statistics (owned blocks) and, with dense=True, the dense outputs.
+        # One pass: the statistics (owned blocks) and, where asked, the dense outputs.
+        keep = dense or (keep_outputs and mine[i])
         hooks = stat_hooks(model, layers_of_block(name), hessian) if mine[i] else contextlib.nullcontext({})
         outs: list[torch.Tensor] = []
         with torch.no_grad(), hooks as stats:
             for args, kwargs in zip(inputs.args, inputs.kwargs):
                 y = block(*args, **kwargs)
-                if dense:
+                if keep:
                     outs.append(block_output(y).detach())
                 del y  # the block's whole output (attention weights, cache) is not kept
-        if dense:
+        if keep:
             inputs.outputs = outs
         if mine[i]:
             on_block(name, block, stats, inputs)

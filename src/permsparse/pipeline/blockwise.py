@@ -188,7 +188,8 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_blocks(model, chain, batches, lambda b: [c for s in by_block[b] for c in s.consumers], on_block,
                cfg.needs_hessian, cfg.progress and dist.is_main(), offload=cfg.offload, device=device,
-               owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread)
+               owned=(lambda b: owner_of[b] == dist.rank()) if spread else None, dense=spread,
+               keep_outputs=permutation == "learned")  # the trainer's targets, from the statistics pass
     if spread:
         _share_spread(model, chain, owners, by_block, done)
     return _collect(order, done, permutation)
