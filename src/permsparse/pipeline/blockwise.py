@@ -29,7 +29,7 @@ from permsparse.config import PruneConfig
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.models.apply import SiteReport, plan_weights, prune_site_, write_weights_
-from permsparse.models.calibrate import BlockInputs, block_output, run_blocks
+from permsparse.models.calibrate import BlockInputs, run_blocks
 from permsparse.models.sites import Site, get_module
 from permsparse.pipeline.calibration import scores_and_heuristic
 from permsparse.train import distributed as dist
@@ -67,10 +67,7 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     (learned, heuristic) refitted decide, and the third value is ``(weights, reports)`` of
     the kept one."""
     calls = list(zip(inputs.args, inputs.kwargs))
-    targets = inputs.outputs  # the dense outputs, when run_blocks computed them already
-    if targets is None:
-        with torch.no_grad():
-            targets = [block_output(block(*a, **k)).detach() for a, k in calls]
+    targets = inputs.outputs  # the dense outputs: run_blocks keeps them from the statistics pass
     learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
                                 start=heur if cfg.learn.init == "heuristic" else None, seconds=seconds)
     # Each guard round is a pass of the block over its batches: on all of them, the guard cost
