@@ -148,7 +148,8 @@ def main() -> None:
                     help="the text: the embedded Wikipedia or the Python language reference (a second domain)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="defaults",
-                    help="the table's file name: OUT/NAME.json and OUT/NAME.md (another machine's table beside this one)")
+                    help="the table's file name: OUT/NAME.json and OUT/NAME.md "
+                         "(another machine's table beside this one)")
     opts = ap.parse_args()
     names = [r.strip() for r in opts.rows.split(",") if r.strip()]
     unknown = sorted(set(names) - set(ROWS))
