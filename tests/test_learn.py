@@ -261,7 +261,9 @@ def test_blockwise_objective(tiny):
     assert sorted({s.block for s in res.sites}) == blocks
     plans = ("none", "heuristic", "learned")
     masked = {k: v for k, v in res.guard.items() if not k.endswith("+refit")}
-    assert set(masked) == {f"{b}:{k}" for b in blocks for k in plans}
+    # Refitting, the plain mask only decides whether "none" is a finalist: the learned plan is
+    # weighed refitted only.
+    assert set(masked) == {f"{b}:{k}" for b in blocks for k in ("none", "heuristic")}
     assert all(math.isfinite(v) and v >= 0 for v in res.guard.values())
     # Per block, the guard keeps the argmin of its finalists refitted (reconstruction, the
     # default: the learned plan, the heuristic, and none where it beat the heuristic masked);
@@ -289,6 +291,34 @@ def test_blockwise_budget_fixes_each_blocks_steps(tiny):
     assert [h.step for h in res.history] == [0, 1, 2] * 2
     assert res.history[0].tau == cfg.learn.tau_start > res.history[2].tau
     check_plan(t.model, res.sites, res.perms, "2:4", 2)
+
+
+def test_prune_budget_leaves_the_later_blocks_what_the_walk_has_left(tiny):
+    # The first block knows no other cost yet and trains its steps; the budget is then spent, and
+    # the second block runs the probe steps only.
+    t = tiny("llama")
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                      learn=LearnConfig(objective="blockwise", steps_per_block=12, batch_size=2, time_budget=None,
+                                        prune_budget=1e-6))
+    res = prune(t.model, None, cfg, _calib())
+    assert [h.step for h in res.history] == list(range(12)) + [0, 1, 2]
+    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+    assert LearnConfig(prune_budget=0).prune_budget is None
+    with pytest.raises(ValueError):
+        LearnConfig(prune_budget=-1.0)
+
+
+def test_training_share_of_both_budgets():
+    from permsparse.pipeline.blockwise import training_share
+
+    assert training_share(None, None, 4, 0.0, 10.0, 0.0, 0) is None
+    assert training_share(100.0, None, 4, 20.0, 50.0, 30.0, 2) == 20.0  # (100 - 20) / 4
+    # 2 blocks done in 30 s, 20 of them training: 5 s a block besides training; 200 - 50 s left,
+    # less 4 blocks x 5 s, over 4 blocks.
+    assert training_share(None, 200.0, 4, 20.0, 50.0, 30.0, 2) == pytest.approx(32.5)
+    assert training_share(100.0, 200.0, 4, 20.0, 50.0, 30.0, 2) == 20.0  # the tighter one
+    assert training_share(None, 200.0, 4, 0.0, 50.0, 0.0, 0) is None  # no block done: no estimate yet
+    assert training_share(None, 60.0, 4, 20.0, 50.0, 30.0, 2) == 0.0  # over: the probe steps only
 
 
 def test_block_budget_counts_the_pace_after_the_first_step():
@@ -358,7 +388,8 @@ def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
                           learn=LearnConfig(objective="blockwise", steps_per_block=3, batch_size=2,
                                             block_guard_batches=guard))
         prune(copy.deepcopy(t.model), None, cfg, _calib())
-        assert len(seen) >= 2 * 5 and set(seen) == {(batches, batches)}
+        # per block: none and the heuristic masked, then the finalists refitted (learned, heuristic)
+        assert len(seen) >= 2 * 4 and set(seen) == {(batches, batches)}
 
 
 @pytest.mark.parametrize("family, settings, want", [

@@ -27,7 +27,7 @@ __all__ = ["check_out", "check_checkpoint", "check_device", "run_identity", "Run
 log = logging.getLogger("permsparse")
 
 #: LearnConfig fields a resumed run may change (they do not change what it computes).
-_RUN_ONLY = ("checkpoint_path", "checkpoint_every", "time_budget")
+_RUN_ONLY = ("checkpoint_path", "checkpoint_every", "time_budget", "prune_budget")
 
 
 def check_out(out: str | None, overwrite: bool, model: str) -> Path:

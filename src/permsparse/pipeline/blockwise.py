@@ -19,6 +19,7 @@ Two feeds of a block's inputs:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -37,7 +38,7 @@ from permsparse.train.state import StepLog
 from permsparse.train.blockwise import block_loss, train_block
 from permsparse.train.guard import lowest_loss, refit_finalists, refit_round
 
-__all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan"]
+__all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan", "training_share"]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,15 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     g = cfg.learn.block_guard_batches or len(calls)
     calls, targets = calls[:g], targets[:g]
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": heur, "learned": learned}
+    refit = cfg.learn.guard_refit and cfg.updates_weights
+    # Refitting, the plain mask only decides whether no permutation is a finalist (it is where it
+    # beats the heuristic): the learned plan's plain loss would decide nothing, so it is not run.
     losses = {k: block_loss(block, name, sites, c, scores, pattern, calls, targets, cfg.learn.bf16)
-              for k, c in candidates.items()}
+              for k, c in candidates.items() if not (refit and k == "learned")}
     applied = None
-    if not (cfg.learn.guard_refit and cfg.updates_weights):
+    if not refit:
         best = lowest_loss(losses, prefer="learned")
-    else:  # the plain mask only names the finalists
+    else:
 
         def evaluate(k: str) -> tuple[float, tuple]:
             weights, reports = plan_weights(model, sites, pattern, cfg.score, stats, candidates[k], scores, cfg.refit_method)
@@ -130,6 +134,27 @@ def _share_spread(model: nn.Module, chain: list[tuple[str, nn.Module]], owners: 
                     dist.broadcast_(get_module(model, c).weight.data, owner)
 
 
+def training_share(time_budget: float | None, prune_budget: float | None, left: int, trained: float,
+                   elapsed: float, since_first: float, blocks_done: int) -> float | None:
+    """The seconds the next block may train (``None``: no limit), of ``left`` blocks still to learn.
+
+    ``time_budget`` (training seconds): what is left of it after ``trained``, shared evenly
+    over the blocks left, so a block that ends under its share (``steps_per_block``) leaves the
+    rest to the others. ``prune_budget`` (seconds of the whole walk): what is left of it after
+    ``elapsed``, less what the blocks left will cost besides training, shared evenly; that cost
+    is the average of the ``blocks_done`` blocks since the first one's plan began
+    (``since_first`` seconds, ``trained`` of them training: statistics, guard, refit and feeding
+    passes), so a slower machine trains less and the walk still ends near the budget. Before a
+    block is done only ``time_budget`` limits."""
+    shares = []
+    if time_budget:
+        shares.append(max(time_budget - trained, 0.0) / left)
+    if prune_budget and blocks_done:
+        other = max(since_first - trained, 0.0) / blocks_done
+        shares.append(max(prune_budget - elapsed - other * left, 0.0) / left)
+    return min(shares) if shares else None
+
+
 def _collect(order: list[str], done: dict[str, dict], permutation: str) -> BlockwiseOutcome:
     out = BlockwiseOutcome()
     kept: dict[str, int] = {"none": 0, "heuristic": 0, "learned": 0}
@@ -168,15 +193,16 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
         log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
                  "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
     done: dict[str, dict] = {}
-    budget = cfg.learn.time_budget
     left = len(mine) if spread else len(order)  # the blocks this rank still learns
+    start, first = time.perf_counter(), None  # the walk's start; when its first block's plan began
 
     def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
-        nonlocal left
-        # The budget left, shared evenly over the blocks left: a block that ends under its share
-        # (steps_per_block) leaves the rest to the others.
+        nonlocal left, first
+        now = time.perf_counter()
+        first = now if first is None else first
         spent = sum(h["seconds"] for rec in done.values() for h in rec["history"])
-        seconds = max(budget - spent, 0.0) / left if budget else None
+        seconds = training_share(cfg.learn.time_budget, cfg.learn.prune_budget, left, spent, now - start,
+                                 now - first, len(done))
         done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs, seconds)
         left -= 1
 

@@ -33,7 +33,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "run_key", "Checkpointer"]
 log = logging.getLogger(__name__)
 
 #: LearnConfig fields that do not change what a run computes (a resumed run may change them).
-_RUN_ONLY = ("checkpoint_path", "checkpoint_every", "time_budget", "activation_checkpointing")
+_RUN_ONLY = ("checkpoint_path", "checkpoint_every", "time_budget", "prune_budget", "activation_checkpointing")
 
 
 def run_key(cfg: LearnConfig, sites: Sequence[Site], groups: int, pattern: NMPattern, n_batches: int,
