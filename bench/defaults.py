@@ -54,6 +54,8 @@ ROWS = {
     "learned-sync": ["--objective", "e2e", "--sync"],
     "learned-masked": ["--no-reconstruct"],
     "heuristic-sequential": ["--permutation", "heuristic", "--sequential"],
+    # One permutation of all the channels (G = 1), which the refit favours (docs/results.md).
+    "heuristic-sequential-g1": ["--permutation", "heuristic", "--sequential", "--groups", "1"],
     # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
     "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
@@ -64,7 +66,7 @@ ROWS = {
 LEARNED = ("learned", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
            "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
-SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential")
+SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential", "heuristic-sequential-g1")
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
            "command"]
 

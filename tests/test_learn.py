@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 import json
+import logging
 import math
 
 import pytest
@@ -293,16 +294,22 @@ def test_blockwise_budget_fixes_each_blocks_steps(tiny):
     check_plan(t.model, res.sites, res.perms, "2:4", 2)
 
 
-def test_prune_budget_leaves_the_later_blocks_what_the_walk_has_left(tiny):
-    # The first block knows no other cost yet and trains its steps; the budget is then spent, and
-    # the second block runs the probe steps only.
+def test_prune_budget_is_dropped_where_the_walk_alone_exceeds_it(tiny, caplog):
+    # After the first block, the walk's work besides training is estimated; a budget it exceeds
+    # (a model too large for it) is dropped, so the later blocks keep their steps instead of 3.
     t = tiny("llama")
     cfg = PruneConfig(permutation="learned", groups=2, progress=False,
                       learn=LearnConfig(objective="blockwise", steps_per_block=12, batch_size=2, time_budget=None,
                                         prune_budget=1e-6))
-    res = prune(t.model, None, cfg, _calib())
-    assert [h.step for h in res.history] == list(range(12)) + [0, 1, 2]
-    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+    with caplog.at_level(logging.INFO, logger="permsparse.pipeline.blockwise"):
+        res = prune(model := copy.deepcopy(t.model), None, cfg, _calib())
+    assert [h.step for h in res.history] == list(range(12)) * 2
+    assert "the budget is dropped" in caplog.text
+    check_plan(model, res.sites, res.perms, "2:4", 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="permsparse.pipeline.blockwise"):  # a budget that fits: kept
+        prune(t.model, None, replace(cfg, learn=replace(cfg.learn, prune_budget=3600.0)), _calib())
+    assert "the budget is dropped" not in caplog.text
     assert LearnConfig(prune_budget=0).prune_budget is None
     with pytest.raises(ValueError):
         LearnConfig(prune_budget=-1.0)

@@ -211,7 +211,8 @@ class LearnConfig:
     # block overran (docs/results.md, "A budget for the whole walk").
     prune_budget: float | None = _opt(840.0, "block-wise: seconds for the whole block-by-block walk (statistics, "
                                       "training, guard, refit): each block trains for what the blocks left leave "
-                                      "it, their other work estimated from the blocks done; 0: no budget")
+                                      "it, their other work estimated from the blocks done; dropped where that "
+                                      "work alone exceeds it (a large model); 0: no budget")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")

@@ -195,14 +195,22 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     done: dict[str, dict] = {}
     left = len(mine) if spread else len(order)  # the blocks this rank still learns
     start, first = time.perf_counter(), None  # the walk's start; when its first block's plan began
+    walk_budget = cfg.learn.prune_budget
 
     def on_block(name: str, block: nn.Module, stats, inputs: BlockInputs) -> None:
-        nonlocal left, first
+        nonlocal left, first, walk_budget
         now = time.perf_counter()
         first = now if first is None else first
         spent = sum(h["seconds"] for rec in done.values() for h in rec["history"])
-        seconds = training_share(cfg.learn.time_budget, cfg.learn.prune_budget, left, spent, now - start,
-                                 now - first, len(done))
+        if walk_budget and len(done) == 1:
+            # A model too large for the budget (a 7B on any machine) would train 3 steps a block;
+            # it keeps --time-budget instead.
+            other = (first - start) + (now - first - spent) * (1 + left)
+            if other > walk_budget:
+                log.info("the block walk without training would take about %.0f s, over --prune-budget %.0f s: "
+                         "the budget is dropped and --time-budget alone bounds the training", other, walk_budget)
+                walk_budget = None
+        seconds = training_share(cfg.learn.time_budget, walk_budget, left, spent, now - start, now - first, len(done))
         done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs, seconds)
         left -= 1
 
