@@ -318,14 +318,13 @@ def test_prune_budget_is_dropped_where_the_walk_alone_exceeds_it(tiny, caplog):
 def test_training_share_of_both_budgets():
     from permsparse.pipeline.blockwise import training_share
 
-    assert training_share(None, None, 4, 0.0, 10.0, 0.0, 0) is None
-    assert training_share(100.0, None, 4, 20.0, 50.0, 30.0, 2) == 20.0  # (100 - 20) / 4
-    # 2 blocks done in 30 s, 20 of them training: 5 s a block besides training; 200 - 50 s left,
-    # less 4 blocks x 5 s, over 4 blocks.
-    assert training_share(None, 200.0, 4, 20.0, 50.0, 30.0, 2) == pytest.approx(32.5)
-    assert training_share(100.0, 200.0, 4, 20.0, 50.0, 30.0, 2) == 20.0  # the tighter one
-    assert training_share(None, 200.0, 4, 0.0, 50.0, 0.0, 0) is None  # no block done: no estimate yet
-    assert training_share(None, 60.0, 4, 20.0, 50.0, 30.0, 2) == 0.0  # over: the probe steps only
+    assert training_share(None, None, 4, 0.0, 10.0, None) is None
+    assert training_share(100.0, None, 4, 20.0, 50.0, 5.0) == 20.0  # (100 - 20) / 4
+    # 5 s a block besides training; 200 - 50 s left, less 4 blocks x 5 s, over 4 blocks.
+    assert training_share(None, 200.0, 4, 20.0, 50.0, 5.0) == pytest.approx(32.5)
+    assert training_share(100.0, 200.0, 4, 20.0, 50.0, 5.0) == 20.0  # the tighter one
+    assert training_share(None, 200.0, 4, 0.0, 50.0, None) is None  # no block done: no estimate yet
+    assert training_share(None, 60.0, 4, 20.0, 50.0, 5.0) == 0.0  # over: the probe steps only
 
 
 def test_block_budget_counts_the_pace_after_the_first_step():

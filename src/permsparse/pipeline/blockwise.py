@@ -135,22 +135,20 @@ def _share_spread(model: nn.Module, chain: list[tuple[str, nn.Module]], owners: 
 
 
 def training_share(time_budget: float | None, prune_budget: float | None, left: int, trained: float,
-                   elapsed: float, since_first: float, blocks_done: int) -> float | None:
+                   elapsed: float, other: float | None) -> float | None:
     """The seconds the next block may train (``None``: no limit), of ``left`` blocks still to learn.
 
     ``time_budget`` (training seconds): what is left of it after ``trained``, shared evenly
     over the blocks left, so a block that ends under its share (``steps_per_block``) leaves the
     rest to the others. ``prune_budget`` (seconds of the whole walk): what is left of it after
-    ``elapsed``, less what the blocks left will cost besides training, shared evenly; that cost
-    is the average of the ``blocks_done`` blocks since the first one's plan began
-    (``since_first`` seconds, ``trained`` of them training: statistics, guard, refit and feeding
-    passes), so a slower machine trains less and the walk still ends near the budget. Before a
-    block is done only ``time_budget`` limits."""
+    ``elapsed``, less ``other`` (a block's work besides training: statistics, guard, refit and
+    feeding passes, averaged over the blocks done) for each block left, shared evenly, so a
+    slower machine trains less and the walk still ends near the budget. Without an estimate of
+    ``other`` (no block done yet) only ``time_budget`` limits."""
     shares = []
     if time_budget:
         shares.append(max(time_budget - trained, 0.0) / left)
-    if prune_budget and blocks_done:
-        other = max(since_first - trained, 0.0) / blocks_done
+    if prune_budget and other is not None:
         shares.append(max(prune_budget - elapsed - other * left, 0.0) / left)
     return min(shares) if shares else None
 
@@ -202,15 +200,16 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
         now = time.perf_counter()
         first = now if first is None else first
         spent = sum(h["seconds"] for rec in done.values() for h in rec["history"])
-        if walk_budget and len(done) == 1:
+        # A block's work besides training, averaged over the blocks done since the first one's plan began.
+        other = max(now - first - spent, 0.0) / len(done) if done else None
+        untrained = (first - start) + other * (len(done) + left) if other is not None else 0.0
+        if walk_budget and len(done) == 1 and untrained > walk_budget:
             # A model too large for the budget (a 7B on any machine) would train 3 steps a block;
             # it keeps --time-budget instead.
-            other = (first - start) + (now - first - spent) * (1 + left)
-            if other > walk_budget:
-                log.info("the block walk without training would take about %.0f s, over --prune-budget %.0f s: "
-                         "the budget is dropped and --time-budget alone bounds the training", other, walk_budget)
-                walk_budget = None
-        seconds = training_share(cfg.learn.time_budget, walk_budget, left, spent, now - start, now - first, len(done))
+            log.info("the block walk without training would take about %.0f s, over --prune-budget %.0f s: "
+                     "the budget is dropped and --time-budget alone bounds the training", untrained, walk_budget)
+            walk_budget = None
+        seconds = training_share(cfg.learn.time_budget, walk_budget, left, spent, now - start, other)
         done[name] = _do_block(model, name, block, by_block[name], pattern, cfg, permutation, stats, inputs, seconds)
         left -= 1
 
