@@ -834,3 +834,51 @@ def test_a_non_finite_guard_loss_never_wins_and_none_finite_is_refused():
     assert lowest_loss({"learned": 0.5, "heuristic": 0.5}) == "learned"  # a tie: the earlier
     with pytest.raises(FloatingPointError, match="non-finite"):
         lowest_loss({"learned": nan, "heuristic": inf})
+
+
+def test_sparse_weights_in_a_base_layout_equal_the_composed_plan(tiny):
+    # Learning in the coordinates of a base layout B and gathering W_eff back gives exactly the
+    # weights of the plan "B then π" in the model's coordinates, and a gradient reaches the costs.
+    from permsparse.train.bank import hard_params, sparse_weights
+
+    t = tiny("llama")
+    sites = [s for s in find_sites(t.model) if not s.head_tied]
+    gen = torch.Generator().manual_seed(3)
+    scores = {c: torch.rand(t.model.get_submodule(c).weight.shape, generator=gen) for s in sites for c in s.consumers}
+    weights = _weights(t.model, sites)
+    base = {s.name: Permutation.random(s.d_in, 1, gen) for s in sites}
+    fwd = {c: base[s.name].indices for s in sites for c in s.consumers}
+    back = {c: base[s.name].inverse().indices for s in sites for c in s.consumers}
+    bank = make_bank(sites, 2, PATTERN, None, LearnConfig(init="random", seed=5), scores)
+    out, _ = bank(0.5)
+    params = sparse_weights(out, sites, {c: w.index_select(1, fwd[c]) for c, w in weights.items()},
+                            {c: sc.index_select(1, fwd[c]) for c, sc in scores.items()}, PATTERN, columns=back)
+    composed = {s.name: base[s.name].compose(out[s.name][1]) for s in sites}
+    assert all(p.groups == 1 for p in composed.values())
+    want = hard_params(sites, composed, weights, scores, PATTERN)
+    assert params.keys() == want.keys()
+    assert all(torch.equal(params[k], want[k]) for k in want)
+    sum(p.pow(2).sum() for p in params.values()).backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in bank.parameters())
+
+
+def test_blockwise_learns_within_groups_of_the_base_heuristic(tiny):
+    # base_groups=1: each block's heuristic (and the trainer's start) is the one-group heuristic;
+    # the learned plans are that layout then a permutation within 2 groups, so the plan keeps 1 group.
+    t = tiny("llama")
+    learn = LearnConfig(objective="blockwise", steps_per_block=6, batch_size=2, base_groups=1)
+    cfg = PruneConfig(permutation="learned", groups=2, progress=False, reconstruct=False, learn=learn)
+    res = prune(model := copy.deepcopy(t.model), None, cfg, _calib())
+    assert res.groups == 1
+    check_plan(model, res.sites, res.perms, "2:4", 1)
+    with pytest.raises(ValueError):
+        check_plan(model, res.sites, res.perms, "2:4", 2)  # some plan moves channels across the 2 groups
+    # Without training (lr far too small to move from the start), the learned plan is the base heuristic.
+    still = replace(cfg, learn=replace(learn, lr=1e-9, margin=1.0))
+    res_still = prune(copy.deepcopy(t.model), None, still, _calib())
+    one = prune(copy.deepcopy(t.model), None, replace(cfg, permutation="heuristic", groups=1, sequential=True),
+                _calib())
+    assert all(res_still.perms[n] == one.perms[n] for n in one.perms)
+    assert LearnConfig(base_groups=0).base_groups is None
+    with pytest.raises(ValueError):
+        LearnConfig(base_groups=-2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,8 @@ def prune(
     if permutation == "learned" and cfg.learn.refit_every and not (cfg.learn.objective == "e2e" and cfg.refits):
         log.warning("refit_every is ignored: it needs the end-to-end objective (this run: %s) and reconstruction "
                     "(this run: %s)", cfg.learn.objective, "on" if cfg.refits else "off")
+    if permutation == "learned" and cfg.learn.base_groups and cfg.learn.objective != "blockwise":
+        log.warning("base_groups is ignored: it needs the block-wise objective (this run: %s)", cfg.learn.objective)
     model.requires_grad_(False)
     if (cfg.sequential or cfg.offload or cfg.spread_blocks
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):
@@ -165,6 +168,8 @@ def prune(
         result = plans.prune_(model)
     result.seconds = time.perf_counter() - t0
     result.groups = cfg.groups
+    if permutation == "learned" and cfg.learn.base_groups and cfg.learn.objective == "blockwise":
+        result.groups = math.gcd(cfg.groups, cfg.learn.base_groups)  # the groups the plans, base then learned, keep
     result.config = cfg
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result

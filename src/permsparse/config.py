@@ -213,6 +213,13 @@ class LearnConfig:
                                       "training, guard, refit): each block trains for what the blocks left leave "
                                       "it, their other work estimated from the blocks done; dropped where that "
                                       "work alone exceeds it (a large model); 0: no budget")
+    # The heuristic of all channels in one group keeps more than that of 4 groups (SmolLM2, MiniLM:
+    # docs/results.md, "One permutation of all channels"), but a 1536-wide assignment at every step
+    # costs 16 times a 384-wide one; learning within groups of its layout keeps both.
+    base_groups: int | None = _opt(None, "block-wise: the heuristic at this many groups (1: one permutation of "
+                                   "all channels) is the block's starting layout and its heuristic plan, and the "
+                                   "trainer learns within --groups groups of that layout; 0: off (the heuristic at "
+                                   "--groups)")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
@@ -244,6 +251,10 @@ class LearnConfig:
         for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
                           ("block_guard_batches", 0), ("refit_every", 0), ("snapshots", 0), ("checkpoint_every", 1)):
             _check_int(self, name, low)
+        if self.base_groups == 0:
+            self.base_groups = None
+        if self.base_groups is not None:
+            _check_int(self, "base_groups", 1)
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
             self.lr_end = None
         _check_float(self, "lr_end", 0.0, above=True, none_ok=True)

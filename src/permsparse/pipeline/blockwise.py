@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -69,8 +69,11 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     the kept one."""
     calls = list(zip(inputs.args, inputs.kwargs))
     targets = inputs.outputs  # the dense outputs: run_blocks keeps them from the statistics pass
+    # With base_groups, ``heur`` (the heuristic at that many groups) is the layout learned within.
+    base = heur if cfg.learn.base_groups else None
+    start = heur if cfg.learn.init == "heuristic" and base is None else None
     learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
-                                start=heur if cfg.learn.init == "heuristic" else None, seconds=seconds)
+                                start=start, seconds=seconds, base=base)
     # Each guard round is a pass of the block over its batches: on all of them, the guard cost
     # twice the training (bench/results/defaults.md); a subset ranks the plans alike.
     g = cfg.learn.block_guard_batches or len(calls)
@@ -102,7 +105,10 @@ def _do_block(model: nn.Module, name: str, block: nn.Module, sites: list[Site], 
               cfg: PruneConfig, permutation: str, stats, inputs: BlockInputs, seconds: float | None = None) -> dict:
     """Score, choose the plan of and prune one block (``seconds``: its share of the training
     budget); what it chose, as plain values (they cross ranks when the blocks are spread)."""
-    scores, heur = scores_and_heuristic(model, sites, pattern, cfg, stats, permutation in ("heuristic", "learned"))
+    plan_cfg = cfg  # a learned run's heuristic is its base layout where it has one
+    if permutation == "learned" and cfg.learn.base_groups:
+        plan_cfg = replace(cfg, groups=cfg.learn.base_groups)
+    scores, heur = scores_and_heuristic(model, sites, pattern, plan_cfg, stats, permutation in ("heuristic", "learned"))
     chosen: dict[str, Permutation] = {}
     rec: dict = {"history": [], "guard": {}, "kept": None}
     applied = None

@@ -160,11 +160,14 @@ def sparse_weights(
     prefix_strip: str = "",
     mask_cache: dict | None = None,
     grad_dtype: torch.dtype | None = None,
+    columns: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{"<consumer>.weight": W_eff}`` for every consumer, names relative to ``prefix_strip``.
 
     ``mask_cache`` (a dict kept across steps) reuses each mask while its site's hard
     permutation is unchanged, which late in training is most sites at most steps.
+    ``columns``: per consumer, the column gather that brings ``W_eff`` back to the model's
+    columns, where ``weights`` and ``scores`` are given in a base layout's (its inverse).
     """
     params = {}
     for site in sites:
@@ -178,9 +181,10 @@ def sparse_weights(
                 else:
                     mask = unpermuted_mask(scores[name], perm, pattern, validate=False).to(weights[name].device)
                     mask_cache[name] = (perm, mask)
-            params[f"{_relative(name, prefix_strip)}.weight"] = hard_permuted_prune(
-                weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype
-            )
+            w_eff = hard_permuted_prune(weights[name], scores[name], perm, p_st, pattern, mask, grad_dtype)
+            if columns is not None and name in columns:
+                w_eff = w_eff.index_select(1, columns[name])
+            params[f"{_relative(name, prefix_strip)}.weight"] = w_eff
     return params
 
 

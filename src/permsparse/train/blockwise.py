@@ -50,6 +50,7 @@ def train_block(
     start: Mapping[str, Permutation] | None = None,
     progress: bool = False,
     seconds: float | None = None,
+    base: Mapping[str, Permutation] | None = None,
 ) -> tuple[dict[str, Permutation], list[StepLog]]:
     """Learn this block's sites so that its sparse output matches the dense ``targets`` on
     cached ``inputs`` (normalised MSE); returns ``(perms, history)``.
@@ -57,11 +58,23 @@ def train_block(
     ``seconds``: this block's share of the time budget; after three steps the block's step
     count becomes the steps that fit at the pace of the second and third (the first pays
     one-off costs), at most ``cfg.steps_per_block`` and at least three, and τ and the lr
-    anneal over that count."""
+    anneal over that count.
+
+    ``base``: per site, a layout (such as the heuristic of all channels in one group) that the
+    block learns within ``groups`` groups of; ``start`` is then in its coordinates, and each
+    returned plan is ``base`` then the learned one, so it may move channels across groups."""
     device = next(block.parameters()).device
     prefix = f"{block_name}."
+    weights = _block_weights(block, prefix, sites)
+    columns = None
+    if base:
+        # Train in the base layout's coordinates and gather W_eff back to the model's columns.
+        fwd = {c: base[s.name].indices.to(device) for s in sites for c in s.consumers}
+        weights = {c: w.index_select(1, fwd[c]) for c, w in weights.items()}
+        scores = {c: scores[c].index_select(1, fwd[c].to(scores[c].device)) for c in fwd}
+        columns = {c: base[s.name].inverse().indices.to(device) for s in sites for c in s.consumers}
     bank = make_bank(sites, groups, pattern, start, cfg, scores).to(device)
-    weights = step_weights(_block_weights(block, prefix, sites), cfg)
+    weights = step_weights(weights, cfg)
     opt = make_optimizer(bank.parameters(), cfg)
     steps = cfg.steps_per_block
     schedule = TemperatureSchedule(cfg.tau_start, cfg.tau_end, steps, cfg.tau_schedule)
@@ -80,7 +93,7 @@ def train_block(
         anneal_lr(opt, cfg, step / max(steps - 1, 1))
         out, ent = bank(tau, cfg.sinkhorn_iters)
         params = sparse_weights(out, sites, weights, scores, pattern, prefix_strip=prefix, mask_cache=masks,
-                                grad_dtype=grad_dtype)
+                                grad_dtype=grad_dtype, columns=columns)
         with autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
         loss = _normalised_mse(y, targets[i].float())
@@ -99,7 +112,10 @@ def train_block(
             steps = _fit_steps(seconds, time.perf_counter() - start_clock, history, steps)
             bar.total = steps
     bar.close()
-    return bank.hard(), history
+    learned = bank.hard()
+    if base:
+        learned = {n: base[n].compose(p) for n, p in learned.items()}
+    return learned, history
 
 
 _PROBE = 3  # steps before a block's budget fixes its step count (the first is not timed)
