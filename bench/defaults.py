@@ -46,8 +46,11 @@ ROWS = {
     "heuristic-obs": ["--permutation", "heuristic", "--refit", "obs"],
     # The default objective (auto) is the block-wise one for SmolLM2: block by block on the pruned
     # blocks' outputs, each block's statistics, masks, refit and plan from the inputs the pruned
-    # model gives it, each block's guard choosing among none, heuristic and learned.
+    # model gives it, each block's guard choosing among none, the one-group heuristic and the plan
+    # learned within 4 groups of its layout (--base-groups 1).
     "learned": [],
+    # The default before --base-groups: learned within 4 groups from the 4-group heuristic.
+    "learned-base0": ["--base-groups", "0"],
     # The end-to-end objective (CE + KL on the model's output), the default before auto.
     "learned-e2e": ["--objective", "e2e"],
     "learned-obs": ["--objective", "e2e", "--refit", "obs"],
@@ -56,8 +59,6 @@ ROWS = {
     "heuristic-sequential": ["--permutation", "heuristic", "--sequential"],
     # One permutation of all the channels (G = 1), which the refit favours (docs/results.md).
     "heuristic-sequential-g1": ["--permutation", "heuristic", "--sequential", "--groups", "1"],
-    # Learning within 4 groups of the one-group heuristic's layout (--base-groups 1).
-    "learned-base1": ["--base-groups", "1"],
     # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
     "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
@@ -65,7 +66,7 @@ ROWS = {
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-base1", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
+LEARNED = ("learned", "learned-base0", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
            "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential", "heuristic-sequential-g1")

@@ -280,7 +280,8 @@ def test_blockwise_objective(tiny):
     assert [h.step for h in res.history] == list(range(8)) * 2
     assert all(math.isfinite(h.loss) and math.isfinite(h.tau) for h in res.history)
     assert set(res.perms) == {s.name for s in res.sites}
-    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+    assert res.groups == 1  # learned within 2 groups of the one-group heuristic's layout (base_groups=1)
+    check_plan(t.model, res.sites, res.perms, "2:4", res.groups)
 
 
 def test_blockwise_budget_fixes_each_blocks_steps(tiny):
@@ -291,7 +292,7 @@ def test_blockwise_budget_fixes_each_blocks_steps(tiny):
     res = prune(t.model, None, cfg, _calib())
     assert [h.step for h in res.history] == [0, 1, 2] * 2
     assert res.history[0].tau == cfg.learn.tau_start > res.history[2].tau
-    check_plan(t.model, res.sites, res.perms, "2:4", 2)
+    check_plan(t.model, res.sites, res.perms, "2:4", res.groups)
 
 
 def test_prune_budget_is_dropped_where_the_walk_alone_exceeds_it(tiny, caplog):
@@ -305,7 +306,7 @@ def test_prune_budget_is_dropped_where_the_walk_alone_exceeds_it(tiny, caplog):
         res = prune(model := copy.deepcopy(t.model), None, cfg, _calib())
     assert [h.step for h in res.history] == list(range(12)) * 2
     assert "the budget is dropped" in caplog.text
-    check_plan(model, res.sites, res.perms, "2:4", 2)
+    check_plan(model, res.sites, res.perms, "2:4", res.groups)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="permsparse.pipeline.blockwise"):  # a budget that fits: kept
         prune(t.model, None, replace(cfg, learn=replace(cfg.learn, prune_budget=3600.0)), _calib())
@@ -863,7 +864,7 @@ def test_sparse_weights_in_a_base_layout_equal_the_composed_plan(tiny):
 
 
 def test_blockwise_learns_within_groups_of_the_base_heuristic(tiny):
-    # base_groups=1: each block's heuristic (and the trainer's start) is the one-group heuristic;
+    # base_groups=1 (the default): each block's heuristic (and the trainer's start) is the one-group heuristic;
     # the learned plans are that layout then a permutation within 2 groups, so the plan keeps 1 group.
     t = tiny("llama")
     learn = LearnConfig(objective="blockwise", steps_per_block=6, batch_size=2, base_groups=1)
@@ -879,6 +880,10 @@ def test_blockwise_learns_within_groups_of_the_base_heuristic(tiny):
     one = prune(copy.deepcopy(t.model), None, replace(cfg, permutation="heuristic", groups=1, sequential=True),
                 _calib())
     assert all(res_still.perms[n] == one.perms[n] for n in one.perms)
+    # Off: the heuristic and the learned plans keep the 2 groups.
+    off = prune(model := copy.deepcopy(t.model), None, replace(cfg, learn=replace(learn, base_groups=0)), _calib())
+    assert off.groups == 2
+    check_plan(model, off.sites, off.perms, "2:4", 2)
     assert LearnConfig(base_groups=0).base_groups is None
     with pytest.raises(ValueError):
         LearnConfig(base_groups=-2)

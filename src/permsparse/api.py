@@ -152,8 +152,6 @@ def prune(
     if permutation == "learned" and cfg.learn.refit_every and not (cfg.learn.objective == "e2e" and cfg.refits):
         log.warning("refit_every is ignored: it needs the end-to-end objective (this run: %s) and reconstruction "
                     "(this run: %s)", cfg.learn.objective, "on" if cfg.refits else "off")
-    if permutation == "learned" and cfg.learn.base_groups and cfg.learn.objective != "blockwise":
-        log.warning("base_groups is ignored: it needs the block-wise objective (this run: %s)", cfg.learn.objective)
     model.requires_grad_(False)
     if (cfg.sequential or cfg.offload or cfg.spread_blocks
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):

@@ -213,13 +213,12 @@ class LearnConfig:
                                       "training, guard, refit): each block trains for what the blocks left leave "
                                       "it, their other work estimated from the blocks done; dropped where that "
                                       "work alone exceeds it (a large model); 0: no budget")
-    # The heuristic of all channels in one group keeps more than that of 4 groups (SmolLM2, MiniLM:
-    # docs/results.md, "One permutation of all channels"), but a 1536-wide assignment at every step
-    # costs 16 times a 384-wide one; learning within groups of its layout keeps both.
-    base_groups: int | None = _opt(None, "block-wise: the heuristic at this many groups (1: one permutation of "
-                                   "all channels) is the block's starting layout and its heuristic plan, and the "
-                                   "trainer learns within --groups groups of that layout; 0: off (the heuristic at "
-                                   "--groups)")
+    # The heuristic of all channels in one group keeps more than that of 4 groups once refitted, but a
+    # 1536-wide assignment at every step costs 16 times a 384-wide one; learning within groups of its
+    # layout keeps both (SmolLM2: docs/results.md, "Learning within groups of the one-group layout").
+    base_groups: int | None = _opt(1, "block-wise: the heuristic at this many groups (1: one permutation of all "
+                                   "channels) is each block's heuristic plan and the layout the trainer learns "
+                                   "within --groups groups of; 0: off (the heuristic at --groups)")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
