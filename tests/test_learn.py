@@ -884,6 +884,18 @@ def test_blockwise_learns_within_groups_of_the_base_heuristic(tiny):
     off = prune(model := copy.deepcopy(t.model), None, replace(cfg, learn=replace(learn, base_groups=0)), _calib())
     assert off.groups == 2
     check_plan(model, off.sites, off.perms, "2:4", 2)
-    assert LearnConfig(base_groups=0).base_groups is None
     with pytest.raises(ValueError):
         LearnConfig(base_groups=-2)
+
+
+def test_base_groups_grow_where_a_site_is_wider_than_the_cap(tiny):
+    # A one-group heuristic of a 7B's 11008-wide down_proj costs minutes a layer on a CPU: the base
+    # layout takes the fewest power-of-two groups of at most BASE_MAX_GROUP channels there.
+    from permsparse.pipeline.blockwise import BASE_MAX_GROUP, base_groups
+
+    sites = find_sites(tiny("llama").model)
+    assert max(s.d_in for s in sites) <= BASE_MAX_GROUP
+    assert base_groups(sites, PATTERN, 1) == 1 and base_groups(sites, PATTERN, 2) == 2
+    wide = [replace(s, d_in=11008) for s in sites if not s.head_tied]
+    assert base_groups(wide, PATTERN, 1) == 8  # 1376 channels a group
+    assert base_groups(wide, PATTERN, 16) == 16

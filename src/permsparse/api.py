@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +152,7 @@ def prune(
         log.warning("refit_every is ignored: it needs the end-to-end objective (this run: %s) and reconstruction "
                     "(this run: %s)", cfg.learn.objective, "on" if cfg.refits else "off")
     model.requires_grad_(False)
+    walk = None
     if (cfg.sequential or cfg.offload or cfg.spread_blocks
             or (permutation == "learned" and cfg.learn.objective == "blockwise")):
         walk = prune_blockwise(model, sites, pattern, cfg, permutation, batches)
@@ -165,9 +165,7 @@ def prune(
                                 resume=resume)
         result = plans.prune_(model)
     result.seconds = time.perf_counter() - t0
-    result.groups = cfg.groups
-    if permutation == "learned" and cfg.learn.base_groups and cfg.learn.objective == "blockwise":
-        result.groups = math.gcd(cfg.groups, cfg.learn.base_groups)  # the groups the plans, base then learned, keep
+    result.groups = walk.groups if walk is not None else cfg.groups
     result.config = cfg
     log.info("pruned %d sites in %.1fs (kept plan: %s)", len(sites), result.seconds, result.kept_plan)
     return result

@@ -213,12 +213,11 @@ class LearnConfig:
                                       "training, guard, refit): each block trains for what the blocks left leave "
                                       "it, their other work estimated from the blocks done; dropped where that "
                                       "work alone exceeds it (a large model); 0: no budget")
-    # The heuristic of all channels in one group keeps more than that of 4 groups once refitted, but a
-    # 1536-wide assignment at every step costs 16 times a 384-wide one; learning within groups of its
-    # layout keeps both (SmolLM2: docs/results.md, "Learning within groups of the one-group layout").
-    base_groups: int | None = _opt(1, "block-wise: the heuristic at this many groups (1: one permutation of all "
-                                   "channels) is each block's heuristic plan and the layout the trainer learns "
-                                   "within --groups groups of; 0: off (the heuristic at --groups)")
+    # The one-group heuristic refits better than 4 groups', and learning within 4 groups of its layout keeps
+    # the step's assignments small (docs/results.md, "Learning within groups of the one-group layout").
+    base_groups: int = _opt(1, "block-wise: the heuristic at this many groups (1: one permutation of all "
+                            "channels) is each block's heuristic plan and the layout the trainer learns within "
+                            "--groups groups of; 0: off (the heuristic at --groups)")
     seed: int = _opt(0, "seed of the calibration sample, the batches and the cost noise")
     checkpoint_path: str | None = _opt(None, "end to end: resumable training state (one safetensors file), "
                                        "written atomically", flag="checkpoint")
@@ -248,12 +247,9 @@ class LearnConfig:
         _check_float(self, "prune_budget", 0.0, above=True, none_ok=True)
         _check_float(self, "teacher_cache_gb", 0.0, inf_ok=True)
         for name, low in (("batch_size", 1), ("sinkhorn_iters", 1), ("steps_per_block", 1), ("guard_batches", 1),
-                          ("block_guard_batches", 0), ("refit_every", 0), ("snapshots", 0), ("checkpoint_every", 1)):
+                          ("block_guard_batches", 0), ("refit_every", 0), ("snapshots", 0), ("checkpoint_every", 1),
+                          ("base_groups", 0)):
             _check_int(self, name, low)
-        if self.base_groups == 0:
-            self.base_groups = None
-        if self.base_groups is not None:
-            _check_int(self, "base_groups", 1)
         if self.lr_end == 0:  # 0 (a recipe or the CLI): a constant lr
             self.lr_end = None
         _check_float(self, "lr_end", 0.0, above=True, none_ok=True)

@@ -19,6 +19,7 @@ Two feeds of a block's inputs:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
@@ -32,13 +33,13 @@ from permsparse.core.permutation import Permutation
 from permsparse.models.apply import SiteReport, plan_weights, prune_site_, write_weights_
 from permsparse.models.calibrate import BlockInputs, run_blocks
 from permsparse.models.sites import Site, get_module
-from permsparse.pipeline.calibration import scores_and_heuristic
+from permsparse.pipeline.calibration import resolve_groups, scores_and_heuristic
 from permsparse.train import distributed as dist
 from permsparse.train.state import StepLog
 from permsparse.train.blockwise import block_loss, train_block
 from permsparse.train.guard import lowest_loss, refit_finalists, refit_round
 
-__all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan", "training_share"]
+__all__ = ["BlockwiseOutcome", "prune_blockwise", "identity_plan", "training_share", "base_groups", "BASE_MAX_GROUP"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class BlockwiseOutcome:
     history: list[StepLog] = field(default_factory=list)
     guard: dict[str, float] = field(default_factory=dict)
     kept_plan: str = "none"
+    groups: int = 1  # the groups every plan keeps (base layout then learned: the gcd of both)
 
 
 def identity_plan(sites: Sequence[Site], groups: int) -> dict[str, Permutation]:
@@ -140,6 +142,21 @@ def _share_spread(model: nn.Module, chain: list[tuple[str, nn.Module]], owners: 
                     dist.broadcast_(get_module(model, c).weight.data, owner)
 
 
+#: The widest group of a learned run's base layout, in channels: the one-group heuristic of a
+#: 4096 x 11008 layer took 406 s on 2 CPU cores (86 s at G = 4, 25 s at G = 16), and SmolLM2's
+#: widest site (1536) keeps one group (docs/scaling.md).
+BASE_MAX_GROUP = 1536
+
+
+def base_groups(sites: Sequence[Site], pattern: NMPattern | None, wanted: int) -> int:
+    """The base layout's groups: ``wanted``, or more where a site is wider than :data:`BASE_MAX_GROUP`
+    (as ``groups="auto"`` picks them; ``wanted`` where no power of two fits)."""
+    try:
+        return max(wanted, resolve_groups(sites, pattern, BASE_MAX_GROUP, what="base_groups"))
+    except ValueError:
+        return wanted
+
+
 def training_share(time_budget: float | None, prune_budget: float | None, left: int, trained: float,
                    elapsed: float, other: float | None) -> float | None:
     """The seconds the next block may train (``None``: no limit), of ``left`` blocks still to learn.
@@ -196,6 +213,8 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     elif dist.world_size() > 1 and dist.is_main():
         log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
                  "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
+    if permutation == "learned" and cfg.learn.base_groups:
+        cfg = replace(cfg, learn=replace(cfg.learn, base_groups=base_groups(sites, pattern, cfg.learn.base_groups)))
     done: dict[str, dict] = {}
     left = len(mine) if spread else len(order)  # the blocks this rank still learns
     start, first = time.perf_counter(), None  # the walk's start; when its first block's plan began
@@ -228,4 +247,8 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
                keep_outputs=permutation == "learned")  # the trainer's targets, from the statistics pass
     if spread:
         _share_spread(model, chain, owners, by_block, done)
-    return _collect(order, done, permutation)
+    out = _collect(order, done, permutation)
+    out.groups = cfg.groups
+    if permutation == "learned" and cfg.learn.base_groups:
+        out.groups = math.gcd(cfg.groups, cfg.learn.base_groups)
+    return out

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 AUTO_MAX_GROUP = 768
 
 
-def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group: int = AUTO_MAX_GROUP) -> int:
+def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group: int = AUTO_MAX_GROUP,
+                   what: str = "groups=auto") -> int:
     """``groups="auto"``: the smallest power of two G whose groups hold at most ``max_group``
     channels at every site and divide into N:M blocks (head-tied sites keep one group per head)."""
     free = [s for s in sites if not s.head_tied]
@@ -48,10 +49,10 @@ def resolve_groups(sites: Sequence[Site], pattern: "NMPattern | None", max_group
     g = 1
     while g <= widest:
         if all(s.d_in % (g * m) == 0 for s in free) and widest // g <= max_group:
-            log.info("groups=auto: G=%d (widest site %d channels, groups of at most %d)", g, widest, widest // g)
+            log.info("%s: G=%d (widest site %d channels, groups of at most %d)", what, g, widest, widest // g)
             return g
         g *= 2
-    raise ValueError(f"groups=auto: no power-of-two G divides every site width into groups of at most {max_group} "
+    raise ValueError(f"{what}: no power-of-two G divides every site width into groups of at most {max_group} "
                      f"channels that are multiples of M={m}; pass groups explicitly")
 
 
