@@ -399,6 +399,27 @@ def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
         assert len(seen) >= 2 * 4 and set(seen) == {(batches, batches)}
 
 
+def test_block_guard_holdout_trains_on_the_other_batches(tiny, monkeypatch):
+    from permsparse.pipeline import blockwise as walk
+
+    trained = []
+    real = walk.train_block
+
+    def spy(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k):
+        trained.append((len(inputs), len(targets)))
+        return real(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k)
+
+    monkeypatch.setattr(walk, "train_block", spy)
+    t = tiny("llama")
+    for holdout, want in ((True, 3), (False, 4)):  # 4 batches of 2 windows, the guard on 1
+        trained.clear()
+        cfg = PruneConfig(permutation="learned", groups=2, progress=False,
+                          learn=LearnConfig(objective="blockwise", steps_per_block=3, batch_size=2,
+                                            block_guard_batches=1, guard_holdout=holdout))
+        prune(copy.deepcopy(t.model), None, cfg, _calib())
+        assert trained == [(want, want)] * 2
+
+
 @pytest.mark.parametrize("family, settings, want", [
     ("llama", {}, "blockwise"),  # a causal LM, one stack of blocks
     ("qwen2", {}, "blockwise"),

@@ -168,9 +168,9 @@ class LearnConfig:
     guard_batches: int = _opt(2, "end to end: calibration batches the final guard compares the plans on")
     # On few calibration windows a plan fitted to them wins a guard on them and loses on new
     # text (the quick demo: docs/results.md, "A guard on held-out batches").
-    guard_holdout: bool = _opt(False, "end to end: the guard's batches are the last guard-batches of the "
-                               "calibration, held out of training, so it compares the plans on text the trainer "
-                               "did not see")
+    guard_holdout: bool = _opt(False, "the guard's batches (end to end: the last guard-batches; block-wise: each "
+                               "block's first block-guard-batches) are held out of training, so it compares the "
+                               "plans on text the trainer did not see")
     # Each block's guard ran on every batch: 5 block passes over all data per block, most of a
     # block-wise run (docs/results.md, "The block-wise default").
     block_guard_batches: int = _opt(8, "block-wise: calibration batches each block's guard compares the plans "

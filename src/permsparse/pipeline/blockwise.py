@@ -70,15 +70,16 @@ def _learn_block(model: nn.Module, block: nn.Module, name: str, sites: list[Site
     (learned, heuristic) refitted decide, and the third value is ``(weights, reports)`` of
     the kept one."""
     calls = list(zip(inputs.args, inputs.kwargs))
-    targets = inputs.outputs  # the dense outputs: run_blocks keeps them from the statistics pass
-    # With base_groups, ``heur`` (the heuristic at that many groups) is the layout learned within.
-    base = heur if cfg.learn.base_groups else None
-    start = heur if cfg.learn.init == "heuristic" and base is None else None
-    learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls, targets, cfg.learn,
-                                start=start, seconds=seconds, base=base)
+    targets = list(inputs.outputs)  # the dense outputs: run_blocks keeps them from the statistics pass
     # Each guard round is a pass of the block over its batches: on all of them, the guard cost
     # twice the training (bench/results/defaults.md); a subset ranks the plans alike.
     g = cfg.learn.block_guard_batches or len(calls)
+    fit = slice(g, None) if cfg.learn.guard_holdout and g < len(calls) else slice(None)  # held out: the guard's
+    # With base_groups, ``heur`` (the heuristic at that many groups) is the layout learned within.
+    base = heur if cfg.learn.base_groups else None
+    start = heur if cfg.learn.init == "heuristic" and base is None else None
+    learned, hist = train_block(block, name, sites, scores, pattern, cfg.groups, calls[fit], targets[fit],
+                                cfg.learn, start=start, seconds=seconds, base=base)
     calls, targets = calls[:g], targets[:g]
     candidates = {"none": identity_plan(sites, cfg.groups), "heuristic": heur, "learned": learned}
     refit = cfg.learn.guard_refit and cfg.updates_weights
