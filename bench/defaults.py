@@ -59,6 +59,8 @@ ROWS = {
     "heuristic-sequential": ["--permutation", "heuristic", "--sequential"],
     # One permutation of all the channels (G = 1), which the refit favours (docs/results.md).
     "heuristic-sequential-g1": ["--permutation", "heuristic", "--sequential", "--groups", "1"],
+    # Each block's guard on batches the block did not train on.
+    "learned-guard-holdout": ["--guard-holdout"],
     # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
     "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
@@ -66,7 +68,7 @@ ROWS = {
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-base0", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
+LEARNED = ("learned", "learned-base0", "learned-guard-holdout", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
            "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential", "heuristic-sequential-g1")
