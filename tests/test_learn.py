@@ -377,47 +377,34 @@ def test_guard_holdout_judges_on_batches_the_trainer_never_saw(tiny, monkeypatch
         prune(copy.deepcopy(t.model), None, replace(cfg, learn=replace(cfg.learn, guard_batches=4)), calib)
 
 
-def test_block_guard_compares_on_its_batches(tiny, monkeypatch):
+def test_block_guard_compares_on_its_batches_and_holdout_trains_on_the_others(tiny, monkeypatch):
     from permsparse.pipeline import blockwise as walk
 
-    seen = []
-    real = walk.block_loss
+    seen, trained = [], []
+    real_loss, real_train = walk.block_loss, walk.train_block
 
-    def spy(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k):
+    def spy_loss(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k):
         seen.append((len(inputs), len(targets)))
-        return real(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k)
+        return real_loss(block, name, sites, perms, scores, pattern, inputs, targets, *a, **k)
 
-    monkeypatch.setattr(walk, "block_loss", spy)
-    t = tiny("llama")
-    for guard, batches in ((1, 1), (0, 4)):  # 8 windows in batches of 2; 0: all of them
-        seen.clear()
-        cfg = PruneConfig(permutation="learned", groups=2, progress=False,
-                          learn=LearnConfig(objective="blockwise", steps_per_block=3, batch_size=2,
-                                            block_guard_batches=guard))
-        prune(copy.deepcopy(t.model), None, cfg, _calib())
-        # per block: none and the heuristic masked, then the finalists refitted (learned, heuristic)
-        assert len(seen) >= 2 * 4 and set(seen) == {(batches, batches)}
-
-
-def test_block_guard_holdout_trains_on_the_other_batches(tiny, monkeypatch):
-    from permsparse.pipeline import blockwise as walk
-
-    trained = []
-    real = walk.train_block
-
-    def spy(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k):
+    def spy_train(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k):
         trained.append((len(inputs), len(targets)))
-        return real(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k)
+        return real_train(block, name, sites, scores, pattern, groups, inputs, targets, *a, **k)
 
-    monkeypatch.setattr(walk, "train_block", spy)
+    monkeypatch.setattr(walk, "block_loss", spy_loss)
+    monkeypatch.setattr(walk, "train_block", spy_train)
     t = tiny("llama")
-    for holdout, want in ((True, 3), (False, 4)):  # 4 batches of 2 windows, the guard on 1
+    # 8 windows in batches of 2: 4 batches; guard 0: all of them; held out: the trainer gets the others.
+    for guard, holdout, batches, fit in ((1, False, 1, 4), (0, False, 4, 4), (1, True, 1, 3)):
+        seen.clear()
         trained.clear()
         cfg = PruneConfig(permutation="learned", groups=2, progress=False,
                           learn=LearnConfig(objective="blockwise", steps_per_block=3, batch_size=2,
-                                            block_guard_batches=1, guard_holdout=holdout))
+                                            block_guard_batches=guard, guard_holdout=holdout))
         prune(copy.deepcopy(t.model), None, cfg, _calib())
-        assert trained == [(want, want)] * 2
+        # per block: none and the heuristic masked, then the finalists refitted (learned, heuristic)
+        assert len(seen) >= 2 * 4 and set(seen) == {(batches, batches)}
+        assert trained == [(fit, fit)] * 2
 
 
 @pytest.mark.parametrize("family, settings, want", [
