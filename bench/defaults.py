@@ -68,8 +68,8 @@ ROWS = {
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-base0", "learned-guard-holdout", "learned-e2e", "learned-obs", "learned-sync", "learned-masked", "learned-blockwise-allguard",
-           "learned-sparsegpt")
+LEARNED = ("learned", "learned-base0", "learned-guard-holdout", "learned-e2e", "learned-obs", "learned-sync",
+           "learned-masked", "learned-blockwise-allguard", "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential", "heuristic-sequential-g1")
 COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",

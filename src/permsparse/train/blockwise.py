@@ -69,10 +69,12 @@ def train_block(
     columns = None
     if base:
         # Train in the base layout's coordinates and gather W_eff back to the model's columns.
-        fwd = {c: base[s.name].indices.to(device) for s in sites for c in s.consumers}
-        weights = {c: w.index_select(1, fwd[c]) for c, w in weights.items()}
-        scores = {c: scores[c].index_select(1, fwd[c].to(scores[c].device)) for c in fwd}
-        columns = {c: base[s.name].inverse().indices.to(device) for s in sites for c in s.consumers}
+        fwd = {s.name: base[s.name].indices.to(device) for s in sites}
+        back = {s.name: base[s.name].inverse().indices.to(device) for s in sites}
+        site_of = {c: s.name for s in sites for c in s.consumers}
+        weights = {c: w.index_select(1, fwd[site_of[c]]) for c, w in weights.items()}
+        scores = {c: scores[c].index_select(1, fwd[n].to(scores[c].device)) for c, n in site_of.items()}
+        columns = {c: back[n] for c, n in site_of.items()}
     bank = make_bank(sites, groups, pattern, start, cfg, scores).to(device)
     weights = step_weights(weights, cfg)
     opt = make_optimizer(bank.parameters(), cfg)
