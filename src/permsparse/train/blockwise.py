@@ -37,6 +37,19 @@ def _normalised_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
 
+def _in_base(weights, scores, sites: Sequence[Site], base: Mapping[str, Permutation] | None, device):
+    """Weights and scores in the ``base`` layout's columns, and per consumer the gather that brings
+    ``W_eff`` back to the model's (``None`` without a base)."""
+    if not base:
+        return weights, scores, None
+    fwd = {s.name: base[s.name].indices.to(device) for s in sites}
+    back = {s.name: base[s.name].inverse().indices.to(device) for s in sites}
+    site_of = {c: s.name for s in sites for c in s.consumers}
+    weights = {c: w.index_select(1, fwd[site_of[c]]) for c, w in weights.items()}
+    scores = {c: scores[c].index_select(1, fwd[n].to(scores[c].device)) for c, n in site_of.items()}
+    return weights, scores, {c: back[n] for c, n in site_of.items()}
+
+
 def train_block(
     block: nn.Module,
     block_name: str,
@@ -65,16 +78,7 @@ def train_block(
     returned plan is ``base`` then the learned one, so it may move channels across groups."""
     device = next(block.parameters()).device
     prefix = f"{block_name}."
-    weights = _block_weights(block, prefix, sites)
-    columns = None
-    if base:
-        # Train in the base layout's coordinates and gather W_eff back to the model's columns.
-        fwd = {s.name: base[s.name].indices.to(device) for s in sites}
-        back = {s.name: base[s.name].inverse().indices.to(device) for s in sites}
-        site_of = {c: s.name for s in sites for c in s.consumers}
-        weights = {c: w.index_select(1, fwd[site_of[c]]) for c, w in weights.items()}
-        scores = {c: scores[c].index_select(1, fwd[n].to(scores[c].device)) for c, n in site_of.items()}
-        columns = {c: back[n] for c, n in site_of.items()}
+    weights, scores, columns = _in_base(_block_weights(block, prefix, sites), scores, sites, base, device)
     bank = make_bank(sites, groups, pattern, start, cfg, scores).to(device)
     weights = step_weights(weights, cfg)
     opt = make_optimizer(bank.parameters(), cfg)
