@@ -214,8 +214,10 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     elif dist.world_size() > 1 and dist.is_main():
         log.info("block-wise under %d processes: every rank does every block (inputs from the pruned blocks); "
                  "spread_blocks (--spread-blocks) splits the blocks over the ranks", dist.world_size())
+    groups = cfg.groups  # what every plan keeps: with a base layout, the gcd of its groups and the learned ones
     if permutation == "learned" and cfg.learn.base_groups:
         cfg = replace(cfg, learn=replace(cfg.learn, base_groups=base_groups(sites, pattern, cfg.learn.base_groups)))
+        groups = math.gcd(cfg.groups, cfg.learn.base_groups)
     done: dict[str, dict] = {}
     left = len(mine) if spread else len(order)  # the blocks this rank still learns
     start, first = time.perf_counter(), None  # the walk's start; when its first block's plan began
@@ -249,7 +251,5 @@ def prune_blockwise(model: nn.Module, sites: Sequence[Site], pattern: NMPattern 
     if spread:
         _share_spread(model, chain, owners, by_block, done)
     out = _collect(order, done, permutation)
-    out.groups = cfg.groups
-    if permutation == "learned" and cfg.learn.base_groups:
-        out.groups = math.gcd(cfg.groups, cfg.learn.base_groups)
+    out.groups = groups
     return out
