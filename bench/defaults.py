@@ -131,7 +131,8 @@ def summary(rows: list[dict]) -> str:
     for domain, pattern in sorted({(r["domain"], r["pattern"]) for r in rows}):
         mine = [r for r in rows if (r["domain"], r["pattern"]) == (domain, pattern)]
         heur = next((r for r in mine if r["row"] == "heuristic"), None)
-        for name in SEEDED:
+        kept = sorted({r["row"] for r in mine if r["row"] not in ROWS and r.get("seed") is not None})
+        for name in SEEDED + tuple(kept):
             runs = [r for r in mine if r["row"] == name and r["gap_closed"] is not None]
             if not runs:
                 continue
@@ -139,7 +140,7 @@ def summary(rows: list[dict]) -> str:
             gap = statistics.mean(r["gap_closed"] for r in runs)
             spread = f" ± {statistics.stdev(ppl):.1f}" if len(ppl) > 1 else ""
             minutes = max(r["prune_seconds"] for r in runs) / 60
-            lines.append(f"- {domain}, {pattern}: `{runs[0]['command']}`: {len(runs)} run(s), ppl {statistics.mean(ppl):.1f}"
+            lines.append(f"- {domain}, {pattern}, {name}: `{runs[0]['command']}`: {len(runs)} run(s), ppl {statistics.mean(ppl):.1f}"
                          f"{spread} ({', '.join(f'{p:.1f}' for p in ppl)}), gap closed {100 * gap:.1f} % on "
                          f"average, slowest prune {minutes:.1f} min"
                          + (f"; heuristic {heur['ppl']:.1f} ({100 * heur['gap_closed']:.1f} %)" if heur else ""))
@@ -177,11 +178,17 @@ def main() -> None:
             rows = [r for r in rows if _key(r) != _key(new)]
             rows.append(new)
             add_gap(rows)
-            rows.sort(key=lambda r: (r["domain"] != "wikipedia", r["domain"], r["pattern"], list(ROWS).index(r["row"]),
+            rows.sort(key=lambda r: (r["domain"] != "wikipedia", r["domain"], r["pattern"], _order(r["row"]),
                                      r.get("seed") or 0))
             # Written after every row: a stopped run keeps what it measured.
             atomic_write_json(path, {"rows": rows, "meta": meta})
             atomic_write_text(out / f"{opts.name}.md", render(rows, meta))
+
+
+def _order(row: str) -> int:
+    """A row's place in the table: as in ``ROWS``; a kept row of an earlier library (not in
+    ``ROWS``: no flag of today's reproduces it, the note says what it was) after them."""
+    return list(ROWS).index(row) if row in ROWS else len(ROWS)
 
 
 def _key(r: dict) -> tuple:

@@ -15,6 +15,8 @@ import logging
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from permsparse.models import apply
@@ -907,3 +909,24 @@ def test_base_groups_grow_where_a_site_is_wider_than_the_cap(tiny):
     wide = [replace(s, d_in=11008) for s in sites if not s.head_tied]
     assert base_groups(wide, PATTERN, 1) == 8  # 1376 channels a group
     assert base_groups(wide, PATTERN, 16) == 16
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(1e-2, 1e4))
+def test_block_loss_weighs_every_token_alike(seed: int, scale: float) -> None:
+    """The block-wise loss is each token's error relative to its target: scaling one token's
+    output and target together (a massive activation, SmolLM2's first token from block 11 on)
+    leaves it unchanged, where a plain MSE would be that token's alone."""
+    from permsparse.train.blockwise import _normalised_mse
+
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2, 6, 8, generator=g)
+    y = target + 0.1 * torch.randn(2, 6, 8, generator=g)
+    s = torch.ones(2, 6, 1)
+    s[0, 0] = scale
+    assert math.isclose(float(_normalised_mse(y * s, target * s)), float(_normalised_mse(y, target)), rel_tol=1e-4)
+    # the error of one token of twelve counts a twelfth, however large that token is
+    exact = target.clone()
+    exact[0, 0] = y[0, 0]
+    share = float(_normalised_mse(y * s, exact * s)) / float(_normalised_mse(y, exact))
+    assert math.isclose(share, 1.0, rel_tol=1e-4)
