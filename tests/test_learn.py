@@ -917,16 +917,16 @@ def test_block_loss_weighs_every_token_alike(seed: int, scale: float) -> None:
     """The block-wise loss is each token's error relative to its target: scaling one token's
     output and target together (a massive activation, SmolLM2's first token from block 11 on)
     leaves it unchanged, where a plain MSE would be that token's alone."""
-    from permsparse.train.blockwise import _normalised_mse
+    from permsparse.train.blockwise import _token_relative_mse
 
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(2, 6, 8, generator=g)
     y = target + 0.1 * torch.randn(2, 6, 8, generator=g)
     s = torch.ones(2, 6, 1)
     s[0, 0] = scale
-    assert math.isclose(float(_normalised_mse(y * s, target * s)), float(_normalised_mse(y, target)), rel_tol=1e-4)
-    # the error of one token of twelve counts a twelfth, however large that token is
+    assert math.isclose(float(_token_relative_mse(y * s, target * s)), float(_token_relative_mse(y, target)), rel_tol=1e-4)
+    # an error in that token alone counts the same, however large the token is
     exact = target.clone()
     exact[0, 0] = y[0, 0]
-    share = float(_normalised_mse(y * s, exact * s)) / float(_normalised_mse(y, exact))
+    share = float(_token_relative_mse(y * s, exact * s)) / float(_token_relative_mse(y, exact))
     assert math.isclose(share, 1.0, rel_tol=1e-4)

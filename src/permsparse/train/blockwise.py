@@ -1,7 +1,8 @@
 """The block-wise objective: each block learns against its own dense output on cached inputs.
 
 Each block's sites learn so that its sparse output matches the dense targets (each token's
-squared error relative to its target, averaged), then the block is pruned and feeds the next; memory does not grow with depth.
+squared error relative to its target, averaged), then the block is pruned and feeds the next;
+memory does not grow with depth.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _block_weights(block: nn.Module, prefix: str, sites: Sequence[Site]) -> dict
     return {c: block.get_submodule(c[len(prefix) :]).weight.detach() for s in sites for c in s.consumers}
 
 
-def _normalised_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _token_relative_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Each token's squared error over its target's energy, averaged over the tokens. The next
     block reads each token through an RMS norm, so a token's relative error is what reaches it;
     and a plain MSE would be the first token's alone (from SmolLM2's block 11 on, its massive
@@ -107,7 +108,7 @@ def train_block(
                                 grad_dtype=grad_dtype, columns=columns)
         with autocast(cfg.bf16, device):
             y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
-        loss = _normalised_mse(y, targets[i].float())
+        loss = _token_relative_mse(y, targets[i].float())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"{block_name}: block loss became {float(loss.detach())} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -162,5 +163,5 @@ def block_loss(
         for (args, kwargs), target in zip(inputs, targets):
             with autocast(bf16, device):
                 y = block_output(functional_call(block, params, args, kwargs, strict=False)).float()
-            total += float(_normalised_mse(y, target.float()))
+            total += float(_token_relative_mse(y, target.float()))
     return total / max(len(inputs), 1)
