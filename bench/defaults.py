@@ -61,6 +61,8 @@ ROWS = {
     "heuristic-sequential-g1": ["--permutation", "heuristic", "--sequential", "--groups", "1"],
     # Each block's guard on batches the block did not train on.
     "learned-guard-holdout": ["--guard-holdout"],
+    # Is the budget what stops the trainer? 64 steps in every block, no time budget (about 26 min).
+    "learned-64steps": ["--steps-per-block", "64", "--time-budget", "0", "--prune-budget", "0"],
     # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
     "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
     # SparseGPT's mask (chosen by OBS inside each N:M block of the permuted layout) instead of Wanda's.
@@ -68,12 +70,12 @@ ROWS = {
     "heuristic-sparsegpt": ["--permutation", "heuristic", "--score", "sparsegpt"],
     "learned-sparsegpt": ["--score", "sparsegpt"],
 }
-LEARNED = ("learned", "learned-base0", "learned-guard-holdout", "learned-e2e", "learned-obs", "learned-sync",
-           "learned-masked", "learned-blockwise-allguard", "learned-sparsegpt")
+LEARNED = ("learned", "learned-base0", "learned-guard-holdout", "learned-64steps", "learned-e2e", "learned-obs",
+           "learned-sync", "learned-masked", "learned-blockwise-allguard", "learned-sparsegpt")
 #: rows run once per seed (a seed draws the calibration sample even without learning)
 SEEDED = LEARNED + ("heuristic-sparsegpt", "heuristic-sequential", "heuristic-sequential-g1")
-COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan", "peak_rss_mb",
-           "command"]
+COLUMNS = ["domain", "pattern", "row", "seed", "ppl", "gap_closed", "prune_seconds", "train_steps", "kept_plan",
+           "learned_over_heuristic", "peak_rss_mb", "command"]
 
 
 def python_docs(path: Path) -> Path:
@@ -110,10 +112,21 @@ def run_row(row: str, pattern: str, seed: int, domain: str = "wikipedia") -> dic
     m = plan["metrics"]
     rec = {"domain": domain, "pattern": pattern, "row": row, "seed": seed if row in SEEDED else None, "ppl": m["ppl"],
            "ppl_dense": m["ppl_dense"], "prune_seconds": m["prune_seconds"], "kept_plan": m["kept_plan"],
-           "train_steps": len(steps), "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": time.perf_counter() - t0,
+           "train_steps": len(steps), "learned_over_heuristic": refit_margin(m.get("guard") or {}),
+           "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": time.perf_counter() - t0,
            "command": " ".join(["permsparse prune", MODEL, *flags]).replace(tmp + "/", "")}
     print(json.dumps(rec), flush=True)
     return rec
+
+
+def refit_margin(guard: dict) -> float | None:
+    """Median over the blocks of the learned plan's refitted loss over the heuristic's, minus 1
+    (negative: the learned plan refits better), from a block-wise run's guard record
+    (``<block>:learned+refit``); None where the guard refitted no learned plan."""
+    blocks = [k[: -len(":learned+refit")] for k in guard if k.endswith(":learned+refit")]
+    ratios = [guard[f"{b}:learned+refit"] / guard[f"{b}:heuristic+refit"] - 1 for b in blocks
+              if guard.get(f"{b}:heuristic+refit")]
+    return round(statistics.median(ratios), 4) if ratios else None
 
 
 def add_gap(rows: list[dict]) -> None:
@@ -207,7 +220,9 @@ def render(rows: list[dict], meta: dict) -> str:
             "batches; end to end: 3 epochs at most), a 600 s training budget (block-wise, since 2026-12-03, "
             "also an 840 s budget for the whole walk), reconstruction after the mask. "
             "gap_closed is measured against the Wanda and unstructured 50 % rows "
-            "(both without reconstruction). prune_seconds: calibration, training, guard and "
+            "(both without reconstruction). learned_over_heuristic (block-wise rows since 2026-12-07): the "
+            "median over the blocks of the learned plan's refitted guard loss over the heuristic's, minus 1 "
+            "(negative: learning refits better). prune_seconds: calibration, training, guard and "
             f"reconstruction (the evaluations excluded). Machine: {meta['machine']}. {meta['date']}.\n\n"
             + (f"{meta['note']}\n\n" if meta.get("note") else "")
             + markdown_table(rows, COLUMNS) + summary(rows))

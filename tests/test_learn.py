@@ -13,6 +13,7 @@ from dataclasses import replace
 import json
 import logging
 import math
+import statistics
 
 import pytest
 from hypothesis import given, settings
@@ -36,6 +37,7 @@ from permsparse.train.state import Clock, NonFiniteLossError
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.api import prune
+from bench_module import load_bench
 from permsparse.config import PruneConfig
 from permsparse.models.sites import find_sites
 
@@ -284,6 +286,12 @@ def test_blockwise_objective(tiny):
     assert set(res.perms) == {s.name for s in res.sites}
     assert res.groups == 1  # learned within 2 groups of the one-group heuristic's layout (base_groups=1)
     check_plan(t.model, res.sites, res.perms, "2:4", res.groups)
+    # bench/defaults.py's learned_over_heuristic reads this record: per block, the learned plan's
+    # refitted loss over the heuristic's, minus 1, the median over the blocks.
+    ratios = [res.guard[f"{b}:learned+refit"] / res.guard[f"{b}:heuristic+refit"] - 1 for b in blocks]
+    refit_margin = load_bench("defaults").refit_margin
+    assert refit_margin(res.guard) == round(statistics.median(ratios), 4)
+    assert refit_margin({k: v for k, v in res.guard.items() if not k.endswith("+refit")}) is None
 
 
 def test_blockwise_budget_fixes_each_blocks_steps(tiny):
