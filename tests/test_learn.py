@@ -37,9 +37,10 @@ from permsparse.train.state import Clock, NonFiniteLossError
 from permsparse.core.pattern import NMPattern
 from permsparse.core.permutation import Permutation
 from permsparse.api import prune
-from bench_module import load_bench
 from permsparse.config import PruneConfig
 from permsparse.models.sites import find_sites
+
+from bench_module import load_bench
 
 PATTERN = NMPattern.parse("2:4")
 VOCAB = 128  # the conftest tiny models' vocabulary
