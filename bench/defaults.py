@@ -61,7 +61,7 @@ ROWS = {
     "heuristic-sequential-g1": ["--permutation", "heuristic", "--sequential", "--groups", "1"],
     # Each block's guard on batches the block did not train on.
     "learned-guard-holdout": ["--guard-holdout"],
-    # Is the budget what stops the trainer? 64 steps in every block, no time budget (about 26 min).
+    # Is the budget what stops the trainer? 64 steps in every block, no time budget (about 28 min).
     "learned-64steps": ["--steps-per-block", "64", "--time-budget", "0", "--prune-budget", "0"],
     # The block-wise guard on every calibration batch, as before --block-guard-batches (8).
     "learned-blockwise-allguard": ["--objective", "blockwise", "--block-guard-batches", "0"],
@@ -112,20 +112,19 @@ def run_row(row: str, pattern: str, seed: int, domain: str = "wikipedia") -> dic
     m = plan["metrics"]
     rec = {"domain": domain, "pattern": pattern, "row": row, "seed": seed if row in SEEDED else None, "ppl": m["ppl"],
            "ppl_dense": m["ppl_dense"], "prune_seconds": m["prune_seconds"], "kept_plan": m["kept_plan"],
-           "train_steps": len(steps), "learned_over_heuristic": refit_margin(m.get("guard") or {}),
+           "train_steps": len(steps), "learned_over_heuristic": learned_over_heuristic(m.get("guard") or {}),
            "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": time.perf_counter() - t0,
            "command": " ".join(["permsparse prune", MODEL, *flags]).replace(tmp + "/", "")}
     print(json.dumps(rec), flush=True)
     return rec
 
 
-def refit_margin(guard: dict) -> float | None:
+def learned_over_heuristic(guard: dict) -> float | None:
     """Median over the blocks of the learned plan's refitted loss over the heuristic's, minus 1
     (negative: the learned plan refits better), from a block-wise run's guard record
     (``<block>:learned+refit``); None where the guard refitted no learned plan."""
-    blocks = [k[: -len(":learned+refit")] for k in guard if k.endswith(":learned+refit")]
-    ratios = [guard[f"{b}:learned+refit"] / guard[f"{b}:heuristic+refit"] - 1 for b in blocks
-              if guard.get(f"{b}:heuristic+refit")]
+    ratios = [v / guard[k.replace(":learned+", ":heuristic+")] - 1 for k, v in guard.items()
+              if k.endswith(":learned+refit") and guard.get(k.replace(":learned+", ":heuristic+"))]
     return round(statistics.median(ratios), 4) if ratios else None
 
 
